@@ -1,0 +1,54 @@
+"""Bearer-token authentication for every inference RPC; health and reflection stay open
+so load balancers and probes work without the secret."""
+import hmac
+
+import grpc
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def read_token(path) -> str:
+    token = open(path, encoding="utf-8").read().strip()
+    if not token:
+        raise ValueError(f"--token-file {path}: the file is empty")
+    return token
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, metadata) -> bool:
+        presented = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                presented = value.encode() if isinstance(value, str) else value
+        return hmac.compare_digest(presented, self._expected)  # constant time
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES) or self._authorized(details.invocation_metadata):
+            return handler
+        return _denying(handler)
+
+
+async def _deny(request, context):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata")
+
+
+def _denying(handler):
+    """A handler of the same kind as `handler` that refuses the call."""
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        async def deny_stream(request_iterator, context):
+            await _deny(None, context)
+            yield  # pragma: no cover - makes this an async generator
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
+    if handler.response_streaming:
+        async def deny_server_stream(request, context):
+            await _deny(request, context)
+            yield  # pragma: no cover
+        return grpc.unary_stream_rpc_method_handler(deny_server_stream, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_deny, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(_deny, **kwargs)

@@ -1,0 +1,56 @@
+"""`cloud-service`: the cloud inference service.
+
+    cloud-service serve --repository DIR --port 8001 [--metrics-port 8002] \
+        [--token-file F] [--tls-cert C --tls-key K] [--max-message-mb 64]
+"""
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from cloud_service.auth import read_token
+from cloud_service.errors import ConfigError
+from cloud_service.server import ServerOptions, serve_until_signalled
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cloud-service", description="Open Inference Protocol gRPC service")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a model repository")
+    serve.add_argument("--repository", type=Path, required=True, help="DIR/<model>/<version>/model.onnx")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=8001, help="gRPC port (0: pick a free one)")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    serve.add_argument("--token-file", type=Path, help="require 'authorization: Bearer <token>' on inference RPCs")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    serve.add_argument("--max-message-mb", type=float, default=64.0,
+                       help="largest request or response (gRPC's default is 4); larger gets RESOURCE_EXHAUSTED")
+    serve.add_argument("--grace-s", type=float, default=10.0, help="time in-flight requests get on shutdown")
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        options = ServerOptions(
+            repository=args.repository, host=args.host, port=args.port, metrics_port=args.metrics_port,
+            token=read_token(args.token_file) if args.token_file else None,
+            tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
+            tls_key=args.tls_key.read_bytes() if args.tls_key else None,
+            max_message_bytes=int(args.max_message_mb * (1 << 20)), grace_s=args.grace_s)
+        asyncio.run(serve_until_signalled(options))
+    except (ConfigError, OSError, ValueError) as err:
+        print(f"cloud-service: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""One loaded model version: its backend, how requests reach it, and its statistics.
+
+Three paths to the backend, chosen by config.toml:
+- plain: each request runs on the model's executor (`instance_group.count` threads);
+- [dynamic_batching]: concurrent requests are merged by the DynamicBatcher;
+- [sequence_batching]: requests of one sequence_id run in order against that session's state.
+"""
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from cloud_service.backends import Backend
+from cloud_service.batcher import DynamicBatcher
+from cloud_service.config import ModelConfig
+from cloud_service.errors import InvalidArgument
+from cloud_service.sessions import SequenceParams, SessionStore
+from cloud_service.stats import ModelStats
+
+
+@dataclass
+class InferTiming:
+    queue_ns: int
+    compute_ns: int
+    batch_size: int
+
+
+class ServedModel:
+    def __init__(self, name: str, version: str, config: ModelConfig, backend: Backend):
+        self.name, self.version, self.config, self.backend = name, version, config, backend
+        self.stats = ModelStats()
+        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"{name}-{version}")
+        self.batcher: DynamicBatcher | None = None
+        self.sessions = (SessionStore(config.sequence_idle_us / 1e6, config.max_state_bytes)
+                         if config.stateful else None)
+        self._session_locks: dict = {}
+
+    def start(self) -> None:
+        """Create what needs the running event loop (call from within it)."""
+        if self.config.dynamic_batching:
+            self.batcher = DynamicBatcher(self.backend.infer, self.executor, self.config.max_batch_size,
+                                          self.config.max_queue_delay_us, self.config.instance_count,
+                                          on_execution=self.stats.execution_done)
+
+    async def close(self) -> None:
+        if self.batcher:
+            await self.batcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.backend.close)
+
+    async def infer(self, inputs: dict[str, np.ndarray], seq: SequenceParams) -> tuple[dict, InferTiming]:
+        if self.sessions is not None:
+            return await self._infer_in_session(inputs, seq)
+        if self.batcher is not None:
+            result = await self.batcher.submit(inputs)
+            return result.outputs, InferTiming(result.queue_ns, result.compute_ns, result.batch_size)
+        return await self._run(inputs, None)
+
+    async def _run(self, inputs, state) -> tuple[dict, InferTiming]:
+        rows = next(iter(inputs.values())).shape[0] if self.config.max_batch_size > 0 and inputs else 1
+        start = time.perf_counter_ns()
+        outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self.backend.infer, inputs, state)
+        compute_ns = time.perf_counter_ns() - start
+        self.stats.execution_done(rows, compute_ns)
+        return outputs, InferTiming(0, compute_ns, rows)
+
+    async def _infer_in_session(self, inputs, seq: SequenceParams):
+        if seq.sequence_id is None:
+            raise InvalidArgument(f"model '{self.name}' is stateful: set the 'sequence_id' parameter "
+                                  "(and 'sequence_start' on a sequence's first request)")
+        # One request at a time per sequence, in arrival order; the lock lives while anyone holds or awaits it.
+        entry = self._session_locks.setdefault(seq.sequence_id, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                session = self.sessions.begin(seq.sequence_id) if seq.start else self.sessions.get(seq.sequence_id)
+                try:
+                    result = await self._run(inputs, session.state)
+                except Exception:
+                    self.sessions.end(seq.sequence_id)  # half-updated state must not be reused
+                    raise
+                if seq.end:
+                    self.sessions.end(seq.sequence_id)
+                else:
+                    self.sessions.update(session)
+                return result
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._session_locks[seq.sequence_id]
