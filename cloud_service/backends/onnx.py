@@ -6,7 +6,7 @@ import onnxruntime as ort
 
 from cloud_service.backends import Backend
 from cloud_service.config import ModelConfig, TensorSpec
-from cloud_service.errors import ConfigError
+from cloud_service.errors import ConfigError, InvalidArgument
 
 ORT_TYPES = {
     "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
@@ -56,6 +56,17 @@ def _model_specs(nodes, config: ModelConfig, declared: list[TensorSpec], kind: s
     return declared
 
 
+def _utf8(name: str, array: np.ndarray) -> np.ndarray:
+    text = np.empty(array.shape, dtype=object)
+    for index, item in np.ndenumerate(array):
+        try:
+            text[index] = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidArgument(f"input '{name}': element {list(index)} is not UTF-8; "
+                                  "ONNX string tensors hold text") from None
+    return text
+
+
 class OnnxBackend(Backend):
     platform = "onnxruntime_onnx"
 
@@ -78,6 +89,6 @@ class OnnxBackend(Backend):
         if self._string_inputs:  # onnxruntime wants str elements for tensor(string)
             feeds = dict(inputs)
             for name in self._string_inputs:
-                feeds[name] = np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(inputs[name])
+                feeds[name] = _utf8(name, inputs[name])
         values = self.session.run(self._output_names, feeds)
         return dict(zip(self._output_names, values))

@@ -1,0 +1,73 @@
+"""`edge-runtime`: the device side of edgefold.
+
+    edge-runtime health --cloud 127.0.0.1:8001
+    edge-runtime infer --cloud 127.0.0.1:8001 --model mlp --input x=frame.npy [--output y] [--json]
+
+Later subcommands (plan, generate, tp, agent) arrive with their issues.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edge_runtime.oip_client import OipClient
+
+
+def _client(args) -> OipClient:
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return OipClient(args.cloud, token=token, root_certificates=certs, timeout_s=args.timeout_s)
+
+
+def _parse_inputs(items) -> dict[str, np.ndarray]:
+    inputs = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--input {item!r}: expected NAME=FILE.npy")
+        inputs[name] = np.load(path, allow_pickle=False)
+    return inputs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-runtime", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in ("health", "infer"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--cloud", required=True, help="HOST:PORT of an Open Inference Protocol server")
+        sub.add_argument("--token-file")
+        sub.add_argument("--tls-ca", help="PEM root certificate: connect with TLS")
+        sub.add_argument("--timeout-s", type=float, default=10.0)
+        if name == "infer":
+            sub.add_argument("--model", required=True)
+            sub.add_argument("--version", default="")
+            sub.add_argument("--input", action="append", default=[], help="NAME=FILE.npy (repeatable)")
+            sub.add_argument("--output", action="append", default=[], help="only these outputs")
+            sub.add_argument("--json", action="store_true", help="print outputs as JSON")
+    args = parser.parse_args(argv)
+    try:
+        with _client(args) as client:
+            if args.command == "health":
+                print(json.dumps({"live": client.live(), "ready": client.ready()}))
+                return 0
+            outputs = client.infer(args.model, _parse_inputs(args.input), args.version, args.output)
+    except grpc.RpcError as err:
+        print(f"edge-runtime: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"edge-runtime: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: v.tolist() if v.dtype != object else [x.decode("utf-8", "replace") for x in v.ravel()]
+                          for k, v in outputs.items()}))
+    else:
+        for name, value in outputs.items():
+            print(f"{name} {value.dtype} {list(value.shape)}\n{value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Start `cloud-service serve` as a real subprocess on loopback, for tests."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY_LINE = re.compile(r"serving grpcs?://[^:]+:(\d+)")
+
+
+class ServerProcess:
+    def __init__(self, repository: Path, *extra: str, start_timeout_s: float = 60.0):
+        cmd = [sys.executable, "-m", "cloud_service.cli", "serve", "--repository", str(repository),
+               "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self._port_found = threading.Event()
+        self.port = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._port_found.wait(start_timeout_s):
+            self.kill()
+            raise RuntimeError("cloud-service did not start:\n" + "".join(self.lines))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            match = READY_LINE.search(line)
+            if match and self.port is None:
+                self.port = int(match.group(1))
+                self._port_found.set()
+        self._port_found.set()  # process ended: stop waiting
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def output(self) -> str:
+        time.sleep(0)
+        return "".join(self.lines)
