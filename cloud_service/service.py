@@ -5,6 +5,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cloud_service.config import ConfigError
 from cloud_service.errors import InvalidArgument, NotFound, ServiceError
@@ -81,9 +82,9 @@ class InferenceService:
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Triton's streaming form: errors travel in-band and the stream stays open."""
-        async for request in request_iterator:
+        async for raw in request_iterator:
             try:
-                response = await self._infer(request)
+                response = await self._infer(_parse(pb.ModelInferRequest, raw))
             except ServiceError as err:
                 yield pb.ModelStreamInferResponse(error_message=err.message)
                 continue
@@ -196,9 +197,31 @@ class InferenceService:
                     children.session_bytes.set(model.sessions.total_bytes)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
+        """Handlers take raw bytes and parse them themselves, so a malformed message is
+        INVALID_ARGUMENT (gRPC's own deserializer would make it UNKNOWN)."""
         handlers = {}
         for name, method in METHODS.items():
-            make = grpc.stream_stream_rpc_method_handler if method.streaming else grpc.unary_unary_rpc_method_handler
-            handlers[name] = make(getattr(self, name), request_deserializer=method.request.FromString,
-                                  response_serializer=method.response.SerializeToString)
+            if method.streaming:
+                handlers[name] = grpc.stream_stream_rpc_method_handler(
+                    getattr(self, name), response_serializer=method.response.SerializeToString)
+            else:
+                handlers[name] = grpc.unary_unary_rpc_method_handler(
+                    _parsing(method.request, getattr(self, name)), response_serializer=method.response.SerializeToString)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def _parse(message_type, raw: bytes):
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(f"the request is not a valid {message_type.DESCRIPTOR.name} protobuf message") from None
+
+
+def _parsing(message_type, handler):
+    async def parse_then_handle(raw, context):
+        try:
+            request = _parse(message_type, raw)
+        except InvalidArgument as err:
+            await context.abort(err.code, err.message)
+        return await handler(request, context)
+    return parse_then_handle
