@@ -1,0 +1,111 @@
+"""The same Collective over torch.distributed's gloo backend (a ring), for comparison.
+
+    comm = GlooCollective(rank, world_size, "10.0.0.2:5555")   # rendezvous at tcp://10.0.0.2:5556
+
+Rendezvous uses the TCP store at the master's port + 1; gloo then opens its own peer-to-peer
+connections (every rank to every rank, on ports it picks), so a proxy in front of the master does
+not sit on gloo's data path. allreduce is dist.all_reduce (ring: reduce-scatter then all-gather,
+2 (N-1) sequential steps; the summation order is gloo's, so results match the rank-order sum to
+within rounding, not bit for bit). broadcast sends a small int64 header tensor
+[command, step, dtype, ndim, shape x 8] and then the raw bytes of the tensor.
+
+Deadlines: rendezvous `join_timeout_s`; allreduce `timeout_s` (a group created with that
+timeout); a worker's wait for the next broadcast `idle_timeout_s` (default 1 h: gloo has no
+heartbeats, but a peer that exits closes its connections and fails the wait at once). Gloo does not
+say which rank failed, so the CollectiveError carries gloo's own message. Payloads: fp32, fp16.
+bytes_sent/bytes_received are estimates from the algorithms (gloo does not count them).
+"""
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .collective import Collective, CollectiveError, parse_address
+from .wire import MAX_NDIM, NUMPY, DType, array_to_tensor, tensor_to_array
+
+_HEADER = 4 + MAX_NDIM  # command, step, dtype, ndim, shape
+
+
+class GlooCollective(Collective):
+    def __init__(self, rank: int, world_size: int, master: str, payload: str = "fp32", timeout_s: float = 2.0,
+                 join_timeout_s: float = 30.0, idle_timeout_s: float | None = None, work_timeout_s: float = 30.0,
+                 **_star_only):
+        if payload not in ("fp32", "fp16"):
+            raise ValueError(f"payload: the gloo backend supports 'fp32' or 'fp16', got {payload!r}")
+        if dist.is_initialized():
+            raise CollectiveError(f"rank {rank}: torch.distributed is already initialised in this process")
+        host, port = parse_address(master)
+        self.rank, self.world_size, self.bytes_sent, self.bytes_received = rank, world_size, 0, 0
+        self._wire = torch.float32 if payload == "fp32" else torch.float16
+        self._closed = False
+        try:
+            dist.init_process_group("gloo", init_method=f"tcp://{host}:{port + 1}", rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=join_timeout_s))
+            # master waits timeout_s for partials; a worker waits work_timeout_s for the sum
+            op_timeout = timeout_s if rank == 0 else work_timeout_s
+            self._ops = dist.new_group(backend="gloo", timeout=timedelta(seconds=op_timeout))
+            self._idle = dist.new_group(backend="gloo", timeout=timedelta(seconds=idle_timeout_s or 3600.0))
+        except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
+            self.close()
+            raise CollectiveError(f"rank {rank}: gloo rendezvous at {host}:{port + 1} failed: {e}") from e
+
+    def allreduce(self, tensor: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
+        self._check()
+        buf = tensor.detach().to(self._wire, copy=True).contiguous()
+        try:
+            dist.all_reduce(buf, group=self._ops)
+        except RuntimeError as e:
+            raise CollectiveError(f"rank {self.rank}: gloo allreduce of layer {layer} kind {kind} failed "
+                                  f"(a peer died, hung or desynchronised; gloo does not say which): {e}") from e
+        n = buf.numel() * buf.element_size()
+        ring = 2 * (self.world_size - 1) * n // self.world_size  # what each rank sends (and receives)
+        self.bytes_sent += ring
+        self.bytes_received += ring
+        return buf.to(tensor.dtype)
+
+    def broadcast(self, command: int, tensor: torch.Tensor | None = None, step: int = 0):
+        self._check()
+        header = torch.zeros(_HEADER, dtype=torch.int64)
+        if self.rank == 0:
+            code, arr = tensor_to_array(tensor) if tensor is not None else (DType.NONE, None)
+            shape = () if arr is None else arr.shape
+            header[:4] = torch.tensor([command, step, int(code), len(shape)])
+            header[4:4 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+        try:
+            dist.broadcast(header, src=0, group=self._idle)
+            command, step, code, ndim = (int(v) for v in header[:4])
+            shape = tuple(int(v) for v in header[4:4 + ndim])
+            if code == DType.NONE:
+                payload = None
+            elif self.rank == 0:
+                payload = torch.from_numpy(arr.reshape(-1).view("uint8").copy())
+            else:
+                payload = torch.empty(math.prod(shape) * np.dtype(NUMPY[DType(code)]).itemsize, dtype=torch.uint8)
+            if payload is not None:
+                dist.broadcast(payload, src=0, group=self._idle)
+        except RuntimeError as e:
+            raise CollectiveError(f"rank {self.rank}: gloo broadcast failed (lost the master or a peer): {e}") from e
+        nbytes = header.numel() * 8 + (0 if payload is None else payload.numel())
+        if self.rank == 0:
+            self.bytes_sent += nbytes * (self.world_size - 1)
+        else:
+            self.bytes_received += nbytes
+        self.last_step = step
+        if self.rank == 0:
+            return command, tensor
+        if payload is None:
+            return command, None
+        return command, array_to_tensor(DType(code), payload.numpy().view(NUMPY[DType(code)]).reshape(shape))
+
+    def close(self) -> None:
+        if not self._closed and dist.is_initialized():
+            dist.destroy_process_group()
+        self._closed = True
+
+    def _check(self) -> None:
+        if self._closed:
+            raise CollectiveError(f"rank {self.rank}: the collective is closed")
