@@ -2,8 +2,9 @@
 
     edge-runtime health --cloud 127.0.0.1:8001
     edge-runtime infer --cloud 127.0.0.1:8001 --model mlp --input x=frame.npy [--output y] [--json]
+    edge-runtime tp prepare|worker|generate|keys ...   (tensor parallelism; see edge_runtime/tp/cli.py)
 
-Later subcommands (plan, generate, tp, agent) arrive with their issues.
+Later subcommands (plan, generate, agent) arrive with their issues.
 """
 import argparse
 import json
@@ -47,7 +48,12 @@ def main(argv=None) -> int:
             sub.add_argument("--input", action="append", default=[], help="NAME=FILE.npy (repeatable)")
             sub.add_argument("--output", action="append", default=[], help="only these outputs")
             sub.add_argument("--json", action="store_true", help="print outputs as JSON")
+    from edge_runtime.tp import cli as tp_cli  # argparse only; torch is imported inside its handlers
+
+    tp_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "tp":
+        return tp_cli.main(args)
     try:
         with _client(args) as client:
             if args.command == "health":

@@ -1,0 +1,140 @@
+"""Cut a Hugging Face Llama folder into per-rank, per-layer safetensors shards (`edge-runtime tp prepare`).
+
+    edge-runtime tp prepare --model HF_DIR --world-size 3 --weights 1,1,2 --out shards/
+    # or: prepare("HF_DIR", 3, [1, 1, 2], "shards/")
+
+Layout (a worker needs only its own rank folder):
+
+    OUT/plan.json                                written last: its presence means the folder is complete
+    OUT/rank{r}/plan.json, config.json, tokenizer.json (rank 0 only, if the model has one)
+    OUT/rank{r}/layer{i:03d}.attn.safetensors    input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (+ biases;
+                                                 o_proj.bias on rank 0 only, so the allreduce adds it once)
+    OUT/rank{r}/layer{i:03d}.mlp.safetensors     post_attention_layernorm.weight, mlp.{gate,up,down}_proj.weight
+                                                 (+ biases; down_proj.bias on rank 0 only)
+    OUT/rank0/embed.safetensors                  embed_tokens.weight
+    OUT/rank0/head.safetensors                   norm.weight, lm_head.weight (the embeddings when tied)
+
+Rows of q/k/v and gate/up, columns of o and down, are read with safetensors slices straight from
+the memory-mapped checkpoint, one tensor at a time, so memory stays at about one shard block.
+Tensors keep the checkpoint's dtype.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from split.llama import LlamaConfig, checkpoint_index, hf_name
+
+from .plan import ShardPlan, make_plan
+
+BLOCK_KINDS = ("attn", "mlp")
+
+
+def block_file(rank_dir: Path, layer: int, kind: str) -> Path:
+    return Path(rank_dir) / f"layer{layer:03d}.{kind}.safetensors"
+
+
+def block_order(num_layers: int) -> list[tuple[int, str]]:
+    """The blocks in the order one forward pass uses them."""
+    return [(i, kind) for i in range(num_layers) for kind in BLOCK_KINDS]
+
+
+def block_spec(config: LlamaConfig, plan: ShardPlan, rank: int, layer: int, kind: str):
+    """[(key relative to layers.{layer}., slice kind, (a, b))] for one block of one rank.
+    slice kind: "full", "rows" (dim 0) or "cols" (dim 1)."""
+    spec = []
+    if kind == "attn":
+        q, kv = plan.q_rows(rank), plan.kv_rows(rank)
+        spec.append(("input_layernorm.weight", "full", None))
+        for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            spec.append((f"self_attn.{proj}.weight", "rows", rows))
+            if config.attention_bias:
+                spec.append((f"self_attn.{proj}.bias", "rows", rows))
+        spec.append(("self_attn.o_proj.weight", "cols", q))
+        if config.attention_out_bias and rank == 0:
+            spec.append(("self_attn.o_proj.bias", "full", None))
+    elif kind == "mlp":
+        m = plan.mlp[rank]
+        spec.append(("post_attention_layernorm.weight", "full", None))
+        for proj in ("gate_proj", "up_proj"):
+            spec.append((f"mlp.{proj}.weight", "rows", m))
+            if config.mlp_bias:
+                spec.append((f"mlp.{proj}.bias", "rows", m))
+        spec.append(("mlp.down_proj.weight", "cols", m))
+        if config.mlp_bias and rank == 0:
+            spec.append(("mlp.down_proj.bias", "full", None))
+    else:
+        raise ValueError(f"block kind must be 'attn' or 'mlp', got {kind!r}")
+    return spec
+
+
+def _read(files: dict[str, Path], name: str, how: str = "full", span=None) -> torch.Tensor:
+    if name not in files:
+        raise ValueError(f"checkpoint is missing tensor {name!r}")
+    with safe_open(files[name], framework="pt") as f:  # opened per tensor: nothing stays mapped
+        sl = f.get_slice(name)
+        if how == "full":
+            t = sl[:]
+        elif how == "rows":
+            t = sl[span[0]:span[1]]
+        else:
+            t = sl[:, span[0]:span[1]]
+    return t.contiguous()
+
+
+def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None, out: str | Path,
+            progress: bool = True) -> ShardPlan:
+    """Write the shard folder for a `world_size`-way split; returns the plan."""
+    from tqdm import tqdm
+
+    model_dir, out = Path(model_dir), Path(out)
+    config = LlamaConfig.from_dir(model_dir)
+    plan = make_plan(config, world_size, weights)
+    files = checkpoint_index(model_dir)
+    L = config.num_hidden_layers
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "plan.json").exists():
+        (out / "plan.json").unlink()  # rewritten last: a half-written folder never looks complete
+    rank_dirs = [out / f"rank{r}" for r in range(world_size)]
+    for d in rank_dirs:
+        d.mkdir(exist_ok=True)
+        shutil.copyfile(model_dir / "config.json", d / "config.json")
+    if (model_dir / "tokenizer.json").is_file():
+        shutil.copyfile(model_dir / "tokenizer.json", rank_dirs[0] / "tokenizer.json")
+
+    bar = tqdm(total=2 * L * world_size + 2, desc=f"prepare {world_size} ranks", unit="block",
+               disable=not progress)
+    save_file({"embed_tokens.weight": _read(files, hf_name("embed_tokens.weight"))},
+              rank_dirs[0] / "embed.safetensors")
+    bar.update()
+    head_src = hf_name("lm_head.weight")
+    if head_src not in files and config.tie_word_embeddings:
+        head_src = hf_name("embed_tokens.weight")
+    save_file({"norm.weight": _read(files, hf_name("norm.weight")), "lm_head.weight": _read(files, head_src)},
+              rank_dirs[0] / "head.safetensors")
+    bar.update()
+    for layer in range(L):
+        for kind in BLOCK_KINDS:
+            for rank in range(world_size):
+                tensors = {key: _read(files, hf_name(f"layers.{layer}.{key}"), how, span)
+                           for key, how, span in block_spec(config, plan, rank, layer, kind)}
+                save_file(tensors, block_file(rank_dirs[rank], layer, kind))
+                bar.update()
+    bar.close()
+    for d in rank_dirs:
+        plan.save(d / "plan.json")
+    plan.save(out / "plan.json")
+    return plan
+
+
+def is_prepared(out: str | Path, plan: ShardPlan) -> bool:
+    """True if `out` holds a complete shard folder for exactly this plan."""
+    try:
+        return ShardPlan.load(Path(out) / "plan.json").to_dict() == plan.to_dict()
+    except (OSError, ValueError):
+        return False
