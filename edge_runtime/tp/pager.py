@@ -362,9 +362,11 @@ class Pager:
     def _alloc(self, nbytes: int):
         """A buffer for the next block: a freed one of about its size, else fresh memory."""
         fit = next((b for b in self._pool if nbytes <= len(b) <= nbytes + nbytes // 4), None)
-        self._pool.clear()  # the rest would only hold memory beyond the window
         if fit is None:
+            if self._pool:
+                self._pool.pop(0)  # a fresh buffer replaces a pooled one: pooled + resident stay within the window
             return new_buffer(nbytes)
+        self._pool.remove(fit)  # keep the others: the loader may be behind and need them next
         self._stats.reused_buffers += 1
         return fit
 
