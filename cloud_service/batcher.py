@@ -2,13 +2,12 @@
 
 Requests queue up; a worker takes the first, then keeps taking requests with the same
 non-batch shapes until `max_batch_size` rows or `max_queue_delay` has passed, runs them
-as one batch on the model's executor and splits the outputs back per request. While a
+as one batch through the model's Runner and splits the outputs back per request. While a
 batch runs, the next one forms, so under load batches grow without any delay at all.
 """
 import asyncio
 import time
 from collections import deque
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,9 +35,8 @@ def _key(inputs: dict[str, np.ndarray]) -> tuple:
 
 
 class DynamicBatcher:
-    def __init__(self, run, executor: Executor, max_batch_size: int, max_queue_delay_us: int,
-                 workers: int = 1, on_execution=None):
-        self._run, self._executor = run, executor
+    def __init__(self, run, max_batch_size: int, max_queue_delay_us: int, workers: int = 1, on_execution=None):
+        self._run = run  # async: run(inputs) -> (outputs, compute_ns)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_queue_delay_us / 1e6
         self._on_execution = on_execution  # callback(batch_size, compute_ns, n_requests)
@@ -97,7 +95,6 @@ class DynamicBatcher:
         return [p for p in batch if not p.future.cancelled()]
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._form_batch()
             if not batch:
@@ -107,13 +104,12 @@ class DynamicBatcher:
                       for name in batch[0].inputs}
             rows = sum(p.rows for p in batch)
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, merged)
+                outputs, compute_ns = await self._run(merged)
             except Exception as err:  # the backend failed: every request in the batch learns why
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(err)
                 continue
-            compute_ns = time.perf_counter_ns() - start
             if self._on_execution:
                 self._on_execution(rows, compute_ns, len(batch))
             offset = 0

@@ -1,19 +1,19 @@
 """One loaded model version: its backend, how requests reach it, and its statistics.
 
 Three paths to the backend, chosen by config.toml:
-- plain: each request runs on the model's executor (`instance_group.count` threads);
+- plain: each request runs through the model's Runner (inline when cheap, else on
+  `instance_group.count` threads; see runner.py);
 - [dynamic_batching]: concurrent requests are merged by the DynamicBatcher;
 - [sequence_batching]: requests of one sequence_id run in order against that session's state.
 """
 import asyncio
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from cloud_service.backends import Backend
 from cloud_service.batcher import DynamicBatcher
+from cloud_service.runner import Runner
 from cloud_service.config import ModelConfig
 from cloud_service.errors import InvalidArgument
 from cloud_service.sessions import SequenceParams, SessionStore
@@ -31,7 +31,7 @@ class ServedModel:
     def __init__(self, name: str, version: str, config: ModelConfig, backend: Backend):
         self.name, self.version, self.config, self.backend = name, version, config, backend
         self.stats = ModelStats()
-        self.executor = ThreadPoolExecutor(config.instance_count, thread_name_prefix=f"{name}-{version}")
+        self.runner = Runner(backend.infer, config.instance_count, f"{name}-{version}")
         self.batcher: DynamicBatcher | None = None
         self.sessions = (SessionStore(config.sequence_idle_us / 1e6, config.max_state_bytes)
                          if config.stateful else None)
@@ -40,14 +40,14 @@ class ServedModel:
     def start(self) -> None:
         """Create what needs the running event loop (call from within it)."""
         if self.config.dynamic_batching:
-            self.batcher = DynamicBatcher(self.backend.infer, self.executor, self.config.max_batch_size,
+            self.batcher = DynamicBatcher(self.runner, self.config.max_batch_size,
                                           self.config.max_queue_delay_us, self.config.instance_count,
                                           on_execution=self.stats.execution_done)
 
     async def close(self) -> None:
         if self.batcher:
             await self.batcher.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.runner.shutdown()
         await asyncio.get_running_loop().run_in_executor(None, self.backend.close)
 
     async def infer(self, inputs: dict[str, np.ndarray], seq: SequenceParams) -> tuple[dict, InferTiming]:
@@ -60,9 +60,7 @@ class ServedModel:
 
     async def _run(self, inputs, state) -> tuple[dict, InferTiming]:
         rows = next(iter(inputs.values())).shape[0] if self.config.max_batch_size > 0 and inputs else 1
-        start = time.perf_counter_ns()
-        outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self.backend.infer, inputs, state)
-        compute_ns = time.perf_counter_ns() - start
+        outputs, compute_ns = await self.runner(inputs, state)
         self.stats.execution_done(rows, compute_ns)
         return outputs, InferTiming(0, compute_ns, rows)
 
@@ -78,6 +76,8 @@ class ServedModel:
                 session = self.sessions.begin(seq.sequence_id) if seq.start else self.sessions.get(seq.sequence_id)
                 try:
                     result = await self._run(inputs, session.state)
+                except InvalidArgument:
+                    raise  # raised before the backend touched the state: the session stays usable
                 except Exception:
                     self.sessions.end(seq.sequence_id)  # half-updated state must not be reused
                     raise
