@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench-cloud proto clean
+.PHONY: demo test bench-cloud bench-split proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo_tp.py
+	$(BIN)/python scripts/demo_split.py --frames 40
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench-cloud: $(STAMP)
 	$(BIN)/python scripts/bench_cloud.py
+
+bench-split: $(STAMP)
+	nice -n 10 $(BIN)/python scripts/bench_split.py
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

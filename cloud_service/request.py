@@ -5,6 +5,7 @@ message they can act on, and the server never runs a model on malformed input.
 """
 import numpy as np
 
+from cloud_service.compressed import check_wire_type, decompress, is_compressed
 from cloud_service.config import TensorSpec
 from cloud_service.errors import InvalidArgument
 from edgefold_proto import pb
@@ -38,10 +39,17 @@ def decode_inputs(request: pb.ModelInferRequest, specs: list[TensorSpec], max_ba
                                   f"takes {', '.join(by_name)}")
         if tensor.name in arrays:
             raise InvalidArgument(f"input '{tensor.name}' is given twice")
-        if tensor.datatype != spec.datatype:
+        compressed = is_compressed(tensor)   # a UINT8/INT8/BYTES wire tensor with codec parameters
+        if compressed:
+            check_wire_type(tensor, spec)
+        elif tensor.datatype != spec.datatype:
             raise InvalidArgument(f"input '{tensor.name}': datatype {tensor.datatype or '(empty)'}, expected {spec.datatype}")
         shape = list(tensor.shape)
-        _check_shape(spec, shape, max_batch_size)
+        if not compressed:
+            _check_shape(spec, shape, max_batch_size)
+        elif max_batch_size > 0 and (not shape or not 1 <= shape[0] <= max_batch_size):
+            raise InvalidArgument(f"input '{tensor.name}': compressed shape {shape} needs a batch dimension "
+                                  f"of 1..{max_batch_size}")
         try:
             if raw:
                 array = from_raw(tensor.name, tensor.datatype, shape, raw[i])
@@ -49,6 +57,9 @@ def decode_inputs(request: pb.ModelInferRequest, specs: list[TensorSpec], max_ba
                 array = from_contents(tensor.name, tensor.datatype, shape, tensor.contents)
         except TensorError as err:
             raise InvalidArgument(str(err)) from None
+        if compressed:
+            array = decompress(tensor, array, spec)
+            _check_shape(spec, list(array.shape), max_batch_size)
         if array.dtype.kind == "f" and not spec.allow_non_finite and not np.isfinite(array).all():
             raise InvalidArgument(f"input '{tensor.name}': contains NaN or Inf, which this model does not accept")
         arrays[tensor.name] = array

@@ -3,8 +3,9 @@
     edge-runtime health --cloud 127.0.0.1:8001
     edge-runtime infer --cloud 127.0.0.1:8001 --model mlp --input x=frame.npy [--output y] [--json]
     edge-runtime tp prepare|worker|generate|keys ...   (tensor parallelism; see edge_runtime/tp/cli.py)
+    edge-runtime plan --deployment DIR --device raspberry-pi-4 --link 10mbit,40ms   (split planner)
 
-Later subcommands (plan, generate, agent) arrive with their issues.
+Later subcommands (generate, agent) arrive with their issues.
 """
 import argparse
 import json
@@ -51,7 +52,15 @@ def main(argv=None) -> int:
     from edge_runtime.tp import cli as tp_cli  # argparse only; torch is imported inside its handlers
 
     tp_cli.add_parser(commands)
+    from edge_runtime import plan as plan_cli  # argparse here; onnxruntime only inside plan_cli.run
+    plan_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        try:
+            return plan_cli.run(args)
+        except ValueError as err:        # ProfileError, a bad deployment, a bad link
+            print(f"edge-runtime plan: {err}", file=sys.stderr)
+            return 2
     if args.command == "tp":
         return tp_cli.main(args)
     try:

@@ -26,7 +26,9 @@ def _param(value) -> pb.InferParameter:
 
 
 def build_request(model: str, inputs: dict[str, np.ndarray], version: str = "", outputs=(),
-                  parameters: dict | None = None, request_id: str = "") -> pb.ModelInferRequest:
+                  parameters: dict | None = None, request_id: str = "",
+                  input_parameters: dict[str, dict] | None = None) -> pb.ModelInferRequest:
+    """`input_parameters[name]` become that tensor's parameters (e.g. a codec's scale and zero point)."""
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for key, value in (parameters or {}).items():
         request.parameters[key].CopyFrom(_param(value))
@@ -34,6 +36,8 @@ def build_request(model: str, inputs: dict[str, np.ndarray], version: str = "", 
         array = np.asarray(array)
         tensor = request.inputs.add(name=name, datatype=datatype_of(array))
         tensor.shape.extend(array.shape)
+        for key, value in (input_parameters or {}).get(name, {}).items():
+            tensor.parameters[key].CopyFrom(_param(value))
         request.raw_input_contents.append(to_raw(array))
     for name in outputs:
         request.outputs.add(name=name)
@@ -77,8 +81,9 @@ class OipClient:
         return self.call("ServerReady", pb.ServerReadyRequest(), timeout_s).ready
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], version: str = "", outputs=(),
-              parameters: dict | None = None, timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        request = build_request(model, inputs, version, outputs, parameters)
+              parameters: dict | None = None, timeout_s: float | None = None,
+              input_parameters: dict[str, dict] | None = None) -> dict[str, np.ndarray]:
+        request = build_request(model, inputs, version, outputs, parameters, input_parameters=input_parameters)
         return decode_response(self.call("ModelInfer", request, timeout_s))
 
     def close(self) -> None:

@@ -23,3 +23,11 @@ def server(repository):
     proc = ServerProcess(repository)
     yield proc
     proc.kill()
+
+
+@pytest.fixture(scope="session")
+def split_deployment(tmp_path_factory):
+    """An untrained res_cnn with exits after stage1 and stage2 and a 4-channel bottleneck after stage2,
+    deployed: (device dir, repository, net, bottleneck)."""
+    from split_models import deploy_res_cnn
+    return deploy_res_cnn(tmp_path_factory.mktemp("split"))

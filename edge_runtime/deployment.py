@@ -1,0 +1,93 @@
+"""A split deployment on the device: the ONNX stage chain, exits, bottleneck encoders, and the
+cloud model names, read from `deployment.json` (written by split.vision.deploy). No torch.
+
+    dep = Deployment.load("deploy/res_cnn/device")
+    y, exit_logits = dep.run_stage(0, x)
+"""
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Stage:
+    name: str
+    session: ort.InferenceSession
+    has_exit: bool
+    output_shape: list
+
+
+@dataclass
+class Deployment:
+    root: Path
+    manifest: dict
+    stages: list[Stage]
+    encoders: dict[str, ort.InferenceSession] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, root, threads: int = 1) -> "Deployment":
+        root = Path(root)
+        path = root / "deployment.json"
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: cannot read the deployment manifest: {err}") from None
+        for key in ("model", "input", "stages", "cuts", "bottlenecks", "full_model", "thresholds"):
+            if key not in manifest:
+                raise ValueError(f"{path}: missing field '{key}'")
+        stages = [Stage(s["name"], session(root / s["file"], threads), bool(s["exit"]), s["output_shape"])
+                  for s in manifest["stages"]]
+        encoders = {key: session(root / b["file"], threads) for key, b in manifest["bottlenecks"].items()}
+        return cls(root, manifest, stages, encoders)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def stage_index(self, name: str) -> int:
+        if name not in self.stage_names:
+            raise ValueError(f"stage '{name}' is not in deployment '{self.manifest['model']}' "
+                             f"(stages: {', '.join(self.stage_names)})")
+        return self.stage_names.index(name)
+
+    def run_stage(self, i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.stages[i].session.run(None, {"x": x})
+        return outputs[0], (outputs[1] if self.stages[i].has_exit else None)
+
+    def encode(self, key: str, x: np.ndarray) -> np.ndarray:
+        return self.encoders[key].run(None, {"x": x})[0]
+
+    def profile(self, repeats: int = 20) -> dict:
+        """Median seconds of each stage and encoder here, batch 1 (for the planner)."""
+        x = np.random.default_rng(0).random((1, *self.manifest["input"]["shape"]), dtype=np.float32)
+        stage_s, outputs = [], []
+        for i in range(len(self.stages)):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                y, _ = self.run_stage(i, x)
+                times.append(time.perf_counter() - start)
+            stage_s.append(float(np.median(times)))
+            outputs.append(y)
+            x = y
+        encoder_s = {}
+        for key, b in self.manifest["bottlenecks"].items():
+            a = outputs[self.stage_index(b["stage"])]
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.encode(key, a)
+                times.append(time.perf_counter() - start)
+            encoder_s[key] = float(np.median(times))
+        return {"stage_s": stage_s, "encoder_s": encoder_s, "activations": outputs}

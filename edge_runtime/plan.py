@@ -1,0 +1,116 @@
+"""`edge-runtime plan`: profile a deployment's candidate placements on this machine and predict
+them on a device profile and a link; print the table and the choice.
+
+    edge-runtime plan --deployment .cache/split/deploy/res_cnn/device --device raspberry-pi-4 \
+        --link 10mbit,40ms [--cloud-profile cloud-cpu] [--objective latency|energy] \
+        [--accuracy-floor 0.98] [--precision fp32|int8] [--json]
+
+`--device this` (and `--cloud-profile this`) plans for this machine itself, with no scaling: that
+prediction is what scripts/bench_split.py checks against measured runs. Costs measured here:
+each ONNX stage and bottleneck encoder (median of --repeats runs, batch 1, one thread), the
+activation's bytes after each codec and the time to encode it, and PNG encoding of the frame
+for full offload. The
+cloud's compute for a cut is the remaining stages (plus the encoder's time again, for the
+decoder). Accuracy per placement comes from the deployment's manifest (measured on the test
+split by the benchmark), when present.
+"""
+import json
+import time
+
+import numpy as np
+
+from devices.probe import peak_gflops
+from devices.profiles import load_profile, parse_link
+from split.codec import encode
+from split.planner import Candidate, format_table, plan
+from split.placement import Placement
+
+DOWN_BYTES = 40 + 40          # (1, 10) float32 logits + the response's tensor metadata
+
+
+def _codec_cost(a: np.ndarray, codec: str, repeats: int) -> tuple[int, float]:
+    """Bytes on the wire after the codec, and the median seconds to encode on this machine."""
+    if codec == "fp32":
+        return a.nbytes, 0.0
+    times = []
+    for _ in range(max(3, repeats // 4)):
+        start = time.perf_counter()
+        enc = encode(a, codec, axis=1 if a.ndim == 4 else -1)
+        times.append(time.perf_counter() - start)
+    return enc.nbytes, float(np.median(times))
+
+
+def measure_candidates(dep, repeats: int = 20) -> tuple[list[Candidate], dict]:
+    prof = dep.profile(repeats)
+    stage_s, acts = prof["stage_s"], prof["activations"]
+    accuracy = dep.manifest.get("accuracy", {})
+    frame = np.random.default_rng(0).random((1, *dep.manifest["input"]["shape"]), dtype=np.float32)
+    times = []
+    for _ in range(max(3, repeats // 4)):
+        start = time.perf_counter()
+        enc = encode(frame, "png")
+        times.append(time.perf_counter() - start)
+    png_s = float(np.median(times))
+    png_bytes = int(dep.manifest.get("frame_png_bytes", enc.nbytes))
+    total = sum(stage_s)
+
+    def cand(placement, device_s, cloud_s, up):
+        return Candidate(placement, device_s, cloud_s, up, DOWN_BYTES if up else 0, accuracy.get(placement))
+    rows = [cand("local", total, 0.0, 0), cand("offload", png_s, total + png_s, png_bytes)]
+    for stage in dep.manifest["cuts"]:
+        k = dep.stage_index(stage) + 1
+        for codec in ("fp32", "int8", "int4"):
+            nbytes, codec_s = _codec_cost(acts[k - 1], codec, repeats)
+            rows.append(cand(f"split:{stage}:{codec}", sum(stage_s[:k]) + codec_s, sum(stage_s[k:]), nbytes))
+    for key, b in dep.manifest["bottlenecks"].items():
+        k = dep.stage_index(b["stage"]) + 1
+        z = dep.encode(key, acts[k - 1])
+        enc_s = prof["encoder_s"][key]
+        for codec in ("int8", "int4"):
+            p = str(Placement("split", b["stage"], b["channels"], codec))
+            nbytes, codec_s = _codec_cost(z, codec, repeats)
+            rows.append(cand(p, sum(stage_s[:k]) + enc_s + codec_s, sum(stage_s[k:]) + enc_s, nbytes))
+    return rows, {"stage_s": stage_s, "png_s": png_s}
+
+
+def add_parser(commands) -> None:
+    sub = commands.add_parser("plan", help="choose local, offload or a cut for a device and a link")
+    sub.add_argument("--deployment", required=True, help="folder with deployment.json (split.vision.deploy)")
+    sub.add_argument("--device", required=True, help="profile name (devices/profiles), a .toml path, or 'this'")
+    sub.add_argument("--link", required=True, help="RATE,RTT, e.g. 10mbit,40ms")
+    sub.add_argument("--cloud-profile", default="cloud-cpu", help="profile of the cloud node, or 'this'")
+    sub.add_argument("--objective", choices=("latency", "energy"), default="latency")
+    sub.add_argument("--accuracy-floor", type=float, help="drop placements measured below this accuracy")
+    sub.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                     help="which device rate to scale by (int8 for a GAP8-class SoC)")
+    sub.add_argument("--rpc-overhead-ms", type=float, default=0.5, help="fixed cost of one cloud call")
+    sub.add_argument("--host-gflops", type=float,
+                     help="this machine's fp32 peak (default: devices.probe.peak_gflops, from the CPU's spec)")
+    sub.add_argument("--repeats", type=int, default=20)
+    sub.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from edge_runtime.deployment import Deployment   # onnxruntime: loaded only when planning
+    link = parse_link(args.link)
+    device = None if args.device == "this" else load_profile(args.device)
+    cloud = None if args.cloud_profile == "this" else load_profile(args.cloud_profile)
+    candidates, _ = measure_candidates(Deployment.load(args.deployment), args.repeats)
+    host = args.host_gflops or (peak_gflops() if (device or cloud) else 1.0)
+    result = plan(candidates, link, device, cloud, host, args.objective, args.accuracy_floor, args.precision,
+                  args.rpc_overhead_ms / 1e3)
+    if args.json:
+        print(json.dumps({"device": args.device, "link": args.link, "objective": args.objective,
+                          "host_gflops": round(host, 2),
+                          "choice": result.choice.candidate.placement if result.choice else None,
+                          "rows": [{"placement": r.candidate.placement, "device_ms": r.device_s * 1e3,
+                                    "network_ms": r.network_s * 1e3, "cloud_ms": r.cloud_s * 1e3,
+                                    "total_ms": r.total_s * 1e3, "energy_mj": r.energy_j * 1e3,
+                                    "up_bytes": r.candidate.up_bytes, "accuracy": r.candidate.accuracy,
+                                    "feasible": r.feasible} for r in result.rows]}))
+    else:
+        where = "this machine" if device is None else device.name
+        print(f"device: {where}; link: {link.rate_mbit:g} Mbit/s, {link.rtt_ms:g} ms RTT; "
+              f"cloud: {'this machine' if cloud is None else cloud.name}; this machine's fp32 peak {host:.0f} GFLOP/s")
+        print(format_table(result))
+    return 0 if result.choice else 3

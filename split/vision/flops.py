@@ -1,0 +1,39 @@
+"""Multiply-accumulates of a forward pass, counted with hooks on Conv2d and Linear (the ViT's
+attention products are added by the Block hook). Batch 1.
+
+    macs(model, torch.rand(1, 1, 64, 64))     # int
+"""
+import torch
+from torch import nn
+
+from split.vision.models import Block
+
+
+@torch.no_grad()
+def macs(module: nn.Module, example: torch.Tensor) -> int:
+    total = [0]
+
+    def conv(m, inp, out):
+        total[0] += out.numel() // out.shape[0] * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear(m, inp, out):
+        total[0] += out.numel() // out.shape[0] * m.in_features
+
+    def block(m, inp, out):
+        _, t, d = inp[0].shape
+        total[0] += 2 * t * t * d                                   # q @ k^T and att @ v
+
+    hooks = []
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear))
+        elif isinstance(m, Block):
+            hooks.append(m.register_forward_hook(block))
+    try:
+        module.eval()(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]

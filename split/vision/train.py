@@ -1,0 +1,134 @@
+"""Training recipes (CPU-sized): joint exit training, the BottleFit two-stage bottleneck, and
+the frame-stream models. Each shows a progress bar; seeds are fixed.
+
+    train_exit_net(net, x, y, epochs=8)
+    train_bottleneck(backbone, k, bn, x, y)          # stage 1 distil, stage 2 fine-tune
+    train_frame_model(model, stream, epochs=8)
+"""
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from split.vision.bottleneck import Bottleneck, fake_quantize
+from split.vision.exits import EarlyExitNet
+
+
+def batches(n: int, size: int, g: torch.Generator):
+    return torch.randperm(n, generator=g).split(size)
+
+
+def _sgd(params, epochs: int, steps: int, lr: float):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps, pct_start=0.2)
+    return opt, sched
+
+
+def train_exit_net(net: EarlyExitNet, x: np.ndarray, y: np.ndarray, epochs: int = 8, lr: float = 3e-3,
+                   exit_weight: float = 0.5, batch: int = 64, seed: int = 0, desc: str = "train") -> EarlyExitNet:
+    """BranchyNet joint training: loss = final CE + exit_weight * sum of exit CEs."""
+    g = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    steps = (len(xt) + batch - 1) // batch
+    opt, sched = _sgd(net.parameters(), epochs, steps, lr)
+    net.train()
+    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
+        total = 0.0
+        for idx in batches(len(xt), batch, g):
+            outputs = net(xt[idx])                                 # [(B, 10)] per exit + final
+            loss = F.cross_entropy(outputs[-1], yt[idx]) + exit_weight * sum(
+                F.cross_entropy(o, yt[idx]) for o in outputs[:-1])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{total / len(xt):.3f}")
+    return net.eval()
+
+
+@torch.no_grad()
+def predict(module: nn.Module, x: np.ndarray, batch: int = 256):
+    """Outputs of `module` on x in batches; a list of outputs stays a list (exits)."""
+    module.eval()
+    chunks = [module(torch.from_numpy(x[i:i + batch])) for i in range(0, len(x), batch)]
+    if isinstance(chunks[0], (list, tuple)):
+        return [torch.cat([c[j] for c in chunks]).numpy() for j in range(len(chunks[0]))]
+    return torch.cat(chunks).numpy()
+
+
+def train_bottleneck(backbone: nn.Sequential, k: int, bn: Bottleneck, x: np.ndarray, y: np.ndarray,
+                     distil_epochs: int = 4, finetune_epochs: int = 4, levels: int = 255, lr: float = 3e-3,
+                     batch: int = 64, seed: int = 0) -> tuple[Bottleneck, nn.Sequential]:
+    """BottleFit's two stages for a cut after the first k stages. Returns the trained bottleneck
+    and a fine-tuned copy of the tail (the original backbone is left as it was).
+
+    1. distil: the head is frozen; encoder+decoder learn to reproduce the head's activation (MSE).
+    2. fine-tune: head and encoder frozen (the device part is final); decoder + tail learn the task
+       (cross-entropy plus distillation from the unsplit model's logits), with the codec's
+       quantization simulated on the wire tensor (`levels`: 255 int8, 15 int4).
+    """
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head, teacher_tail = backbone[:k].eval(), backbone[k:].eval()
+    tail = copy.deepcopy(teacher_tail)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        acts = torch.cat([head(xt[i:i + 256]) for i in range(0, len(xt), 256)])        # (N, C, H, W)
+        teacher = torch.cat([teacher_tail(acts[i:i + 256]) for i in range(0, len(acts), 256)])   # (N, 10)
+    steps = (len(xt) + batch - 1) // batch
+    opt, sched = _sgd(bn.parameters(), distil_epochs, steps, lr)
+    bn.train()
+    for _ in (bar := tqdm(range(distil_epochs), desc=f"bottleneck b{bn.channels} distil", unit="epoch")):
+        for idx in batches(len(xt), batch, g):
+            loss = F.mse_loss(bn(acts[idx]), acts[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(mse=f"{loss.item():.4f}")
+    bn.encoder.eval().requires_grad_(False)
+    params = list(bn.decoder.parameters()) + list(tail.parameters())
+    opt, sched = _sgd(params, finetune_epochs, steps, lr / 3)
+    bn.decoder.train()
+    tail.train()
+    for _ in (bar := tqdm(range(finetune_epochs), desc=f"bottleneck b{bn.channels} fine-tune", unit="epoch")):
+        for idx in batches(len(xt), batch, g):
+            with torch.no_grad():
+                z = bn.encoder(acts[idx])
+            logits = tail(bn.decoder(fake_quantize(z, levels)))
+            loss = F.cross_entropy(logits, yt[idx]) + F.kl_div(
+                F.log_softmax(logits, -1), F.softmax(teacher[idx], -1), reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return bn.eval(), tail.eval()
+
+
+def frame_loss(out: torch.Tensor, labels: torch.Tensor, xy: torch.Tensor, xy_weight: float = 20.0):
+    """(B, 12) outputs: class cross-entropy + weighted MSE of the (x, y) centre."""
+    return F.cross_entropy(out[:, :10], labels) + xy_weight * F.mse_loss(out[:, 10:], xy)
+
+
+def train_frame_model(model: nn.Sequential, frames: np.ndarray, labels: np.ndarray, xy: np.ndarray,
+                      epochs: int = 8, lr: float = 3e-3, batch: int = 64, seed: int = 0, desc: str = "frames"):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    xt, yt, pt = torch.from_numpy(frames), torch.from_numpy(labels), torch.from_numpy(xy)
+    steps = (len(xt) + batch - 1) // batch
+    opt, sched = _sgd(model.parameters(), epochs, steps, lr)
+    model.train()
+    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
+        for idx in batches(len(xt), batch, g):
+            loss = frame_loss(model(xt[idx]), yt[idx], pt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()

@@ -1,0 +1,69 @@
+"""Trained models, cached as safetensors under .cache/split/weights (trained on first use).
+
+    net = exit_net("res_cnn")            # EarlyExitNet, trained jointly with its exits
+    bn, tail = bottleneck("res_cnn", "stage2", 8)
+    small, big = frame_model("frame_small"), frame_model("frame_big")
+
+The cache key names the recipe version; bump RECIPES[...] when a recipe or an architecture changes.
+"""
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from split.vision import data
+from split.vision.bottleneck import Bottleneck
+from split.vision.cut import cut_index
+from split.vision.exits import attach_exits
+from split.vision.models import INPUT_SHAPES, build
+from split.vision.train import train_bottleneck, train_exit_net, train_frame_model
+
+CACHE = Path(__file__).resolve().parents[2] / ".cache" / "split" / "weights"
+RECIPES = {"exits": "v2", "bottleneck": "v2", "frame_small": "v3", "frame_big": "v2"}
+EXITS = {"seq_cnn": ["conv2"], "res_cnn": ["stage1", "stage2"], "vit": ["block1", "block2"]}
+EPOCHS = {"seq_cnn": 8, "res_cnn": 8, "vit": 30}
+FRAMES = 12000
+FRAME_EPOCHS = {"frame_small": 20, "frame_big": 12}
+
+
+def _cached(path: Path, module: torch.nn.Module, train) -> torch.nn.Module:
+    if path.exists():
+        load_model(module, str(path))
+        return module.eval()
+    train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(module, str(path))
+    return module.eval()
+
+
+def exit_net(name: str):
+    example = torch.rand(1, *INPUT_SHAPES[name])
+    net = attach_exits(build(name), EXITS[name], example)
+    x, y = data.digits("train")
+    return _cached(CACHE / f"{name}_exits_{RECIPES['exits']}.safetensors", net,
+                   lambda: train_exit_net(net, x, y, epochs=EPOCHS[name], desc=f"{name} + exits"))
+
+
+def bottleneck(name: str, stage: str, channels: int, levels: int = 255):
+    """The trained bottleneck at a cut and its fine-tuned tail (the backbone comes from exit_net)."""
+    net = exit_net(name)
+    k = cut_index(net.backbone, stage)
+    with torch.no_grad():
+        activation = net.backbone[:k](torch.rand(1, *INPUT_SHAPES[name]))
+    bn = Bottleneck.at(activation, channels)
+    tail = build(name)[k:]
+    holder = torch.nn.ModuleDict({"bn": bn, "tail": tail})
+    x, y = data.digits("train")
+
+    def train():
+        trained_bn, trained_tail = train_bottleneck(net.backbone, k, bn, x, y, levels=levels)
+        tail.load_state_dict(trained_tail.state_dict())
+    _cached(CACHE / f"{name}_{stage}_b{channels}_q{levels}_{RECIPES['bottleneck']}.safetensors", holder, train)
+    return bn.eval(), tail.eval()
+
+
+def frame_model(name: str):
+    model = build(name)
+    s = data.frames_iid("train", FRAMES)
+    return _cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model,
+                   lambda: train_frame_model(model, s.frames, s.labels, s.xy, epochs=FRAME_EPOCHS[name], desc=name))
