@@ -1,6 +1,6 @@
 """A model's configuration: `DIR/<model>/config.toml`, with Triton's field names.
 
-    backend = "onnxruntime"            # or "pytorch"; default from the files present
+    backend = "onnxruntime"            # or "pytorch", "llm_continuation"; default from the files present
     max_batch_size = 32                # 0: the model takes no batch dimension
     [dynamic_batching]                 # present: merge concurrent requests
     max_queue_delay_microseconds = 500
@@ -31,7 +31,7 @@ except ModuleNotFoundError:  # Python 3.10
 from cloud_service.errors import ConfigError
 from edgefold_proto.tensors import DTYPES
 
-BACKENDS = ("onnxruntime", "pytorch")
+BACKENDS = ("onnxruntime", "pytorch", "llm_continuation")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
     edge-runtime infer --cloud 127.0.0.1:8001 --model mlp --input x=frame.npy [--output y] [--json]
     edge-runtime tp prepare|worker|generate|keys ...   (tensor parallelism; see edge_runtime/tp/cli.py)
     edge-runtime plan --deployment DIR --device raspberry-pi-4 --link 10mbit,40ms   (split planner)
+    edge-runtime generate|calibrate ...   (collaborative LLM; see edge_runtime/collab_cli.py)
 
-Later subcommands (generate, agent) arrive with their issues.
+Later subcommands (agent) arrive with their issues.
 """
 import argparse
 import json
@@ -54,7 +55,11 @@ def main(argv=None) -> int:
     tp_cli.add_parser(commands)
     from edge_runtime import plan as plan_cli  # argparse here; onnxruntime only inside plan_cli.run
     plan_cli.add_parser(commands)
+    from edge_runtime import collab_cli  # argparse here; torch only inside collab_cli.run
+    collab_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command in ("generate", "calibrate"):
+        return collab_cli.run(args)
     if args.command == "plan":
         try:
             return plan_cli.run(args)

@@ -1,7 +1,9 @@
 """Backends run a model. Each is a small class with one job: `infer(inputs, state) -> outputs`.
 
-Add a backend by subclassing `Backend` and naming it in `open_backend`; later issues add
-an LLM-continuation backend whose per-session state lives in the session store.
+Add a backend by subclassing `Backend` and naming it in `open_backend` and config.BACKENDS.
+`llm_continuation` (backends/llm.py) keeps its per-session KV cache in the session store.
+A stateful backend raises InvalidArgument only before it touches `state`, so such an error
+leaves the session usable; any other error ends the session.
 """
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -41,5 +43,8 @@ def open_backend(version_dir: Path, config: ModelConfig) -> Backend:
     if kind == "onnxruntime":
         from cloud_service.backends.onnx import OnnxBackend
         return OnnxBackend(version_dir / "model.onnx", config)
+    if kind == "llm_continuation":
+        from cloud_service.backends.llm import LlmContinuationBackend  # imports torch only when needed
+        return LlmContinuationBackend(version_dir, config)
     from cloud_service.backends.pytorch import TorchBackend  # imports torch only when needed
     return TorchBackend(version_dir, config)

@@ -1,0 +1,286 @@
+"""The device side of the collaborative LLM (DESIGN.md, "Continue in the cloud").
+
+The device runs embeddings + layers [0, k) + the exit head at k (split.llama). Per token: if the
+exit head is confident enough it emits the token here; otherwise it sends the cloud every layer-k
+hidden state the cloud has not seen yet and takes the cloud's token (cloud_service backend
+`llm_continuation`, which keeps the session's KV cache).
+
+    edge = CollabLlm("runs/ee_lm", mode="collaborative", cloud="127.0.0.1:8001", threshold=0.6)
+    result = edge.generate(prompt_ids, max_new_tokens=32)     # tokens, per-token source, counters
+    more = edge.generate(next_turn_ids, 32, conversation=result.conversation)   # same cloud session
+
+Modes: standalone (never offloads), collaborative (threshold), cloud-only (the cloud's k = 0 model
+gets token ids; the baseline: the device computes nothing unless the cloud is unreachable, then it
+replays layers [0, k) from token ids for that token). A flaky link never loses a conversation:
+- FAILED_PRECONDITION (session evicted / cloud restarted): resend everything with sequence_start;
+  states older than the last acknowledged position (or beyond the memory cap) are recomputed from
+  token ids by replaying layers [0, k) in the original chunks (bit-identical states).
+- UNAVAILABLE / DEADLINE_EXCEEDED: the token is decided here and flagged degraded; the cloud is
+  retried with exponential backoff, and catches up on everything it missed when it is back.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from edge_runtime.oip_client import OipClient, build_request, decode_response
+from split.codec import encode
+from split.llama import KVCache, load_llama
+from split.llama.exits import confidence, load_exit_heads, read_exits_json
+
+MODES = ("standalone", "collaborative", "cloud-only")
+WIRES = ("int8", "fp16", "fp32")
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass
+class Counters:
+    edge_tokens: int = 0           # decided by the exit head (incl. degraded)
+    cloud_tokens: int = 0          # decided by the cloud
+    degraded_tokens: int = 0       # wanted the cloud, decided here because it was unreachable/late
+    requests: int = 0              # successful cloud calls
+    failed_requests: int = 0       # UNAVAILABLE / DEADLINE_EXCEEDED
+    resends: int = 0               # FAILED_PRECONDITION -> full resend with sequence_start
+    states_sent: int = 0           # rows (hidden states or token ids) in successful requests
+    bytes_sent: int = 0            # tensor payloads + codec parameters of successful requests
+    request_bytes: int = 0         # the whole serialized ModelInferRequests (names, shapes, framing)
+    cloud_layer_evals: int = 0     # layer-token evaluations the cloud reported
+    cloud_kv_evals: int = 0        # K/V-projection-only layer-token evaluations the cloud reported
+    edge_layer_evals: int = 0      # layer-token evaluations on the device (incl. recomputation)
+    recomputed_states: int = 0     # states rebuilt from token ids
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Conversation:
+    """One sequence on the device: what it fed the edge layers, and what the cloud acknowledged."""
+    seq_id: int
+    backoff: float
+    tokens: list[int] = field(default_factory=list)     # positions 0..n-1 fed to the edge layers
+    chunks: list[int] = field(default_factory=list)     # how they were fed (replay is bit-identical)
+    exited: list[bool] = field(default_factory=list)    # per position: its next token was decided here
+    kept: dict = field(default_factory=dict)            # position -> layer-k state not yet acknowledged
+    acked: int = 0                                      # positions the cloud holds
+    begin: bool = True                                  # next request carries sequence_start
+    unfed: list[int] = field(default_factory=list)      # the last generated token, fed next turn
+    cache: KVCache = field(default_factory=KVCache)
+    h: torch.Tensor | None = None                       # layer-k states of the last fed chunk
+    retry_at: float = 0.0
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    sources: list[str]             # per token: "edge", "cloud" or "degraded"
+    confidences: list[float]
+    counters: Counters
+    seconds_per_token: list[float] = field(default_factory=list)
+    conversation: Conversation | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return "degraded" in self.sources
+
+
+class CollabLlm:
+    def __init__(self, model_dir: str | Path, mode: str = "collaborative", cloud: str | None = None,
+                 threshold: float = 0.5, metric: str = "max_prob", exit_layer: int | None = None,
+                 cloud_model: str = "llm", cloud_full_model: str = "llm_full", wire: str = "int8",
+                 timeout_s: float = 5.0, max_kept_states: int = 4096, backoff_s: float = 0.5,
+                 max_backoff_s: float = 8.0, client: OipClient | None = None):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if wire not in WIRES:
+            raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+        if mode != "standalone" and cloud is None and client is None:
+            raise ValueError(f"mode {mode!r} needs --cloud HOST:PORT")
+        if max_kept_states < 1:
+            raise ValueError(f"max_kept_states must be >= 1, got {max_kept_states}")
+        self.model_dir, self.mode, self.threshold, self.metric = Path(model_dir), mode, threshold, metric
+        exits = read_exits_json(self.model_dir)["exit_layers"]
+        self.k = exit_layer if exit_layer is not None else max(exits)
+        self.model = load_llama(self.model_dir, layers=range(0, self.k), with_head=False)
+        self.head = load_exit_heads(self.model_dir, [self.k])[self.k]
+        self.cloud_model = cloud_full_model if mode == "cloud-only" else cloud_model
+        self.wire, self.timeout_s, self.max_kept = wire, timeout_s, max_kept_states
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.client = client or (OipClient(cloud, timeout_s=timeout_s) if cloud else None)
+        self._sequence_ids = iter(range(secrets.randbits(61) + 1, 1 << 62))  # unique across devices
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+    # --- the edge model ----------------------------------------------------------------------
+    def _edge_step(self, ids: list[int], pos: int, cache: KVCache) -> torch.Tensor:
+        h = self.model.embed(torch.tensor([ids], dtype=torch.long))  # (1, T, C)
+        return self.model.forward_layers(h, 0, self.k, pos, cache)  # (1, T, C) at layer k
+
+    def _replay(self, tokens: list[int], chunks: list[int], upto: int) -> np.ndarray:
+        """States for positions [0, upto) rebuilt from token ids in the original chunks (bit-identical)."""
+        cache, out, pos = KVCache(), [], 0
+        for n in chunks:
+            if pos >= upto:
+                break
+            out.append(self._edge_step(tokens[pos:pos + n], pos, cache)[0].numpy())
+            pos += n
+        return np.concatenate(out)[:upto]
+
+    # --- the wire ----------------------------------------------------------------------------
+    def _encode(self, rows: np.ndarray):
+        """(inputs, input_parameters, bytes) for the state rows (T, C) or token ids (T,)."""
+        if self.mode == "cloud-only":
+            return {"input_ids": rows.astype(np.int64)}, {}, rows.size * 8
+        if self.wire == "int8":
+            enc = encode(rows.astype(np.float32), "int8", axis=0)  # one scale + zero point per row
+            return {"hidden_states": enc.data}, {"hidden_states": enc.parameters}, enc.nbytes
+        arr = rows.astype(np.float16 if self.wire == "fp16" else np.float32)
+        return {"hidden_states": arr}, {}, arr.nbytes
+
+    def _call_cloud(self, seq_id: int, start: int, rows: np.ndarray, exited: np.ndarray, begin: bool):
+        inputs, in_params, nbytes = self._encode(rows)
+        inputs["start"] = np.array([start], np.int64)
+        inputs["exited"] = exited.astype(np.uint8)
+        params = {"sequence_id": seq_id}
+        if begin:
+            params["sequence_start"] = True
+        request = build_request(self.cloud_model, inputs, parameters=params, input_parameters=in_params)
+        out = decode_response(self.client.call("ModelInfer", request, self.timeout_s))
+        return out, nbytes + 8 + exited.size, request.ByteSize()
+
+    # --- generation --------------------------------------------------------------------------
+    def _decide_here(self, conf: float) -> bool:
+        if self.mode == "standalone":
+            return True
+        if self.mode == "cloud-only":
+            return False
+        if self.threshold <= 0:
+            return True
+        if self.threshold >= 1:
+            return False
+        return conf >= self.threshold
+
+    def _feed(self, conv: "Conversation", ids: list[int], C: Counters) -> None:
+        """Run the edge layers on ids (one chunk) after what the conversation holds."""
+        pos = len(conv.tokens)
+        conv.tokens += ids
+        conv.chunks.append(len(ids))
+        conv.exited += [False] * len(ids)
+        if self.mode == "cloud-only":   # the baseline computes nothing here unless degraded
+            return
+        conv.h = self._edge_step(ids, pos, conv.cache)  # (1, T, C)
+        C.edge_layer_evals += len(ids) * self.k
+        if self.mode != "standalone":
+            conv.kept.update(zip(range(pos, pos + len(ids)), conv.h[0].numpy()))
+            while len(conv.kept) > self.max_kept:   # memory cap: drop the oldest, recompute if needed
+                conv.kept.pop(min(conv.kept))
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens: int, stop_ids=(), on_token=None,
+                 conversation: "Conversation | None" = None) -> Result:
+        """Greedy generation. Pass a previous result's `conversation` to continue it (the next
+        turn: prompt_ids are appended; the cloud session and its KV cache are reused).
+        on_token(step, token, source) is called after each token."""
+        feed = [int(t) for t in prompt_ids]
+        conv = conversation or Conversation(next(self._sequence_ids), backoff=self.backoff_s)
+        feed, conv.unfed = conv.unfed + feed, []
+        if not feed:
+            raise ValueError("prompt_ids must hold at least one token")
+        C = Counters()
+        res = Result([], [], [], C, conversation=conv)
+        lazy = self.mode == "cloud-only"
+        self._feed(conv, feed, C)
+        stop = {int(s) for s in stop_ids}
+        for step in range(max_new_tokens):
+            t0 = time.perf_counter()
+            pos = len(conv.tokens) - 1          # the position whose output decides the next token
+            token, source, conf = -1, "edge", float("nan")
+            if not lazy:
+                logits = self.head(conv.h[:, -1:])[0, -1]
+                conf = float(confidence(logits, self.metric))
+                token = int(logits.argmax())
+            if not self._decide_here(conf):
+                if time.monotonic() < conv.retry_at:
+                    source = "degraded"
+                else:
+                    try:
+                        token = self._offload(conv, C)
+                        source, conv.backoff = "cloud", self.backoff_s
+                    except grpc.RpcError as err:
+                        if err.code() not in _TRANSIENT:
+                            raise
+                        C.failed_requests += 1
+                        source, conv.retry_at = "degraded", time.monotonic() + conv.backoff
+                        conv.backoff = min(2 * conv.backoff, self.max_backoff_s)
+            if source == "degraded" and lazy:     # cloud-only lost the cloud: rebuild the state here
+                h = torch.from_numpy(self._replay(conv.tokens, conv.chunks, len(conv.tokens))[None, -1:])
+                C.recomputed_states += len(conv.tokens)
+                C.edge_layer_evals += len(conv.tokens) * self.k
+                logits = self.head(h)[0, -1]
+                conf, token = float(confidence(logits, self.metric)), int(logits.argmax())
+            if source == "cloud":
+                C.cloud_tokens += 1
+            else:
+                C.edge_tokens += 1
+                conv.exited[pos] = True
+                if source == "degraded":
+                    C.degraded_tokens += 1
+            res.tokens.append(token)
+            res.sources.append(source)
+            res.confidences.append(conf)
+            if on_token is not None:
+                on_token(step, token, source)
+            if token in stop or step == max_new_tokens - 1:
+                conv.unfed = [token]            # fed at the start of the next turn
+                res.seconds_per_token.append(time.perf_counter() - t0)
+                break
+            self._feed(conv, [token], C)
+            res.seconds_per_token.append(time.perf_counter() - t0)
+        return res
+
+    def _offload(self, conv: "Conversation", C: Counters) -> int:
+        """Send the cloud what it has not seen (all of it after FAILED_PRECONDITION); returns its token."""
+        n = len(conv.tokens)
+        for attempt in (0, 1):
+            start = 0 if conv.begin else conv.acked
+            rows = self._rows(conv.tokens, conv.chunks, conv.kept, start, n, C)
+            try:
+                out, nbytes, request_bytes = self._call_cloud(conv.seq_id, start, rows, np.array(conv.exited[start:n]), conv.begin)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.FAILED_PRECONDITION or attempt:
+                    raise
+                C.resends += 1
+                conv.begin = True         # evicted, expired or restarted: resend from position 0
+                continue
+            C.requests += 1
+            C.states_sent += n - start
+            C.bytes_sent += nbytes
+            C.request_bytes += request_bytes
+            work = out["work"]
+            C.cloud_layer_evals += int(work[0])
+            C.cloud_kv_evals += int(work[1])
+            for p in [p for p in conv.kept if p < n]:
+                del conv.kept[p]          # acknowledged: the cloud holds them now
+            conv.acked, conv.begin = n, False
+            return int(out["next_token"][0])
+        raise AssertionError("unreachable")
+
+    def _rows(self, tokens, chunks, kept, start, n, C: Counters) -> np.ndarray:
+        """Token ids (cloud-only) or layer-k states for positions [start, n)."""
+        if self.mode == "cloud-only":
+            return np.array(tokens[start:n], np.int64)
+        missing = [p for p in range(start, n) if p not in kept]
+        if missing:
+            replayed = self._replay(tokens, chunks, max(missing) + 1)
+            C.recomputed_states += len(missing)
+            C.edge_layer_evals += (max(missing) + 1) * self.k
+            return np.stack([kept[p] if p in kept else replayed[p] for p in range(start, n)])
+        return np.stack([kept[p] for p in range(start, n)])

@@ -1,0 +1,139 @@
+"""`edge-runtime generate` and `edge-runtime calibrate`: the collaborative LLM from the command line.
+
+    edge-runtime generate --model runs/ee_lm --mode collaborative --cloud 127.0.0.1:8001 \\
+        --threshold 0.6 --prompt "ROMEO:" --max-new-tokens 48 [--catch-up propagated] [--json]
+    edge-runtime generate --model runs/ee_lm --mode standalone --prompt "ROMEO:"
+    edge-runtime generate --model runs/ee_lm --mode cloud-only --cloud 127.0.0.1:8001 --prompt "ROMEO:"
+    edge-runtime calibrate --model runs/ee_lm --eval-text val.txt --max-ppl-increase 0.02
+
+The cloud serves the `llm_continuation` backend: --cloud-model (layers [k, L), default "llm"; a
+model with catch_up = "propagated" is typically named "llm_prop") and --cloud-full-model (k = 0,
+for cloud-only; default "llm_full"). Without --threshold, generate uses the one `calibrate` wrote
+into the model's exits.json. Exit status: 0 done (also when degraded: see "degraded" in --json),
+1 the cloud refused a request, 2 bad arguments or files. torch is imported only inside run().
+"""
+import json
+import sys
+
+
+def add_parser(commands) -> None:
+    g = commands.add_parser("generate", help="collaborative LLM generation (edge exit head + cloud)")
+    g.add_argument("--model", required=True, help="HF folder with exits.json + exit_heads.safetensors")
+    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only"), default="collaborative")
+    g.add_argument("--cloud", help="HOST:PORT of the cloud-service")
+    g.add_argument("--threshold", type=float, help="emit at the edge when confidence >= T (default: calibrated)")
+    g.add_argument("--metric", choices=("max_prob", "entropy"), default="max_prob")
+    g.add_argument("--exit-layer", type=int, help="k (default: the deepest exit in exits.json)")
+    g.add_argument("--cloud-model", default="llm")
+    g.add_argument("--cloud-full-model", default="llm_full")
+    g.add_argument("--wire", choices=("int8", "fp16", "fp32"), default="int8")
+    g.add_argument("--timeout-s", type=float, default=5.0)
+    g.add_argument("--max-kept-states", type=int, default=4096, help="memory cap on unacknowledged states")
+    prompt = g.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text (needs tokenizer.json in --model)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--json", action="store_true")
+
+    c = commands.add_parser("calibrate", help="pick the exit threshold on held-out text for a quality target")
+    c.add_argument("--model", required=True)
+    c.add_argument("--eval-text", required=True)
+    c.add_argument("--metric", choices=("max_prob", "entropy"), default="max_prob")
+    c.add_argument("--exit-layer", type=int)
+    target = c.add_mutually_exclusive_group()
+    target.add_argument("--max-ppl-increase", type=float, default=0.02, help="e.g. 0.02 = at most +2%% perplexity")
+    target.add_argument("--min-agreement", type=float, help="e.g. 0.97 = top-1 agreement with the full model")
+    c.add_argument("--max-tokens", type=int, default=8192, help="evaluate on at most this many tokens")
+    c.add_argument("--context", type=int, default=256)
+
+
+def _tokenizer(model_dir):
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+    file = Path(model_dir) / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {model_dir}; pass --prompt-ids instead")
+    return Tokenizer.from_file(str(file))
+
+
+def run(args) -> int:
+    import grpc
+    try:
+        if args.command == "calibrate":
+            return _calibrate(args)
+        return _generate(args)
+    except grpc.RpcError as err:
+        print(f"edge-runtime {args.command}: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, KeyError) as err:
+        print(f"edge-runtime {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+def _generate(args) -> int:
+    from edge_runtime.collab import CollabLlm
+    from split.llama.exits import read_exits_json
+
+    threshold = args.threshold
+    if threshold is None:
+        meta = read_exits_json(args.model)
+        k = args.exit_layer or max(meta["exit_layers"])
+        calibrated = meta.get("threshold", {}).get(args.metric)
+        if calibrated is not None and calibrated.get("exit_layer", k) != k:
+            calibrated = None
+        if calibrated is None and args.mode == "collaborative":
+            raise ValueError(f"no --threshold and no calibrated {args.metric} threshold for exit layer {k} in "
+                             f"{args.model}/exits.json; run `edge-runtime calibrate` first")
+        threshold = calibrated["value"] if calibrated else 0.5
+    tok = None
+    if args.prompt is not None:
+        tok = _tokenizer(args.model)
+        ids = tok.encode(args.prompt).ids
+    else:
+        ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+    edge = CollabLlm(args.model, mode=args.mode, cloud=args.cloud, threshold=threshold, metric=args.metric,
+                     exit_layer=args.exit_layer, cloud_model=args.cloud_model,
+                     cloud_full_model=args.cloud_full_model, wire=args.wire, timeout_s=args.timeout_s,
+                     max_kept_states=args.max_kept_states)
+    try:
+        stream = not args.json and tok is not None
+
+        def show(step, token, source):
+            if stream:
+                print(tok.decode([token]), end="", flush=True)
+
+        if stream:
+            print(args.prompt, end="", flush=True)
+        result = edge.generate(ids, args.max_new_tokens, on_token=show)
+    finally:
+        edge.close()
+    text = tok.decode(result.tokens) if tok is not None else None
+    if args.json:
+        n = len(result.tokens)
+        print(json.dumps({"mode": args.mode, "threshold": threshold, "exit_layer": edge.k, "tokens": result.tokens,
+                          "text": text, "sources": result.sources, "degraded": result.degraded,
+                          "edge_fraction": result.counters.edge_tokens / max(n, 1),
+                          "ms_per_token": 1e3 * sum(result.seconds_per_token) / max(n, 1),
+                          "counters": result.counters.as_dict()}))
+    elif stream:
+        print()
+        if result.degraded:
+            print(f"[degraded: {result.sources.count('degraded')} token(s) decided on the device while the "
+                  "cloud was unreachable]", file=sys.stderr)
+    else:
+        print(" ".join(map(str, result.tokens)))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from pathlib import Path
+
+    from split.llama.calibrate import calibrate_threshold
+    text = Path(args.eval_text).read_text(encoding="utf-8")
+    ids = _tokenizer(args.model).encode(text).ids[: args.max_tokens]
+    report = calibrate_threshold(args.model, ids, metric=args.metric, exit_layer=args.exit_layer,
+                                 max_ppl_increase=None if args.min_agreement is not None else args.max_ppl_increase,
+                                 min_agreement=args.min_agreement, context=args.context, write=True)
+    print(json.dumps(report))
+    return 0

@@ -1,0 +1,92 @@
+"""edgefold demo: collaborative LLM generation, device exit head + cloud continuation, on loopback.
+
+    make demo            # or: .venv/bin/python scripts/demo_collab.py [--prompt "ROMEO:"]
+
+Trains a small early-exit Llama on Shakespeare once (about 2 minutes on 2 cores; cached in
+.cache/demo_collab/ee_lm, or pass --model runs/ee_lm for the full one), calibrates its exit
+threshold for at most +2% perplexity, starts `cloud-service serve` with the llm_continuation
+backend (layers [k, L)) and the cloud-only baseline (all layers), then runs
+`edge-runtime generate` in standalone, collaborative and cloud-only mode and prints each one's
+tokens-at-the-edge fraction, bytes sent and cloud work.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "demo_collab"
+BIN = Path(sys.executable)
+
+
+def ensure_model(model: Path) -> None:
+    if (model / "exits.json").is_file() and (model / "model.safetensors").is_file():
+        return
+    print(f"training a small early-exit LM into {model} (once) ...", flush=True)
+    subprocess.run([str(BIN), str(ROOT / "scripts" / "train_early_exit_lm.py"), "--out", str(model),
+                    "--hidden", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--intermediate", "344",
+                    "--exits", "2", "--vocab-size", "1024", "--context", "64", "--batch", "16",
+                    "--steps", "400", "--max-minutes", "2"], check=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=CACHE / "ee_lm")
+    p.add_argument("--prompt", default="ROMEO:\n")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    args = p.parse_args()
+    ensure_model(args.model)
+    meta = json.loads((args.model / "exits.json").read_text())
+    if "max_prob" not in meta.get("threshold", {}):
+        text = (ROOT.parent / "shared" / "data" / "shakespeare.txt").read_text(encoding="utf-8")
+        val = args.model / "val.txt"
+        val.write_text(text[int(len(text) * 0.95):][:20000], encoding="utf-8")
+        subprocess.run([str(BIN), "-m", "edge_runtime.cli", "calibrate", "--model", str(args.model),
+                        "--eval-text", str(val), "--max-ppl-increase", "0.02", "--max-tokens", "4096"], check=True)
+    k = max(meta["exit_layers"])
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        for name, first, mode in (("llm", k, "exact"), ("llm_full", 0, "exact")):
+            (repo / name / "1").mkdir(parents=True)
+            (repo / name / "config.toml").write_text(
+                f'backend = "llm_continuation"\n[sequence_batching]\n[parameters]\n'
+                f'checkpoint = "{args.model.resolve()}"\nfirst_layer = {first}\ncatch_up = "{mode}"\n')
+        cloud = subprocess.Popen([str(BIN), "-m", "cloud_service.cli", "serve", "--repository", str(repo),
+                                  "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        port = []
+        threading.Thread(target=lambda: [port.append(int(m.group(1))) for line in cloud.stdout
+                                         if (m := re.search(r"serving grpcs?://[^:]+:(\d+)", line))],
+                         daemon=True).start()
+        try:
+            t0 = time.monotonic()
+            while not port:
+                if cloud.poll() is not None or time.monotonic() - t0 > 90:
+                    raise SystemExit("cloud-service did not start")
+                time.sleep(0.05)
+            for mode in ("standalone", "collaborative", "cloud-only"):
+                out = subprocess.run([str(BIN), "-m", "edge_runtime.cli", "generate", "--model", str(args.model),
+                                      "--mode", mode, "--cloud", f"127.0.0.1:{port[0]}", "--prompt", args.prompt,
+                                      "--max-new-tokens", str(args.max_new_tokens), "--json"],
+                                     capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout)
+                c = r["counters"]
+                print(f"\n== {mode}: {r['edge_fraction']:.0%} of tokens decided on the device, "
+                      f"{c['bytes_sent']} bytes sent, {c['cloud_layer_evals']} cloud layer-evaluations, "
+                      f"{r['ms_per_token']:.1f} ms/token{', DEGRADED' if r['degraded'] else ''}")
+                print(args.prompt + r["text"])
+        finally:
+            cloud.terminate()
+            cloud.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
