@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_random import randomize_norms_and_biases
 transformers = pytest.importorskip("transformers")
 
 from split.llama import KVCache, Llama, LlamaConfig, generate_greedy, load_llama  # noqa: E402
@@ -55,12 +56,7 @@ def checkpoints(tmp_path_factory):
             torch.manual_seed(0)
             cfg = getattr(transformers, cfg_cls)(**BASE, **kwargs)
             hf = getattr(transformers, model_cls)(cfg).eval()
-            with torch.no_grad():  # norms init to 1 and biases to 0: randomize so they are tested too
-                for pname, p in hf.named_parameters():
-                    if "norm" in pname:
-                        p.copy_(1 + 0.2 * torch.randn_like(p))
-                    elif pname.endswith("bias"):
-                        p.copy_(0.1 * torch.randn_like(p))
+            randomize_norms_and_biases(hf)
             path = tmp_path_factory.mktemp(name)
             hf.save_pretrained(path, safe_serialization=True, **save_kwargs)
             built[name] = (path, hf)

@@ -88,7 +88,7 @@ def _rank_main(rank: int, scenarios_json: str) -> None:
                 if role == "master_then_hang":
                     comm.broadcast(STEP, torch.ones(2))
                     print(json.dumps({"ready": True}), flush=True)
-                    time.sleep(60)
+                    threading.Event().wait(60)  # hang: the test kills this process
                 if role == "wait_forever":
                     while True:
                         cmd, _ = comm.broadcast(0)

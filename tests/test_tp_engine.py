@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from hf_random import randomize_norms_and_biases
 transformers = pytest.importorskip("transformers")
 
 from edge_runtime import cli as edge_cli  # noqa: E402
@@ -60,12 +61,7 @@ def ckpts(tmp_path_factory):
         torch.manual_seed(0)
         cfg = transformers.LlamaConfig(vocab_size=256, max_position_embeddings=128, initializer_range=0.2, **kw)
         hf = transformers.LlamaForCausalLM(cfg).eval()
-        with torch.no_grad():  # norms init to 1 and biases to 0: randomise so they are tested too
-            for pname, p in hf.named_parameters():
-                if "norm" in pname:
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
-                elif pname.endswith("bias"):
-                    p.copy_(0.1 * torch.randn_like(p))
+        randomize_norms_and_biases(hf)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path, safe_serialization=True)
         _write_tokenizer(path, 256)
