@@ -41,10 +41,13 @@ def main() -> int:
     p.add_argument("--prompt", default="ROMEO:\n")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args()
+    corpus = ROOT.parent / "shared" / "data" / "shakespeare.txt"
+    if not corpus.is_file():
+        raise SystemExit(f"demo_collab: corpus {corpus} not found (the project's shared/ folder sits beside the repository)")
     ensure_model(args.model)
     meta = json.loads((args.model / "exits.json").read_text())
     if "max_prob" not in meta.get("threshold", {}):
-        text = (ROOT.parent / "shared" / "data" / "shakespeare.txt").read_text(encoding="utf-8")
+        text = corpus.read_text(encoding="utf-8")
         val = args.model / "val.txt"
         val.write_text(text[int(len(text) * 0.95):][:20000], encoding="utf-8")
         subprocess.run([str(BIN), "-m", "edge_runtime.cli", "calibrate", "--model", str(args.model),

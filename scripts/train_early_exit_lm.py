@@ -56,6 +56,9 @@ def parse_args(argv=None):
 
 
 def split_text(path: str) -> tuple[str, str]:
+    if not Path(path).is_file():
+        raise SystemExit(f"train_early_exit_lm: corpus {path} not found (the project's shared/ folder sits "
+                         "beside the repository; pass --data FILE)")
     text = Path(path).read_text(encoding="utf-8")
     cut = int(len(text) * (1 - VAL_FRACTION))
     return text[:cut], text[cut:]
