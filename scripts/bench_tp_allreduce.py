@@ -39,22 +39,10 @@ import zmq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from edge_runtime.tp.cli import free_port  # noqa: E402  (a free port pair: gloo uses port + 1)
 from edge_runtime.tp.collective import SHUTDOWN, STEP, make_collective  # noqa: E402
 
 LINKEMU = ROOT / "scripts" / "linkemu.py"
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))  # gloo's store
-            return port
-        except OSError:
-            continue
 
 
 def _linkemu(target_port: int, delay_ms: float) -> tuple[subprocess.Popen, int]:
@@ -111,7 +99,7 @@ def _percentile(values, q):
 
 def _session(backend: str, world: int, delay_ms: float, hidden, iters: int, warmup: int, payload: str) -> list[dict]:
     """One master + world-1 workers (+ one linkemu per worker); every hidden size in turn."""
-    port, procs, workers, rows = _free_port(), [], [], []
+    port, procs, workers, rows = free_port(), [], [], []
     try:
         for rank in range(1, world):
             worker_port = port

@@ -1,5 +1,6 @@
 """Start `cloud-service serve` as a real subprocess on loopback, for tests."""
 import os
+import socket
 import re
 import signal
 import subprocess
@@ -50,3 +51,10 @@ class ServerProcess:
     def output(self) -> str:
         time.sleep(0)
         return "".join(self.lines)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

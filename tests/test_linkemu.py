@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from server_process import free_port
+
 LINKEMU = Path(__file__).resolve().parents[1] / "scripts" / "linkemu.py"
 LISTENING = re.compile(r"^linkemu listening on 127\.0\.0\.1:(\d+) -> ")
 
@@ -79,12 +81,6 @@ def servers():
     for s in started:
         s.shutdown()
         s.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- linkemu as a subprocess

@@ -13,14 +13,7 @@ from cloud_service.config import load_config
 from cloud_service.errors import ConfigError
 from edge_runtime.oip_client import OipClient
 from models import MLP_IN, write
-from server_process import ServerProcess
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_process import ServerProcess, free_port
 
 
 def test_metrics_endpoint(repository):

@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import torch
 import zmq
 from hypothesis import given, settings, strategies as st
 
+from edge_runtime.tp.cli import free_port  # a free port pair: gloo uses port + 1
 from edge_runtime.tp.collective import MLP, RESET, SHUTDOWN, STEP, ATTN, CollectiveError, LocalCollective, make_collective
 from edge_runtime.tp.curve import make_keys
 from edge_runtime.tp.star import StarCollective
@@ -136,20 +136,6 @@ class _Ranks:
                 p.wait()
 
 
-def _free_port() -> int:
-    """A free port whose successor is free too (gloo's store uses port + 1)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-
-
 # ---------------------------------------------------------------- wire format
 
 def test_header_round_trip_and_malformed_headers():
@@ -204,7 +190,7 @@ def _sweep_scenarios(keys: Path):
     for world in (2, 3, 4):
         sc.append({"name": f"gloo-w{world}", "backend": "gloo", "world": world, "seed": 10 + world})
     for s in sc:
-        s["port"] = _free_port()
+        s["port"] = free_port()
     return sc
 
 
@@ -295,7 +281,7 @@ def test_gloo_matches_the_rank_order_sum_within_1e_6(sweep, world):
 # ---------------------------------------------------------------- faults
 
 def test_a_killed_worker_fails_the_master_within_the_deadline_naming_it():
-    port = _free_port()
+    port = free_port()
     sc = [{"name": "kill", "backend": "star", "world": 3, "port": port, "seed": 1, "die_rank": 2, "die_after": 2}]
     ranks = _Ranks((1, 2), sc)
     try:
@@ -320,7 +306,7 @@ def test_a_killed_worker_fails_the_master_within_the_deadline_naming_it():
 
 
 def test_workers_exit_cleanly_when_the_master_goes_away():
-    port = _free_port()
+    port = free_port()
     sc = {"name": "crash", "backend": "star", "world": 2, "port": port, "seed": 1,
           "roles": {"0": "master_then_hang", "1": "wait_forever"}}
     ranks = _Ranks((0, 1), [sc])
@@ -364,7 +350,7 @@ class _FakeWorker:
 
 
 def test_malformed_messages_are_rejected_and_the_master_survives():
-    port, result = _free_port(), {}
+    port, result = free_port(), {}
     thread = threading.Thread(target=lambda: result.setdefault(
         "master", StarCollective(0, 2, f"127.0.0.1:{port}", join_timeout_s=20.0)))
     thread.start()
@@ -396,7 +382,7 @@ def test_malformed_messages_are_rejected_and_the_master_survives():
 
 @pytest.mark.parametrize("seq,layer,kind", [(2, 0, ATTN), (1, 5, ATTN), (1, 0, MLP)])
 def test_an_out_of_order_partial_is_detected(seq, layer, kind):
-    port = _free_port()
+    port = free_port()
     worker = _FakeWorker(port)
     master = StarCollective(0, 2, f"127.0.0.1:{port}", join_timeout_s=20.0)
     try:
@@ -410,7 +396,7 @@ def test_an_out_of_order_partial_is_detected(seq, layer, kind):
 
 
 def test_a_hung_worker_fails_the_master_after_timeout_s():
-    port = _free_port()
+    port = free_port()
     worker = _FakeWorker(port)
     master = StarCollective(0, 2, f"127.0.0.1:{port}", timeout_s=1.0, join_timeout_s=20.0)
     try:
@@ -425,7 +411,7 @@ def test_a_hung_worker_fails_the_master_after_timeout_s():
 
 
 def test_duplicate_and_out_of_range_ranks_are_rejected_at_join():
-    port, result = _free_port(), {}
+    port, result = free_port(), {}
     first, dup, wrong = _FakeWorker(port, world=3), _FakeWorker(port, world=3), _FakeWorker(port, rank=5, world=3)
     thread = threading.Thread(target=lambda: result.setdefault(
         "master", StarCollective(0, 3, f"127.0.0.1:{port}", join_timeout_s=20.0)))
@@ -451,7 +437,7 @@ def test_duplicate_and_out_of_range_ranks_are_rejected_at_join():
 
 
 def test_a_worker_detects_an_out_of_order_message_from_the_master():
-    port = _free_port()
+    port = free_port()
     ctx = zmq.Context()
     fake_master = ctx.socket(zmq.ROUTER)
     fake_master.bind(f"tcp://127.0.0.1:{port}")
@@ -485,7 +471,7 @@ def test_a_worker_detects_an_out_of_order_message_from_the_master():
 def test_a_worker_without_the_curve_keys_cannot_join(tmp_path, worker_keys):
     keys = make_keys(tmp_path / "keys")
     other = make_keys(tmp_path / "other") if worker_keys == "other" else None
-    port, result = _free_port(), {}
+    port, result = free_port(), {}
 
     def master():
         t0 = time.monotonic()
