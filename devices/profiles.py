@@ -6,7 +6,20 @@ each value with its source in a comment. No torch here.
 
 Errors name the file and the field: `ProfileError: devices/profiles/x.toml: compute.fp32_gflops
 must be a number > 0, got -1`.
+
+Your own profiles: put `<name>.toml` files (the same format; `edge-runtime probe --out` writes one
+for the machine it runs on) in folders listed in EDGEFOLD_PROFILE_PATH (separated by os.pathsep,
+`:` on Linux). Those folders are searched in order before the bundled one, so a user file may
+replace a bundled profile of the same name. A path ending in .toml always loads that file.
+
+    EDGEFOLD_PROFILE_PATH=~/profiles:/etc/edgefold edge-runtime plan --device my-board ...
+
+Tensor-parallel shares from profiles (decode is memory-bound on these devices):
+
+    share_weights(["raspberry-pi-4", "raspberry-pi-5"])   # [0.428..., 0.571...]: 12.8 : 17.1 GB/s
 """
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +68,25 @@ class DeviceProfile:
         raise ProfileError(f"profile '{self.key}' has no link '{name}' (it has {', '.join(l.name for l in self.links)})")
 
 
+def search_dirs() -> list[Path]:
+    """The folders in EDGEFOLD_PROFILE_PATH (in order, empty entries skipped), then the bundled one."""
+    user = [Path(d).expanduser() for d in os.environ.get("EDGEFOLD_PROFILE_PATH", "").split(os.pathsep) if d]
+    return user + [PROFILE_DIR]
+
+
 def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+    return sorted({p.stem for d in search_dirs() for p in d.glob("*.toml")})
+
+
+def find_profile(name: str) -> Path:
+    """The first `<name>.toml` along search_dirs()."""
+    for folder in search_dirs():
+        path = folder / f"{name}.toml"
+        if path.is_file():
+            return path
+    searched = ", ".join(str(d) for d in search_dirs())
+    raise ProfileError(f"no device profile '{name}' in {searched}; known: {', '.join(profile_names())} "
+                       "(or give a path to a .toml file, or list your folders in EDGEFOLD_PROFILE_PATH)")
 
 
 def _number(table: dict, section: str, key: str, path: Path, allow_zero: bool = False) -> float:
@@ -72,10 +102,7 @@ def _number(table: dict, section: str, key: str, path: Path, allow_zero: bool = 
 def load_profile(name_or_path) -> DeviceProfile:
     path = Path(name_or_path)
     if path.suffix != ".toml":
-        path = PROFILE_DIR / f"{name_or_path}.toml"
-        if not path.exists():
-            raise ProfileError(f"no device profile '{name_or_path}'; known: {', '.join(profile_names())} "
-                               "(or give a path to a .toml file)")
+        path = find_profile(str(name_or_path))
     try:
         data = tomllib.loads(path.read_text())
     except OSError as err:
@@ -99,11 +126,32 @@ def load_profile(name_or_path) -> DeviceProfile:
         raise ProfileError(f"{path}: needs at least one [[links]] entry (name, rate_mbit, rtt_ms)")
     parsed = []
     for i, link in enumerate(links):
-        if not isinstance(link.get("name"), str):
+        if not isinstance(link, dict) or not isinstance(link.get("name"), str):
             raise ProfileError(f"{path}: links[{i}].name must be a string")
         parsed.append(Link(link["name"], _number(link, f"links[{i}]", "rate_mbit", path),
                            _number(link, f"links[{i}]", "rtt_ms", path, allow_zero=True)))
     return DeviceProfile(path.stem, data["name"], data["kind"], links=tuple(parsed), **values)
+
+
+def share_weights(profiles, by: str = "memory_bandwidth_gbs", world_size: int | None = None) -> list[float]:
+    """Per-rank tensor-parallel shares proportional to each profile's `by` field (profiles, names or
+    .toml paths, one per rank), as fractions summing to 1: the `weights` that tp's make_plan takes.
+    The default is memory bandwidth because decoding one token streams every weight once: on these
+    devices it is bound by memory, not by FLOPs."""
+    profiles = [p if isinstance(p, DeviceProfile) else load_profile(p) for p in profiles]
+    if not profiles:
+        raise ProfileError("share_weights needs at least one profile")
+    if world_size is not None and len(profiles) != world_size:
+        raise ProfileError(f"{len(profiles)} profile(s) given ({', '.join(p.key for p in profiles)}) but the "
+                           f"world size is {world_size}: give one profile per rank")
+    if by not in COMPUTE:
+        raise ProfileError(f"share_weights: by={by!r} is not a [compute] field; one of {', '.join(COMPUTE)}")
+    values = [getattr(p, by) for p in profiles]
+    for p, v in zip(profiles, values):
+        if not (math.isfinite(v) and v > 0):
+            raise ProfileError(f"profile '{p.key}': compute.{by} is {v}, so it cannot set a share (needs > 0)")
+    total = sum(values)
+    return [v / total for v in values]
 
 
 def parse_link(text: str) -> Link:

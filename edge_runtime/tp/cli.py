@@ -1,6 +1,7 @@
 """`edge-runtime tp ...`: prepare shards, run a worker, generate across ranks, make CURVE keys.
 
     edge-runtime tp prepare --model HF_DIR --world-size 3 --weights 1,1,2 --out shards/
+    edge-runtime tp prepare --model HF_DIR --world-size 2 --weights-from raspberry-pi-4,my-board.toml --out shards/
     edge-runtime tp worker --rank 1 --master 10.0.0.2:29500 --shards shards/rank1 --window 2
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt "Hello" --max-new-tokens 32 --window 2
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt-ids 1,2,3 --max-new-tokens 32 --json
@@ -40,7 +41,11 @@ def add_parser(commands) -> None:
     p = sub.add_parser("prepare", help="cut a Hugging Face folder into per-rank, per-layer shards")
     p.add_argument("--model", required=True, help="Hugging Face folder (config.json + *.safetensors)")
     p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--weights", help="per-rank shares, e.g. 1,1,2 (default equal)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="per-rank shares, e.g. 1,1,2 (default equal)")
+    w.add_argument("--weights-from", metavar="PROFILE[,PROFILE...]",
+                   help="device profiles (names or .toml paths), one per rank: shares proportional to their "
+                        "memory bandwidth, since decoding on these devices is memory-bound")
     p.add_argument("--out", required=True)
 
     def comm(p, worker: bool):
@@ -111,7 +116,12 @@ def _prepare(args) -> int:
     from .plan import parse_weights
     from .prepare import prepare
 
-    plan = prepare(args.model, args.world_size, parse_weights(args.weights, args.world_size), args.out)
+    if args.weights_from:
+        from devices.profiles import share_weights
+        weights = share_weights([p.strip() for p in args.weights_from.split(",")], world_size=args.world_size)
+    else:
+        weights = parse_weights(args.weights, args.world_size)
+    plan = prepare(args.model, args.world_size, weights, args.out)
     print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp}))
     return 0
 
