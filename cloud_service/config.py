@@ -1,6 +1,7 @@
 """A model's configuration: `DIR/<model>/config.toml`, with Triton's field names.
 
-    backend = "onnxruntime"            # or "pytorch", "llm_continuation"; default from the files present
+    backend = "onnxruntime"            # or "pytorch", "llm_continuation"; default from the files present;
+                                       # "device": a package devices download (Fleet), not served here
     max_batch_size = 32                # 0: the model takes no batch dimension
     [dynamic_batching]                 # present: merge concurrent requests
     max_queue_delay_microseconds = 500
@@ -31,7 +32,8 @@ except ModuleNotFoundError:  # Python 3.10
 from cloud_service.errors import ConfigError
 from edgefold_proto.tensors import DTYPES
 
-BACKENDS = ("onnxruntime", "pytorch", "llm_continuation")
+BACKENDS = ("onnxruntime", "pytorch", "llm_continuation", "device")
+DEVICE_BACKEND = "device"   # a device-only package: downloadable through Fleet, never served by the cloud
 
 
 @dataclass(frozen=True)

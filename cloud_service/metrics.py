@@ -24,6 +24,14 @@ class Metrics:
                                    registry=self.registry)
         self.bytes_in = Counter("edgefold_request_bytes", "Tensor bytes received", labels, registry=self.registry)
         self.bytes_out = Counter("edgefold_response_bytes", "Tensor bytes sent", labels, registry=self.registry)
+        # the fleet (cloud_service/fleet.py); the devices gauge is computed when scraped
+        self.fleet_devices = Gauge("edgefold_fleet_devices", "Devices that sent a heartbeat in the last 3 intervals",
+                                   registry=self.registry)
+        self.fleet_heartbeats = Counter("edgefold_fleet_heartbeats", "Heartbeats accepted", registry=self.registry)
+        self.fleet_download_bytes = Counter("edgefold_fleet_download_bytes", "Model file bytes sent to devices",
+                                            ("model",), registry=self.registry)
+        self.device_last_seen = Gauge("edgefold_device_last_seen_timestamp_seconds",
+                                      "Unix time of the device's last heartbeat", ("device",), registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Expose /metrics over HTTP; returns the server so it can be shut down."""

@@ -2,6 +2,10 @@
 `DIR/<model>/config.toml`. Every numeric version folder is loaded; a request without a
 version gets the highest. Models load at start and through RepositoryModelLoad/Unload;
 a reload builds the new versions before it swaps them in, so serving never pauses.
+
+A folder whose config.toml says `backend = "device"` is a device package: devices download
+it through the Fleet service (cloud_service/fleet.py), this server never loads it, and
+RepositoryIndex lists it as UNAVAILABLE, "device package: download only".
 """
 import logging
 import re
@@ -9,12 +13,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cloud_service.backends import open_backend
-from cloud_service.config import ConfigError, load_config
+from cloud_service.config import DEVICE_BACKEND, ConfigError, load_config
 from cloud_service.errors import InvalidArgument, NotFound
 from cloud_service.served_model import ServedModel
 
 log = logging.getLogger(__name__)
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DEVICE_PACKAGE = "device package: download only"
+
+
+def version_dirs(model_dir: Path) -> list[Path]:
+    """The numeric version folders of a model, lowest first."""
+    return sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
 @dataclass
@@ -34,22 +44,25 @@ class Repository:
         self.failures: dict[str, str] = {}                    # name -> why it did not load
 
     def model_dir(self, name: str) -> Path:
-        if not _MODEL_NAME.match(name) or name in (".", ".."):
+        if not MODEL_NAME.match(name) or name in (".", ".."):
             raise InvalidArgument(f"model name '{name}' must be letters, digits, '_', '.', '-' (a folder in the repository)")
         return self.root / name
 
     def available(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name))
 
     def build(self, name: str) -> dict[str, ServedModel]:
-        """Open every version of a model (slow: call off the event loop). Raises ConfigError/NotFound."""
+        """Open every version of a model (slow: call off the event loop). Raises ConfigError/NotFound.
+        A device package gives {}: nothing to serve."""
         model_dir = self.model_dir(name)
         if not model_dir.is_dir():
             raise NotFound(f"model '{name}' is not in the repository {self.root}")
         config = load_config(model_dir)
-        versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        versions = version_dirs(model_dir)
         if not versions:
             raise ConfigError(f"{model_dir}: no numeric version folder (e.g. {model_dir}/1/model.onnx)")
+        if config.backend == DEVICE_BACKEND:
+            return {}
         built = {}
         for version_dir in versions:
             backend = open_backend(version_dir, config)
@@ -58,10 +71,14 @@ class Repository:
         return built
 
     def swap_in(self, name: str, versions: dict[str, ServedModel]) -> list[ServedModel]:
-        """Serve `versions` (already started); returns the replaced ones for the caller to close."""
-        old = self.models.get(name, {})
-        self.models[name] = versions
-        self.failures.pop(name, None)
+        """Serve `versions` (already started); returns the replaced ones for the caller to close.
+        No versions (a device package) serves nothing and says why in get() and index()."""
+        old = self.models.pop(name, {})
+        if versions:
+            self.models[name] = versions
+            self.failures.pop(name, None)
+        else:
+            self.failures[name] = DEVICE_PACKAGE
         return list(old.values())
 
     def remove(self, name: str) -> list[ServedModel]:

@@ -1,4 +1,4 @@
-"""Start and stop the gRPC server: OIP service, health, reflection, auth, TLS, metrics."""
+"""Start and stop the gRPC server: OIP service, Fleet service, health, reflection, auth, TLS, metrics."""
 import asyncio
 import logging
 import signal
@@ -10,10 +10,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cloud_service import reflection
 from cloud_service.auth import BearerTokenInterceptor
+from cloud_service.fleet import FleetService
 from cloud_service.metrics import Metrics
 from cloud_service.repository import Repository
 from cloud_service.service import InferenceService
 from edgefold_proto import SERVICE
+from edgefold_proto.fleet import FLEET_SERVICE
 
 log = logging.getLogger(__name__)
 SESSION_SWEEP_S = 1.0
@@ -30,6 +32,7 @@ class ServerOptions:
     tls_key: bytes | None = None
     max_message_bytes: int = 64 << 20
     grace_s: float = 10.0                # in-flight requests get this long to finish on stop
+    heartbeat_interval_s: float = 5.0    # what Heartbeat tells devices
 
 
 class CloudServer:
@@ -37,6 +40,7 @@ class CloudServer:
         self.options = options
         self.metrics = Metrics()
         self.service = InferenceService(Repository(options.repository), self.metrics)
+        self.fleet = FleetService(options.repository, self.metrics, options.heartbeat_interval_s)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -50,7 +54,7 @@ class CloudServer:
                   ("grpc.so_reuseport", 0)]
         interceptors = [BearerTokenInterceptor(o.token)] if o.token else []
         self._server = grpc.aio.server(options=limits, interceptors=interceptors)
-        self._server.add_generic_rpc_handlers((self.service.generic_handler(),))
+        self._server.add_generic_rpc_handlers((self.service.generic_handler(), self.fleet.generic_handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable(self._server)
         address = f"{o.host}:{o.port}"
@@ -67,7 +71,7 @@ class CloudServer:
             self._metrics_http = self.metrics.serve(o.metrics_port, "0.0.0.0" if o.host in ("0.0.0.0", "") else o.host)
         self._sweeper = asyncio.create_task(self._sweep_sessions())
         self.service.ready = True
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, FLEET_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 

@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 from cloud_service.config import ConfigError
 from cloud_service.errors import InvalidArgument, NotFound, ServiceError
 from cloud_service.metrics import Metrics
-from cloud_service.repository import Repository
+from cloud_service.repository import DEVICE_PACKAGE, Repository
 from cloud_service.request import decode_inputs, encode_response, requested_outputs
 from cloud_service.sessions import sequence_params
 from edgefold_proto import METHODS, SERVICE, pb
@@ -162,7 +162,8 @@ class InferenceService:
         return self._load_locks.setdefault(name, asyncio.Lock())
 
     async def load(self, name: str) -> None:
-        """(Re)load every version of `name`, off the event loop; the old ones serve until the swap."""
+        """(Re)load every version of `name`, off the event loop; the old ones serve until the swap.
+        A device package loads nothing (any served versions are released) and is not an error."""
         async with self._lock_for(name):
             try:
                 versions = await asyncio.to_thread(self.repository.build, name)
@@ -173,7 +174,10 @@ class InferenceService:
                 model.start()
             old = self.repository.swap_in(name, versions)
         await self._close(old)
-        log.info("loaded model %s versions %s", name, ", ".join(versions))
+        if versions:
+            log.info("loaded model %s versions %s", name, ", ".join(versions))
+        else:
+            log.info("model %s is a %s", name, DEVICE_PACKAGE)
 
     async def load_all(self) -> None:
         for name in self.repository.available():

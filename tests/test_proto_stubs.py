@@ -1,5 +1,6 @@
-"""The committed stubs match proto/oip.proto, and our messages are wire-compatible with
-tritonclient's (same field numbers and types), importable in one process."""
+"""The committed stubs match proto/*.proto, our OIP messages are wire-compatible with
+tritonclient's (same field numbers and types), importable in one process, and the method
+tables (METHODS, FLEET_METHODS) match the services the .proto files declare."""
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
 from edgefold_proto import METHODS, SERVICE, pb
+from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE, SERVER_STREAMING, fleet_pb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -27,6 +29,18 @@ def test_committed_stubs_match_proto(tmp_path):
 def test_not_importable_as_top_level_proto():
     assert not (ROOT / "proto" / "__init__.py").exists()
     assert pb.DESCRIPTOR.package == "edgefold.inference"
+
+
+def test_fleet_method_table_matches_proto():
+    assert fleet_pb.DESCRIPTOR.package == "edgefold.fleet"
+    service = fleet_pb.DESCRIPTOR.services_by_name["Fleet"]
+    assert service.full_name == FLEET_SERVICE
+    assert sorted(FLEET_METHODS) == sorted(m.name for m in service.methods)
+    for name, method in FLEET_METHODS.items():
+        declared = service.methods_by_name[name]
+        assert method.request.DESCRIPTOR is declared.input_type and method.response.DESCRIPTOR is declared.output_type
+        assert (method.kind == SERVER_STREAMING) == declared.server_streaming and not declared.client_streaming
+        assert method.path == f"/edgefold.fleet.Fleet/{name}"
 
 
 def _fields(descriptor):
