@@ -5,8 +5,8 @@
     edge-runtime tp prepare|worker|generate|keys ...   (tensor parallelism; see edge_runtime/tp/cli.py)
     edge-runtime plan --deployment DIR --device raspberry-pi-4 --link 10mbit,40ms   (split planner)
     edge-runtime generate|calibrate ...   (collaborative LLM; see edge_runtime/collab_cli.py)
-
-Later subcommands (agent) arrive with their issues.
+    edge-runtime probe [--out F.toml] [--peer HOST:PORT] [--json]   (measure this machine into a profile)
+    edge-runtime agent --config agent.toml   (the deploy agent; see edge_runtime/agent/)
 """
 import argparse
 import json
@@ -57,7 +57,13 @@ def main(argv=None) -> int:
     plan_cli.add_parser(commands)
     from edge_runtime import collab_cli  # argparse here; torch only inside collab_cli.run
     collab_cli.add_parser(commands)
+    from edge_runtime import probe_cli  # argparse here; numpy and psutil only inside probe_cli.run
+    probe_cli.add_parser(commands)
+    from edge_runtime.agent import cli as agent_cli  # argparse here; the agent is imported inside run
+    agent_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "agent":
+        return agent_cli.run(args)
     if args.command in ("generate", "calibrate"):
         return collab_cli.run(args)
     if args.command == "plan":
@@ -66,6 +72,8 @@ def main(argv=None) -> int:
         except ValueError as err:        # ProfileError, a bad deployment, a bad link
             print(f"edge-runtime plan: {err}", file=sys.stderr)
             return 2
+    if args.command == "probe":
+        return probe_cli.run(args)
     if args.command == "tp":
         return tp_cli.main(args)
     try:

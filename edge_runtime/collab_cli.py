@@ -71,21 +71,27 @@ def run(args) -> int:
         return 2
 
 
-def _generate(args) -> int:
-    from edge_runtime.collab import CollabLlm
+def resolve_threshold(model, threshold: float | None, metric: str, exit_layer: int | None, mode: str) -> float:
+    """`threshold`, or the one `calibrate` wrote into the model's exits.json for this metric and exit."""
     from split.llama.exits import read_exits_json
 
-    threshold = args.threshold
-    if threshold is None:
-        meta = read_exits_json(args.model)
-        k = args.exit_layer or max(meta["exit_layers"])
-        calibrated = meta.get("threshold", {}).get(args.metric)
-        if calibrated is not None and calibrated.get("exit_layer", k) != k:
-            calibrated = None
-        if calibrated is None and args.mode == "collaborative":
-            raise ValueError(f"no --threshold and no calibrated {args.metric} threshold for exit layer {k} in "
-                             f"{args.model}/exits.json; run `edge-runtime calibrate` first")
-        threshold = calibrated["value"] if calibrated else 0.5
+    if threshold is not None:
+        return threshold
+    meta = read_exits_json(model)
+    k = exit_layer or max(meta["exit_layers"])
+    calibrated = meta.get("threshold", {}).get(metric)
+    if calibrated is not None and calibrated.get("exit_layer", k) != k:
+        calibrated = None
+    if calibrated is None and mode == "collaborative":
+        raise ValueError(f"no threshold given and no calibrated {metric} threshold for exit layer {k} in "
+                         f"{model}/exits.json; run `edge-runtime calibrate` first")
+    return calibrated["value"] if calibrated else 0.5
+
+
+def _generate(args) -> int:
+    from edge_runtime.collab import CollabLlm
+
+    threshold = resolve_threshold(args.model, args.threshold, args.metric, args.exit_layer, args.mode)
     tok = None
     if args.prompt is not None:
         tok = _tokenizer(args.model)

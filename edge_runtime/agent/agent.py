@@ -1,0 +1,254 @@
+"""The deploy agent: a long-running process on one device.
+
+    edge-runtime agent --config agent.toml
+
+It serves local apps through the Open Inference Protocol on [serve] port at once (before any model
+is loaded), then, on one supervisor thread:
+1. opens each pipeline from what is already on the device (a pulled model or a local path), so a
+   device whose cloud is down still serves what it has;
+2. every heartbeat_s: reads telemetry (devices.telemetry), sends a heartbeat with every sample the
+   cloud has not acknowledged yet (buffered while it was down, up to 1024), and measures the RTT;
+3. when the cloud answers and a model is missing or update_s has passed: pulls the assigned models
+   (sha256-checked, resumable, swapped in atomically by ModelStore) and opens the new version
+   beside the old one, which keeps serving until the swap; a corrupted download leaves the old
+   model serving;
+4. feeds battery, temperature and link quality to the offload policy and the pipelines.
+While the cloud is down it retries with exponential backoff (1 s .. 30 s). SIGTERM or Ctrl-C:
+no new calls, in-flight ones finish (up to --grace-s), pipelines close, exit status 0.
+"""
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import grpc
+
+from devices.profiles import Link, load_profile
+from devices.telemetry import read_telemetry
+from edge_runtime.agent.config import AgentConfig
+from edge_runtime.agent.model_store import ModelIntegrityError, ModelStore
+from edge_runtime.agent.oip_server import LocalOipServer
+from edge_runtime.agent.pipelines import Context, open_pipeline
+from edge_runtime.agent.policy import Decision, decide, device_state, link_quality
+
+log = logging.getLogger("edge_runtime.agent")
+AGENT_VERSION = "0.1.0"
+MAX_SAMPLES = 1024
+MAX_BACKOFF_S = 30.0
+RETIRE_AFTER_S = 30.0       # a replaced pipeline is closed this long after the swap (in-flight calls end)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.profile = load_profile(config.profile)
+        self.base_link = self.profile.link(config.link)
+        self.link = self.base_link
+        cloud = config.cloud
+        token = cloud.token_file.read_text().strip() if cloud.token_file else None
+        self.ctx = Context(cloud.address, token, self.profile, self.link)
+        self.store = ModelStore(config.state_dir / "models")
+        self.fleet = None
+        if cloud.address:
+            from edge_runtime.fleet_client import FleetClient
+            self.fleet = FleetClient(cloud.address, token=token, timeout_s=cloud.timeout_s,
+                                     root_certificates=cloud.tls_ca.read_bytes() if cloud.tls_ca else None)
+        self.pipelines: dict = {}                  # name -> Pipeline, ready to serve
+        self.installed: dict = {}                  # name -> InstalledModel it was opened from
+        self.waiting = {s.name: "its model is not on the device yet" for s in config.pipelines}
+        self.samples: deque = deque(maxlen=MAX_SAMPLES)
+        self.latencies: deque = deque(maxlen=1000)
+        self.reachable, self.rtt_ms = False, None
+        self.decision = Decision(bool(cloud.address), "latency", "start" if cloud.address else "no cloud configured")
+        self.started = time.monotonic()
+        self.server = LocalOipServer(self, config.host, config.port)
+        self._stop = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="agent-supervisor", daemon=True)
+        self._retired: list = []
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> int:
+        port = self.server.start()
+        self._supervisor.start()
+        return port
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        self.server.stop(grace_s)                # in-flight requests finish first
+        self._stop.set()
+        self._supervisor.join(timeout=grace_s + self.config.cloud.timeout_s)
+        for pipe in list(self.pipelines.values()) + [p for _, p in self._retired]:
+            pipe.close()
+        if self.fleet:
+            self.fleet.close()
+
+    def ready(self) -> bool:
+        return not self.waiting
+
+    def version_of(self, name: str) -> str:
+        model = self.installed.get(name)
+        return model.version if model is not None else "1"
+
+    def record_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+    # --- the supervisor thread -------------------------------------------------------------------
+    def _supervise(self) -> None:
+        self._open_local()
+        backoff, next_update = 1.0, 0.0
+        while not self._stop.is_set():
+            telemetry = self._sample()
+            ok = self._heartbeat()
+            if ok and (self._missing() or time.monotonic() >= next_update):
+                if self._pull_all():
+                    next_update = time.monotonic() + self.config.cloud.update_s
+            self._adapt(telemetry)
+            if ok or self.fleet is None:
+                backoff, wait = 1.0, self.config.cloud.heartbeat_s
+            else:
+                wait, backoff = backoff, min(2 * backoff, MAX_BACKOFF_S)
+            self._close_retired()
+            self._stop.wait(wait)
+
+    def _missing(self) -> list:
+        return [s for s in self.config.pipelines if s.name in self.waiting and s.model]
+
+    def _open_local(self) -> None:
+        """Open every pipeline from what is on the device already (no network)."""
+        for spec in self.config.pipelines:
+            if self._stop.is_set():
+                return
+            if spec.path is not None:
+                self._open(spec, spec.path, None)
+            else:
+                current = self.store.current(spec.model)
+                if current is not None:
+                    self._open(spec, current.path / current.version, current)
+
+    def _open(self, spec, folder: Path, installed) -> bool:
+        start = time.perf_counter()
+        try:
+            pipe = open_pipeline(spec, Path(folder), self.ctx)
+        except Exception as err:
+            log.error("pipeline %s: cannot open %s: %s", spec.name, folder, err)
+            self.waiting[spec.name] = f"cannot open {folder}: {err}"
+            return False
+        pipe.adapt(self.decision, self.link)
+        old = self.pipelines.get(spec.name)
+        self.pipelines[spec.name] = pipe
+        self.installed[spec.name] = installed
+        self.waiting.pop(spec.name, None)
+        if old is not None:
+            self._retired.append((time.monotonic(), old))
+        where = f"{installed.name} v{installed.version} ({installed.digest[:12]})" if installed else str(folder)
+        print(f"agent: pipeline {spec.name} ({spec.kind}) ready from {where} in "
+              f"{time.perf_counter() - start:.2f} s: {pipe.describe()}", flush=True)
+        return True
+
+    def _close_retired(self) -> None:
+        now = time.monotonic()
+        for item in [r for r in self._retired if now - r[0] >= RETIRE_AFTER_S]:
+            self._retired.remove(item)
+            item[1].close()
+
+    def _pull_all(self) -> bool:
+        """Pull every assigned model; open what changed. False when any pull failed."""
+        ok = True
+        for spec in self.config.pipelines:
+            if spec.model is None or self._stop.is_set():
+                continue
+            try:
+                installed, changed = self.store.pull(self.fleet, spec.model, spec.version)
+            except ModelIntegrityError as err:
+                log.error("pull %s rejected, the current version keeps serving: %s", spec.model, err)
+                ok = False
+                continue
+            except grpc.RpcError as err:
+                log.warning("pull %s failed: %s: %s", spec.model, err.code().name, err.details())
+                ok = False
+                continue
+            except OSError as err:
+                log.error("pull %s failed: %s", spec.model, err)
+                ok = False
+                continue
+            if changed or spec.name not in self.pipelines:
+                self._open(spec, installed.path / installed.version, installed)
+        return ok
+
+    # --- telemetry, heartbeats, policy ---------------------------------------------------------
+    def _sample(self) -> dict:
+        values = read_telemetry().as_dict()
+        values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
+        served = sum(p.counters["requests"] for p in self.pipelines.values())
+        values["requests_total"] = float(served)
+        if self.latencies:
+            ordered = sorted(self.latencies)
+            values["request_p50_ms"] = ordered[len(ordered) // 2] * 1e3
+        self.samples.append((time.time(), values))
+        return values
+
+    def _counters(self) -> dict:
+        counters = {}
+        for name, pipe in self.pipelines.items():
+            for key, value in pipe.counters.items():
+                counters[f"{name}.{key}"] = int(value)
+        return counters
+
+    def _heartbeat(self) -> bool:
+        if self.fleet is None:
+            return False
+        sending = list(self.samples)
+        models = [m for m in self.installed.values() if m is not None]
+        start = time.perf_counter()
+        try:
+            reply = self.fleet.heartbeat(
+                device_id=self.config.device_id, profile=self.profile.key, agent_version=AGENT_VERSION,
+                uptime_s=time.monotonic() - self.started, models=models, counters=self._counters(),
+                samples=sending)
+        except grpc.RpcError as err:
+            if self.reachable:
+                log.warning("cloud unreachable (%s); serving locally, retrying with backoff", err.code().name)
+            self.reachable = False
+            return False
+        self.rtt_ms = (time.perf_counter() - start) * 1e3
+        if not self.reachable:
+            log.info("cloud reachable (heartbeat RTT %.1f ms); %d buffered samples sent", self.rtt_ms, len(sending))
+        self.reachable = True
+        for _ in range(min(len(sending), len(self.samples))):   # acknowledged: drop what was sent
+            self.samples.popleft()
+        return reply is not None
+
+    def _adapt(self, telemetry: dict) -> None:
+        quality = link_quality(self.rtt_ms, self.reachable) if self.fleet else 0.0
+        decision = decide(device_state(telemetry, quality), self.config.policy)
+        rtt = self.rtt_ms if self.reachable and self.rtt_ms is not None else self.base_link.rtt_ms
+        link = Link(self.base_link.name, self.base_link.rate_mbit, max(rtt, self.base_link.rtt_ms))
+        moved = abs(link.rtt_ms - self.link.rtt_ms) > 0.25 * max(self.link.rtt_ms, 1.0)
+        if decision == self.decision and not moved:
+            return
+        if decision != self.decision:
+            log.info("policy: %s (cloud %s, objective %s)", decision.reason,
+                     "allowed" if decision.allow_cloud else "avoided", decision.objective)
+        self.decision, self.link = decision, link
+        for pipe in list(self.pipelines.values()):
+            try:
+                pipe.adapt(decision, link)
+            except Exception:
+                log.exception("pipeline %s could not adapt", pipe.name)
+
+
+def serve_until_signalled(config: AgentConfig, grace_s: float = 10.0) -> int:
+    agent = Agent(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    port = agent.start()
+    print(f"agent {config.device_id} serving grpc://{config.host}:{port} "
+          f"({len(config.pipelines)} pipelines; cloud {config.cloud.address or 'none'})", flush=True)
+    while not stop.wait(0.5):
+        pass
+    print("agent: stopping (finishing in-flight requests)", flush=True)
+    agent.stop(grace_s)
+    print("agent stopped", flush=True)
+    return 0

@@ -1,0 +1,169 @@
+"""`agent.toml`: what one device runs. Errors name the file and the field.
+
+    device_id = "pi-kitchen-1"
+    profile = "raspberry-pi-4"          # a devices/ profile name, or a probed .toml (edge-runtime probe)
+    state_dir = "agent-state"           # pulled models live here (relative to this file)
+    link = "wifi"                       # the profile's link to plan with until heartbeats measure the RTT
+
+    [cloud]
+    address = "127.0.0.1:8001"
+    token_file = "token.txt"            # optional: bearer token for the cloud
+    tls_ca = "ca.pem"                   # optional: connect with TLS
+    timeout_s = 2.0                     # deadline of every control call (heartbeat, manifest)
+    heartbeat_s = 5.0
+    update_s = 60.0                     # how often to look for new model versions
+
+    [serve]                             # local apps call this with the Open Inference Protocol
+    host = "127.0.0.1"
+    port = 8011
+
+    [policy]                            # how device state moves work between device and cloud
+    low_battery = 0.2                   # below (0..1, on battery): plan for energy, not latency
+    hot_c = 80.0                        # above: the same
+    min_link_quality = 0.3              # below: keep every frame on the device
+
+    [[pipeline]]
+    name = "digits"                     # the model name apps use
+    kind = "split"                      # local | early-exit | split | collab-llm | tp
+    model = "digits-device"             # pulled from the cloud's repository (or path = "local/folder")
+    placement = "auto"                  # split: a placement string or "auto" (the planner picks)
+    deadline_s = 0.3
+"""
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+KINDS = ("local", "early-exit", "split", "collab-llm", "tp")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AgentConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    address: str | None = None          # None: no cloud at all (standalone device)
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    timeout_s: float = 2.0
+    heartbeat_s: float = 5.0
+    update_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    low_battery: float = 0.2
+    hot_c: float = 80.0
+    min_link_quality: float = 0.3
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    kind: str
+    model: str | None = None            # pulled from the cloud
+    version: str = ""
+    path: Path | None = None            # or a folder already on the device
+    options: dict = field(default_factory=dict)    # kind-specific keys (placement, threshold, ...)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    file: Path
+    device_id: str
+    profile: str
+    state_dir: Path
+    link: str
+    host: str
+    port: int
+    cloud: CloudConfig
+    policy: PolicyConfig
+    pipelines: tuple[PipelineConfig, ...]
+
+
+def _get(table: dict, key: str, kind, where: str, default=None, required: bool = False):
+    value = table.get(key, default)
+    if value is None:
+        if required:
+            raise AgentConfigError(f"{where}: '{key}' is required")
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise AgentConfigError(f"{where}: '{key}' must be {expected}, got {value!r}")
+    return value
+
+
+def _positive(value: float, where: str, key: str) -> float:
+    if value <= 0:
+        raise AgentConfigError(f"{where}: '{key}' must be > 0, got {value}")
+    return value
+
+
+def load_agent_config(path) -> AgentConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise AgentConfigError(f"{path}: cannot read: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise AgentConfigError(f"{path}: not valid TOML: {err}") from None
+    base = path.resolve().parent
+    where = str(path)
+    device_id = _get(data, "device_id", str, where, required=True)
+    if not _ID.match(device_id):
+        raise AgentConfigError(f"{where}: device_id '{device_id}' must be letters, digits, '_', '.', '-' (<= 64)")
+
+    c = data.get("cloud", {})
+    w = f"{path} [cloud]"
+    cloud = CloudConfig(
+        address=_get(c, "address", str, w),
+        token_file=base / _get(c, "token_file", str, w) if "token_file" in c else None,
+        tls_ca=base / _get(c, "tls_ca", str, w) if "tls_ca" in c else None,
+        timeout_s=_positive(_get(c, "timeout_s", float, w, 2.0), w, "timeout_s"),
+        heartbeat_s=_positive(_get(c, "heartbeat_s", float, w, 5.0), w, "heartbeat_s"),
+        update_s=_positive(_get(c, "update_s", float, w, 60.0), w, "update_s"))
+
+    s = data.get("serve", {})
+    w = f"{path} [serve]"
+    port = _get(s, "port", int, w, 8011)
+    if not 0 <= port < 65536:
+        raise AgentConfigError(f"{w}: 'port' must be 0..65535, got {port}")
+
+    p = data.get("policy", {})
+    w = f"{path} [policy]"
+    policy = PolicyConfig(_get(p, "low_battery", float, w, 0.2), _get(p, "hot_c", float, w, 80.0),
+                          _get(p, "min_link_quality", float, w, 0.3))
+
+    pipelines, names = [], set()
+    for i, entry in enumerate(data.get("pipeline", [])):
+        w = f"{path} [[pipeline]] #{i + 1}"
+        name = _get(entry, "name", str, w, required=True)
+        if not _ID.match(name) or name in names:
+            raise AgentConfigError(f"{w}: name '{name}' must be unique letters, digits, '_', '.', '-'")
+        names.add(name)
+        kind = _get(entry, "kind", str, w, required=True)
+        if kind not in KINDS:
+            raise AgentConfigError(f"{w}: kind '{kind}' is not one of {', '.join(KINDS)}")
+        model, local = _get(entry, "model", str, w), _get(entry, "path", str, w)
+        if (model is None) == (local is None):
+            raise AgentConfigError(f"{w}: give exactly one of 'model' (pulled from the cloud) or 'path'")
+        if model is not None and cloud.address is None:
+            raise AgentConfigError(f"{w}: 'model' is pulled from the cloud, but [cloud] has no 'address'")
+        options = {k: v for k, v in entry.items() if k not in ("name", "kind", "model", "version", "path")}
+        pipelines.append(PipelineConfig(name, kind, model, str(_get(entry, "version", (str, int), w, "")),
+                                        base / local if local else None, options))
+    if not pipelines:
+        raise AgentConfigError(f"{path}: needs at least one [[pipeline]]")
+
+    return AgentConfig(path, device_id, _get(data, "profile", str, str(path), "raspberry-pi-4"),
+                       base / _get(data, "state_dir", str, str(path), "agent-state"),
+                       _get(data, "link", str, str(path), "wifi"),
+                       _get(s, "host", str, f"{path} [serve]", "127.0.0.1"), port, cloud, policy, tuple(pipelines))
