@@ -16,9 +16,6 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
-	$(BIN)/python scripts/demo_tp.py
-	$(BIN)/python scripts/demo_split.py --frames 40
-	$(BIN)/python scripts/demo_collab.py --max-new-tokens 24
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

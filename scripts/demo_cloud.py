@@ -1,6 +1,6 @@
-"""edgefold demo: a model served by cloud-service on loopback, driven by tritonclient.
+"""edgefold demo, the cloud part: a model served by cloud-service on loopback, driven by tritonclient.
 
-    make demo            # or: .venv/bin/python scripts/demo.py [--requests 400]
+    .venv/bin/python scripts/demo_cloud.py [--requests 400]      (make demo runs its functions)
 
 Trains a small digit classifier on scikit-learn's bundled digits (cached in .cache/demo),
 exports it to ONNX, starts `cloud-service serve` on a free loopback port with two copies of

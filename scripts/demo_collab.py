@@ -23,16 +23,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "demo_collab"
 BIN = Path(sys.executable)
+CORPUS = ROOT.parent / "shared" / "data" / "shakespeare.txt"
 
 
 def ensure_model(model: Path) -> None:
     if (model / "exits.json").is_file() and (model / "model.safetensors").is_file():
         return
+    if not CORPUS.is_file():
+        raise SystemExit(f"demo: corpus {CORPUS} not found (the project's shared/ folder sits beside the repository)")
     print(f"training a small early-exit LM into {model} (once) ...", flush=True)
     subprocess.run([str(BIN), str(ROOT / "scripts" / "train_early_exit_lm.py"), "--out", str(model),
                     "--hidden", "128", "--layers", "4", "--heads", "4", "--kv-heads", "2", "--intermediate", "344",
                     "--exits", "2", "--vocab-size", "1024", "--context", "64", "--batch", "16",
                     "--steps", "400", "--max-minutes", "2"], check=True)
+
+
+def ensure_calibrated(model: Path) -> None:
+    """Calibrate the exit threshold for at most +2% perplexity on held-out text (once)."""
+    meta = json.loads((model / "exits.json").read_text())
+    if "max_prob" in meta.get("threshold", {}):
+        return
+    text = CORPUS.read_text(encoding="utf-8")
+    val = model / "val.txt"
+    val.write_text(text[int(len(text) * 0.95):][:20000], encoding="utf-8")
+    subprocess.run([str(BIN), "-m", "edge_runtime.cli", "calibrate", "--model", str(model),
+                    "--eval-text", str(val), "--max-ppl-increase", "0.02", "--max-tokens", "4096"], check=True)
 
 
 def main() -> int:
@@ -41,17 +56,9 @@ def main() -> int:
     p.add_argument("--prompt", default="ROMEO:\n")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args()
-    corpus = ROOT.parent / "shared" / "data" / "shakespeare.txt"
-    if not corpus.is_file():
-        raise SystemExit(f"demo_collab: corpus {corpus} not found (the project's shared/ folder sits beside the repository)")
     ensure_model(args.model)
+    ensure_calibrated(args.model)
     meta = json.loads((args.model / "exits.json").read_text())
-    if "max_prob" not in meta.get("threshold", {}):
-        text = corpus.read_text(encoding="utf-8")
-        val = args.model / "val.txt"
-        val.write_text(text[int(len(text) * 0.95):][:20000], encoding="utf-8")
-        subprocess.run([str(BIN), "-m", "edge_runtime.cli", "calibrate", "--model", str(args.model),
-                        "--eval-text", str(val), "--max-ppl-increase", "0.02", "--max-tokens", "4096"], check=True)
     k = max(meta["exit_layers"])
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)

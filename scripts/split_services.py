@@ -49,9 +49,9 @@ class _Process:
 class CloudService(_Process):
     pattern = r"grpc://[^:]+:(\d+)"
 
-    def __init__(self, repository: Path):
+    def __init__(self, repository: Path, port: int = 0):
         self._start([sys.executable, "-m", "cloud_service.cli", "serve", "--repository", str(repository),
-                     "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"], "cloud-service")
+                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"], "cloud-service")
 
 
 class LinkEmu(_Process):
