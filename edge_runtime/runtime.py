@@ -50,7 +50,8 @@ def _timed(fn, *args):
 class Runtime:
     def __init__(self, deployment, placement: str = "local", cloud: str | None = None, deadline_s: float = 0.5,
                  thresholds: dict[str, float] | None = None, fallback: str = "exit", retry_after_s: float = 1.0,
-                 threads: int = 1, token: str | None = None, slowdown: float = 1.0):
+                 threads: int = 1, token: str | None = None, slowdown: float = 1.0,
+                 root_certificates: bytes | None = None):
         self.dep = deployment if isinstance(deployment, Deployment) else Deployment.load(deployment, threads)
         self.placement = Placement.parse(placement) if isinstance(placement, str) else placement
         manifest = self.dep.manifest
@@ -79,7 +80,8 @@ class Runtime:
             self.cut, self.cloud_model = 0, manifest["full_model"]
         if p.kind != "local" and not cloud:
             raise ValueError(f"placement '{p}' needs a cloud address")
-        self.client = OipClient(cloud, token=token, timeout_s=deadline_s) if p.kind != "local" else None
+        self.client = OipClient(cloud, token=token, root_certificates=root_certificates, timeout_s=deadline_s) \
+            if p.kind != "local" else None
         self._skip_cloud_until = 0.0
 
     def close(self) -> None:

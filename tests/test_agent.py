@@ -42,9 +42,9 @@ def repo(tmp_path_factory, split_deployment):
 
 
 def agent_toml(path: Path, cloud: str | None, pipelines: str, heartbeat_s: float = 0.2, update_s: float = 60.0,
-               state: str = "state") -> Path:
+               state: str = "state", cloud_extra: str = "") -> Path:
     cloud_table = f'[cloud]\naddress = "{cloud}"\ntimeout_s = 1.0\nheartbeat_s = {heartbeat_s}\n' \
-                  f'update_s = {update_s}\n' if cloud else ""
+                  f'update_s = {update_s}\n{cloud_extra}' if cloud else ""
     path.write_text(f'device_id = "test-pi"\nprofile = "raspberry-pi-4"\nstate_dir = "{state}"\n'
                     f'{cloud_table}[serve]\nhost = "127.0.0.1"\nport = 0\n{pipelines}')
     return path
@@ -121,6 +121,22 @@ def test_split_pipeline_offloads_then_degrades_when_the_cloud_dies(repo, tmp_pat
             cloud.kill()
             out = client.infer("digits", {"x": FRAME})      # answered on the device, flagged
             assert out["degraded"].all() and all(w != b"cloud" for w in out["where"])
+    finally:
+        agent.kill()
+        cloud.kill()
+
+
+def test_a_cloud_with_a_token_gets_it_on_every_call(repo, tmp_path):
+    (tmp_path / "token").write_text("s3cret\n")
+    cloud = ServerProcess(repo, "--token-file", str(tmp_path / "token"))
+    pipes = ('[[pipeline]]\nname = "digits"\nkind = "split"\nmodel = "res_cnn_device"\n'
+             'placement = "split:stage2:int8"\ndeadline_s = 2.0\n')
+    agent = AgentProcess(agent_toml(tmp_path / "agent.toml", cloud.address, pipes, cloud_extra='token_file = "token"\n'))
+    try:
+        with OipClient(agent.address, timeout_s=10) as client:
+            wait_ready(client)                                       # pulled with the token
+            out = client.infer("digits", {"x": FRAME[:1]})
+            assert list(out["where"]) == [b"cloud"] and not out["degraded"].any()   # offloaded with it
     finally:
         agent.kill()
         cloud.kill()

@@ -48,13 +48,13 @@ class Agent:
         self.link = self.base_link
         cloud = config.cloud
         token = cloud.token_file.read_text().strip() if cloud.token_file else None
-        self.ctx = Context(cloud.address, token, self.profile, self.link)
+        roots = cloud.tls_ca.read_bytes() if cloud.tls_ca else None
+        self.ctx = Context(cloud.address, token, self.profile, self.link, roots)
         self.store = ModelStore(config.state_dir / "models")
         self.fleet = None
         if cloud.address:
             from edge_runtime.fleet_client import FleetClient
-            self.fleet = FleetClient(cloud.address, token=token, timeout_s=cloud.timeout_s,
-                                     root_certificates=cloud.tls_ca.read_bytes() if cloud.tls_ca else None)
+            self.fleet = FleetClient(cloud.address, token=token, timeout_s=cloud.timeout_s, root_certificates=roots)
         self.pipelines: dict = {}                  # name -> Pipeline, ready to serve
         self.installed: dict = {}                  # name -> InstalledModel it was opened from
         self.waiting = {s.name: "its model is not on the device yet" for s in config.pipelines}

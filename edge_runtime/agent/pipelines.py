@@ -47,7 +47,12 @@ class Context:
     token: str | None
     profile: object              # devices.profiles.DeviceProfile
     link: object                 # devices.profiles.Link (its RTT updated from heartbeats)
+    root_certificates: bytes | None = None     # the cloud's TLS root (None: plaintext)
     threads: int = 1
+
+    def client(self, timeout_s: float):
+        from edge_runtime.oip_client import OipClient
+        return OipClient(self.cloud, token=self.token, root_certificates=self.root_certificates, timeout_s=timeout_s)
 
 
 @dataclass
@@ -178,7 +183,8 @@ class VisionPipeline(Pipeline):
             thresholds = {**self.dep.manifest["thresholds"], **self.options.get("exit_thresholds", {})}
             self._runtimes[placement] = Runtime(
                 self.dep, placement, cloud=self.ctx.cloud if placement != "local" else None,
-                deadline_s=self.deadline_s, thresholds=thresholds, token=self.ctx.token, slowdown=self.slowdown)
+                deadline_s=self.deadline_s, thresholds=thresholds, token=self.ctx.token, slowdown=self.slowdown,
+                root_certificates=self.ctx.root_certificates)
         return self._runtimes[placement]
 
     def adapt(self, decision: Decision, link) -> None:
@@ -226,9 +232,10 @@ class CollabPipeline(Pipeline):
         self.mode = str(options.get("mode", "collaborative"))
         metric = str(options.get("metric", "max_prob"))
         threshold = resolve_threshold(folder, options.get("threshold"), metric, None, self.mode)
-        self.llm = CollabLlm(folder, self.mode, ctx.cloud if self.mode != "standalone" else None, threshold,
-                             metric, cloud_model=str(options.get("cloud_model", "llm")),
-                             timeout_s=float(options.get("deadline_s", 5.0)))
+        deadline_s = float(options.get("deadline_s", 5.0))
+        self.llm = CollabLlm(folder, self.mode, None, threshold, metric,
+                             cloud_model=str(options.get("cloud_model", "llm")), timeout_s=deadline_s,
+                             client=ctx.client(deadline_s) if self.mode != "standalone" and ctx.cloud else None)
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json")) \
             if (folder / "tokenizer.json").is_file() else None
         self.max_new_tokens = int(options.get("max_new_tokens", 32))
