@@ -28,6 +28,16 @@
     model = "digits-device"             # pulled from the cloud's repository (or path = "local/folder")
     placement = "auto"                  # split: a placement string or "auto" (the planner picks)
     deadline_s = 0.3
+
+Options per kind (any other key is kept in PipelineConfig.options and ignored by other kinds):
+    local        -
+    early-exit   exit_thresholds = { stage1 = 0.9 } (over the deployment's calibrated ones),
+                 slowdown = 1.0 | "profile" (stretch device compute to the profile's speed: emulation)
+    split        the same, plus placement, deadline_s, accuracy_floor (for "auto")
+    collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),
+                 metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens
+    tp           peers = ["host:port", ...] (default: start the other ranks here), master = "host:port",
+                 window, payload = "fp32" | "fp16" | "int8", timeout_s, join_timeout_s, max_new_tokens
 """
 import re
 from dataclasses import dataclass, field
