@@ -4,7 +4,7 @@ confidence drops, answer this frame with the big model (or the cloud tail) and s
 `hold` frames (hysteresis) before trying the small model again. Device state shifts the policy:
 a low battery or a hot device makes escalation rarer; a good link sends escalations to the cloud.
 
-    switch = AdaptiveSwitch(run_small, run_big, SwitchConfig(), run_cloud=None)
+    switch = AdaptiveSwitch(run_small, run_big, SwitchConfig(), run_cloud=None)   # run_cloud: None = no answer
     answer = switch.step(frame, DeviceState(battery=0.8, temperature_c=55, link_quality=1.0))
     answer.output, answer.ran        # output (12,): 10 class logits + (x, y); ran: ("small",), ("small", "big"), ...
 
@@ -70,9 +70,14 @@ class AdaptiveSwitch:
         return ""
 
     def _escalate(self, frame, state: DeviceState):
+        """(output, what ran): the cloud when the link is good; run_cloud returning None means the
+        cloud did not answer, and the big model answers here instead (ran: cloud, big)."""
         if self.run_cloud is not None and state.link_quality >= self.config.cloud_link:
-            return self.run_cloud(frame), "cloud"
-        return self.run_big(frame), "big"
+            out = self.run_cloud(frame)
+            if out is not None:
+                return out, ("cloud",)
+            return self.run_big(frame), ("cloud", "big")
+        return self.run_big(frame), ("big",)
 
     def step(self, frame, state: DeviceState | None = None) -> Answer:
         state = state or DeviceState()
@@ -80,7 +85,7 @@ class AdaptiveSwitch:
             self.hold_left -= 1
             out, where = self._escalate(frame, state)
             self.previous = out
-            return Answer(out, (where,), "hold")
+            return Answer(out, where, "hold")
         out = self.run_small(frame)
         reason = self.inconsistent(out, state)
         if not reason:
@@ -91,4 +96,4 @@ class AdaptiveSwitch:
         frugal = state.battery < self.config.low_battery or state.temperature_c > self.config.hot_c
         self.hold_left = self.config.hold // 2 if frugal else self.config.hold
         self.previous = big
-        return Answer(big, ("small", where), reason)
+        return Answer(big, ("small", *where), reason)

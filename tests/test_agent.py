@@ -269,9 +269,10 @@ def test_policy_rules():
     assert link_quality(None, False) == 0.0 and link_quality(20.0, True) == 1.0
     assert link_quality(500.0, True) == pytest.approx(0.1)
     assert not decide(DeviceState(1.0, 50.0, 0.1), policy).allow_cloud
-    assert decide(DeviceState(0.1, 50.0, 1.0), policy) == Decision(True, "energy", "battery 10% < 20%")
+    low = DeviceState(0.1, 50.0, 1.0)
+    assert decide(low, policy) == Decision(True, "energy", "battery 10% < 20%", low)
     assert decide(DeviceState(1.0, 85.0, 1.0), policy).objective == "energy"
-    assert decide(DeviceState(1.0, 50.0, 1.0), policy) == Decision(True, "latency", "normal")
+    assert decide(DeviceState(1.0, 50.0, 1.0), policy).reason == "normal"
     assert device_state({"battery_percent": 15.0, "power_plugged": False}, 1.0).battery == 0.15
     assert device_state({"battery_percent": 15.0, "power_plugged": True}, 1.0).battery == 1.0
     assert device_state({}, 0.5) == DeviceState(1.0, 50.0, 0.5)
@@ -296,3 +297,44 @@ def test_split_pipeline_replans_when_the_policy_changes(split_deployment):
         assert pipe.describe() == {"kind": "split", "placement": "local", "why": "link down"}
     finally:
         pipe.close()
+
+
+def test_adaptive_pipeline_escalates_to_the_cloud_then_to_the_local_big_model(tmp_path):
+    import torch
+
+    from split.vision.adaptive import build_adaptive
+    from split.vision.models import build
+    torch.manual_seed(0)
+    small, big = build("frame_small"), build("frame_big")        # untrained: the small one is never confident
+    repo = tmp_path / "repo"
+    device = build_adaptive(small, big, repo / "frames-device" / "1", (1, 96, 96), switch={"hold": 2},
+                            repo_dir=repo, cloud_model="frame_big")
+    write(repo / "frames-device" / "config.toml", 'backend = "device"\n')
+    frames = np.random.default_rng(2).random((6, 1, 96, 96), dtype=np.float32)
+    big_ort = ort.InferenceSession(str(device / "big.onnx"), providers=["CPUExecutionProvider"])
+    expected_big = big_ort.run(None, {"x": frames})[0]
+    cloud = ServerProcess(repo)
+    pipes = '[[pipeline]]\nname = "frames"\nkind = "adaptive"\nmodel = "frames-device"\ndeadline_s = 2.0\n'
+    agent = AgentProcess(agent_toml(tmp_path / "agent.toml", cloud.address, pipes))
+    try:
+        with OipClient(agent.address, timeout_s=10) as client:
+            wait_ready(client)
+            deadline = time.monotonic() + 20
+            while True:                          # the first heartbeats establish the link's quality
+                out = client.infer("frames", {"x": frames})
+                if any(r.endswith(b"cloud") for r in out["ran"]):
+                    break
+                assert time.monotonic() < deadline, list(out["ran"])
+            assert out["ran"][0] in (b"small,cloud", b"cloud")             # escalated, or held there
+            escalated = [i for i, r in enumerate(out["ran"]) if r != b"small"]
+            np.testing.assert_allclose(out["y"][escalated], expected_big[escalated], rtol=1e-5, atol=1e-5)
+            cloud.kill()                         # escalations now run the big model on the device
+            out = client.infer("frames", {"x": frames})
+            assert all(r.endswith(b"big") for r in out["ran"] if r != b"small")
+            assert all(d == r.endswith(b"cloud,big") for d, r in zip(out["degraded"], out["ran"]))
+            escalated = [i for i, r in enumerate(out["ran"]) if r != b"small"]
+            assert escalated
+            np.testing.assert_allclose(out["y"][escalated], expected_big[escalated], rtol=1e-5, atol=1e-5)
+    finally:
+        agent.kill()
+        cloud.kill()

@@ -220,20 +220,19 @@ class Agent:
         return reply is not None
 
     def _adapt(self, telemetry: dict) -> None:
+        """Every tick: the policy's decision and the device state go to every pipeline (the split
+        planner re-plans, the adaptive switch reads battery, heat and link quality)."""
         quality = link_quality(self.rtt_ms, self.reachable) if self.fleet else 0.0
         decision = decide(device_state(telemetry, quality), self.config.policy)
         rtt = self.rtt_ms if self.reachable and self.rtt_ms is not None else self.base_link.rtt_ms
-        link = Link(self.base_link.name, self.base_link.rate_mbit, max(rtt, self.base_link.rtt_ms))
-        moved = abs(link.rtt_ms - self.link.rtt_ms) > 0.25 * max(self.link.rtt_ms, 1.0)
-        if decision == self.decision and not moved:
-            return
-        if decision != self.decision:
+        self.link = Link(self.base_link.name, self.base_link.rate_mbit, max(rtt, self.base_link.rtt_ms))
+        if decision.reason != self.decision.reason:
             log.info("policy: %s (cloud %s, objective %s)", decision.reason,
                      "allowed" if decision.allow_cloud else "avoided", decision.objective)
-        self.decision, self.link = decision, link
+        self.decision = decision
         for pipe in list(self.pipelines.values()):
             try:
-                pipe.adapt(decision, link)
+                pipe.adapt(decision, self.link)
             except Exception:
                 log.exception("pipeline %s could not adapt", pipe.name)
 

@@ -24,7 +24,7 @@
 
     [[pipeline]]
     name = "digits"                     # the model name apps use
-    kind = "split"                      # local | early-exit | split | collab-llm | tp
+    kind = "split"                      # local | early-exit | split | adaptive | collab-llm | tp
     model = "digits-device"             # pulled from the cloud's repository (or path = "local/folder")
     placement = "auto"                  # split: a placement string or "auto" (the planner picks)
     deadline_s = 0.3
@@ -34,6 +34,8 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     early-exit   exit_thresholds = { stage1 = 0.9 } (over the deployment's calibrated ones),
                  slowdown = 1.0 | "profile" (stretch device compute to the profile's speed: emulation)
     split        the same, plus placement, deadline_s, accuracy_floor (for "auto")
+    adaptive     switch = { confidence = 0.9, max_jump = 0.015, hold = 2 } (over adaptive.json's),
+                 deadline_s (the cloud's copy of the big model)
     collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),
                  metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens
     tp           peers = ["host:port", ...] (default: start the other ranks here), master = "host:port",
@@ -48,7 +50,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-KINDS = ("local", "early-exit", "split", "collab-llm", "tp")
+KINDS = ("local", "early-exit", "split", "adaptive", "collab-llm", "tp")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -11,6 +11,8 @@ Kinds:
 - early-exit  a split deployment's stage chain with its exits, every frame on the device
 - split       the same, offloading the rest through the cloud (placement string or "auto": the
               planner, re-run when the policy changes objective or the link's RTT changes)
+- adaptive    a small and a big model switched per frame on temporal consistency and confidence,
+              escalating to the cloud's copy of the big model when the link is good
 - collab-llm  the collaborative LLM (edge layers + exit head; the cloud finishes the rest)
 - tp          rank 0 of a tensor-parallel group (workers started here or already running on peers)
 torch is imported only by the two LLM kinds.
@@ -218,6 +220,73 @@ class VisionPipeline(Pipeline):
             runtime.close()
 
 
+# --- adaptive: a small and a big model, switched per frame -----------------------------------------
+class AdaptivePipeline(Pipeline):
+    """A folder from split.vision.adaptive.build_adaptive (small.onnx, big.onnx, adaptive.json).
+    Frames of one stream, in order: the small model answers unless its output is temporally
+    inconsistent or unconfident, then the big one (or the cloud's copy when the link is good) does,
+    for `hold` frames (edge_runtime.switch). The device state (battery, heat, link quality) is the
+    agent's, from devices.telemetry and heartbeats. Outputs `y` (B, classes + regression), `ran`
+    (e.g. b"small,cloud") and `degraded` (the cloud did not answer; the big model did, here)."""
+
+    def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
+        import json
+
+        from edge_runtime.deployment import session
+        from edge_runtime.switch import AdaptiveSwitch, DeviceState, SwitchConfig
+        super().__init__(name, "adaptive", "edgefold_adaptive")
+        manifest = json.loads((folder / "adaptive.json").read_text())
+        self.shape = tuple(manifest["input"]["shape"])
+        small, big = session(folder / "small.onnx", ctx.threads), session(folder / "big.onnx", ctx.threads)
+        settings = {**manifest.get("switch", {}), **options.get("switch", {}), "regression": manifest["regression"]}
+        try:
+            config = SwitchConfig(**settings)
+        except TypeError as err:
+            raise ValueError(f"pipeline '{name}': bad switch settings {settings}: {err}") from None
+        cloud_model = manifest.get("cloud_model")
+        self.client = ctx.client(float(options.get("deadline_s", 0.5))) if cloud_model and ctx.cloud else None
+
+        def run_cloud(x):      # the cloud's copy of the big model; None: the switch runs the big one here
+            import grpc
+            try:
+                out = self.client.infer(cloud_model, {"x": x[None]})["y"][0]
+                self.counters["offloaded"] += 1
+                return out
+            except grpc.RpcError:
+                self.counters["degraded"] += 1
+                return None
+        self.switch = AdaptiveSwitch(lambda x: small.run(None, {"x": x[None]})[0][0],
+                                     lambda x: big.run(None, {"x": x[None]})[0][0], config,
+                                     run_cloud if self.client else None)
+        self.state = DeviceState()
+        self._lock = threading.Lock()
+        self.inputs = (TensorInfo("x", "FP32", (-1, *self.shape)),)
+        self.outputs = (TensorInfo("y", "FP32", (-1, -1)), TensorInfo("ran", "BYTES", (-1,)),
+                        TensorInfo("degraded", "BOOL", (-1,)))
+
+    def adapt(self, decision: Decision, link) -> None:
+        self.state = decision.state
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "cloud": self.client is not None}
+
+    def infer(self, inputs: dict, params: dict) -> dict:
+        x = _one(inputs, "x", "f").astype(np.float32, copy=False)
+        if x.shape[1:] != self.shape or not np.isfinite(x).all():
+            raise PipelineInputError(f"input 'x': expected finite frames of shape [-1, {', '.join(map(str, self.shape))}]"
+                                     f", got {list(x.shape)}")
+        with self._lock:                       # one stream: frames in order
+            answers = [self.switch.step(frame, self.state) for frame in x]
+        ran = np.empty(len(answers), dtype=object)
+        ran[:] = [",".join(a.ran).encode() for a in answers]
+        return {"y": np.stack([a.output for a in answers]).astype(np.float32), "ran": ran,
+                "degraded": np.array([a.ran[-2:] == ("cloud", "big") for a in answers], bool)}
+
+    def close(self) -> None:
+        if self.client:
+            self.client.close()
+
+
 # --- collab-llm ---------------------------------------------------------------------------------
 class CollabPipeline(Pipeline):
     """Input `prompt` (BYTES, one UTF-8 string; or `prompt_ids` INT64); parameter max_new_tokens.
@@ -350,6 +419,8 @@ def open_pipeline(spec, folder: Path, ctx: Context) -> Pipeline:
         return OnnxPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind in ("early-exit", "split"):
         return VisionPipeline(spec.name, spec.kind, folder, spec.options, ctx)
+    if spec.kind == "adaptive":
+        return AdaptivePipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "collab-llm":
         return CollabPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "tp":

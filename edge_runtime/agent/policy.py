@@ -12,7 +12,7 @@ Rules, in order:
   radio power, so a good link moves more work to the cloud);
 - otherwise plan for latency.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edge_runtime.agent.config import PolicyConfig
 from edge_runtime.switch import DeviceState
@@ -25,6 +25,7 @@ class Decision:
     allow_cloud: bool
     objective: str               # latency | energy
     reason: str
+    state: DeviceState = field(default_factory=DeviceState)    # what it was decided from
 
 
 def link_quality(rtt_ms: float | None, reachable: bool) -> float:
@@ -48,9 +49,9 @@ def device_state(telemetry: dict, quality: float) -> DeviceState:
 
 def decide(state: DeviceState, policy: PolicyConfig) -> Decision:
     if state.link_quality < policy.min_link_quality:
-        return Decision(False, "latency", f"link quality {state.link_quality:.2f} < {policy.min_link_quality}")
+        return Decision(False, "latency", f"link quality {state.link_quality:.2f} < {policy.min_link_quality}", state)
     if state.battery < policy.low_battery:
-        return Decision(True, "energy", f"battery {state.battery:.0%} < {policy.low_battery:.0%}")
+        return Decision(True, "energy", f"battery {state.battery:.0%} < {policy.low_battery:.0%}", state)
     if state.temperature_c > policy.hot_c:
-        return Decision(True, "energy", f"temperature {state.temperature_c:.0f} C > {policy.hot_c:.0f} C")
-    return Decision(True, "latency", "normal")
+        return Decision(True, "energy", f"temperature {state.temperature_c:.0f} C > {policy.hot_c:.0f} C", state)
+    return Decision(True, "latency", "normal", state)
