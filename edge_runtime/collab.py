@@ -183,6 +183,18 @@ class CollabLlm:
             while len(conv.kept) > self.max_kept:   # memory cap: drop the oldest, recompute if needed
                 conv.kept.pop(min(conv.kept))
 
+    def _flag_confident(self, conv: "Conversation", n: int) -> None:
+        """Flag the positions of a fed chunk (a prompt) whose exit head passes the threshold as
+        exited, like generated tokens decided here: a `propagated` cloud then only projects their
+        K/V, which is what the teacher-forced quality figures (split.llama.calibrate) measure. The
+        chunk's last position decides the next token in the generation loop."""
+        if n < 2:
+            return
+        conf = confidence(self.head(conv.h[:, :-1])[0], self.metric)     # (n - 1,)
+        start = len(conv.tokens) - n
+        for i, c in enumerate(conf.tolist()):
+            conv.exited[start + i] = self._decide_here(c)
+
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int, stop_ids=(), on_token=None,
                  conversation: "Conversation | None" = None) -> Result:
@@ -198,6 +210,8 @@ class CollabLlm:
         res = Result([], [], [], C, conversation=conv)
         lazy = self.mode == "cloud-only"
         self._feed(conv, feed, C)
+        if self.mode == "collaborative":
+            self._flag_confident(conv, len(feed))
         stop = {int(s) for s in stop_ids}
         for step in range(max_new_tokens):
             t0 = time.perf_counter()

@@ -48,6 +48,14 @@ def full_greedy(model_dir):
 
 
 @torch.no_grad()
+def prompt_confidences(model_dir) -> np.ndarray:
+    """The exit head's max probability at each prompt position (computed here, independently)."""
+    model, head = load_llama(model_dir, layers=range(K), with_head=False), load_exit_heads(model_dir)[K]
+    h = model.forward_layers(model.embed(torch.tensor([PROMPT])), 0, K, 0)
+    return torch.softmax(head(h)[0].double(), -1).max(-1).values.numpy()
+
+
+@torch.no_grad()
 def standalone_greedy(model_dir):
     """Layers [0, K) + exit head, recomputing the whole prefix each step (no KV cache)."""
     model, head = load_llama(model_dir, layers=range(K), with_head=False), load_exit_heads(model_dir)[K]
@@ -115,6 +123,7 @@ def test_mixed_threshold_sends_each_state_once(llm, model):
     last_cloud = max(i for i, s in enumerate(r.sources) if s == "cloud")
     assert c.states_sent == len(PROMPT) + last_cloud and c.resends == 0  # never a state twice
     n_exited = sum(1 for s in r.sources[:last_cloud] if s == "edge")
+    n_exited += sum(prompt_confidences(llm[0])[:-1] >= threshold)   # confident prompt positions too
     if model == "llm":    # exact: every state through [K, L)
         assert c.cloud_layer_evals == c.states_sent * (L - K) and c.cloud_kv_evals == 0
     else:                 # propagated: exited tokens only get K/V projections
