@@ -260,6 +260,25 @@ class CollabLlm:
             res.seconds_per_token.append(time.perf_counter() - t0)
         return res
 
+    def end(self, conv: "Conversation") -> None:
+        """The conversation is over: send `sequence_end` with no new states, so the cloud frees the
+        session's KV cache now instead of at its idle timeout. Best effort: a cloud that is down, or
+        that has dropped the session already, holds nothing that needs freeing."""
+        if self.client is None or conv.begin:          # the cloud holds nothing for it
+            return
+        if self.mode == "cloud-only":
+            rows = {"input_ids": np.zeros(0, np.int64)}
+        else:
+            rows = {"hidden_states": np.zeros((0, self.model.config.hidden_size), np.float32)}
+        request = build_request(self.cloud_model, {**rows, "start": np.array([conv.acked], np.int64),
+                                                   "exited": np.zeros(0, np.uint8)},
+                                parameters={"sequence_id": conv.seq_id, "sequence_end": True})
+        try:
+            self.client.call("ModelInfer", request, self.timeout_s)
+        except grpc.RpcError:
+            pass
+        conv.begin = True
+
     def _offload(self, conv: "Conversation", C: Counters) -> int:
         """Send the cloud what it has not seen (all of it after FAILED_PRECONDITION); returns its token."""
         n = len(conv.tokens)

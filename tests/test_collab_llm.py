@@ -292,3 +292,18 @@ def test_propagated_catch_up_is_kv_projection_of_the_exit_state(llm):
     full = model.forward_layers(h, K, L, 0)
     out2, *_ = continue_layers(model, h, [False] * 5, 0, KVCache(), range(K, L))
     assert torch.equal(out2, full)
+
+
+def test_end_frees_the_cloud_session(llm):
+    e = edge(llm, threshold=1.0)
+    first = e.generate(PROMPT, 4)
+    conv = first.conversation
+    e.end(conv)                              # sequence_end, no new states
+    assert conv.begin                        # a later turn starts a fresh session
+    rows = np.zeros((1, 64), np.float32)
+    with pytest.raises(grpc.RpcError) as err:   # the cloud no longer holds the old one
+        e._call_cloud(conv.seq_id, conv.acked, rows, np.zeros(1, np.uint8), begin=False)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    again = e.generate([3], 4, conversation=conv)   # continuing anyway resends everything, same tokens
+    want = list(generate_greedy(load_llama(llm[0]), PROMPT + first.tokens + [3], 4))
+    assert again.tokens == want and again.counters.resends == 0

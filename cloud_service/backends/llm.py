@@ -96,8 +96,6 @@ class LlmContinuationBackend(Backend):
         exited = np.asarray(inputs["exited"]).reshape(-1)
         start = int(np.asarray(inputs["start"]).reshape(-1)[0])
         T = rows.shape[0]
-        if T < 1:
-            raise InvalidArgument(f"input '{self.state_input.name}': needs at least one row (position), got 0")
         seen = state.get("seen", 0)
         if start != seen:
             raise InvalidArgument(f"input 'start': first position is {start}, expected {seen} (this session "
@@ -105,7 +103,7 @@ class LlmContinuationBackend(Backend):
         if exited.shape[0] != T:
             raise InvalidArgument(f"input 'exited': {exited.shape[0]} entries, expected one per row of "
                                   f"'{self.state_input.name}' ({T})")
-        if exited.max() > 1 or exited[-1] != 0:
+        if T and (exited.max() > 1 or exited[-1] != 0):
             raise InvalidArgument("input 'exited': entries must be 0 or 1 and the last (the row to decide) 0")
         limit = self.llama_config.max_position_embeddings
         if start + T > limit:
@@ -121,6 +119,10 @@ class LlmContinuationBackend(Backend):
             raise InvalidArgument("the llm_continuation backend needs a session (sequence_id)")
         rows, start, exited = self._check(inputs, state)
         T, L = rows.shape[0], len(self.layers)
+        if T == 0:   # nothing new (a request that only carries sequence_end): no work, no token
+            return {"next_token": np.array([-1], np.int64), "top_ids": np.zeros(self.top_k, np.int64),
+                    "top_probs": np.zeros(self.top_k, np.float32),
+                    "work": np.array([0, 0, 0, state.get("received", 0), state.get("seen", 0)], np.int64)}
         if self.first_layer == 0:
             h = self.model.embed(torch.from_numpy(rows.astype(np.int64)).reshape(1, T))  # (1, T, C)
         else:
