@@ -13,6 +13,13 @@ for full offload. The
 cloud's compute for a cut is the remaining stages (plus the encoder's time again, for the
 decoder). Accuracy per placement comes from the deployment's manifest (measured on the test
 split by the benchmark), when present.
+
+Exits: each exit branch at or before the cut may answer a frame on the device. The planner
+takes each exit's rate (the fraction of the frames reaching it that leave there) from the
+manifest's `exit_rates` (measured on validation data at its thresholds by split.vision.deploy)
+and predicts the expected cost per frame, and the fraction offloaded. An exit at threshold 1.0
+never answers; one with a lower threshold and no rate (an older deployment.json) is left out of
+the prediction, with a note.
 """
 import json
 import time
@@ -40,6 +47,23 @@ def _codec_cost(a: np.ndarray, codec: str, repeats: int) -> tuple[int, float]:
     return enc.nbytes, float(np.median(times))
 
 
+def exit_probabilities(manifest: dict) -> tuple[dict[str, float], list[str]]:
+    """Each exit's p_exit for the planner, and notes on the exits it cannot account for."""
+    measured, p_exit, missing = manifest.get("exit_rates", {}), {}, []
+    for s in manifest["stages"]:
+        if not s["exit"]:
+            continue
+        if float(manifest["thresholds"].get(s["name"], 1.0)) >= 1.0:
+            p_exit[s["name"]] = 0.0                     # confidence > 1.0 never happens
+        elif s["name"] in measured:
+            p_exit[s["name"]] = float(measured[s["name"]])
+        else:
+            missing.append(s["name"])
+    notes = [f"exits after {', '.join(missing)} not accounted for: deployment.json has no exit_rates for them "
+             "(rebuild it with split.vision.deploy.build_deployment(..., validation=frames))"] if missing else []
+    return p_exit, notes
+
+
 def measure_candidates(dep, repeats: int = 20) -> tuple[list[Candidate], dict]:
     prof = dep.profile(repeats)
     stage_s, acts = prof["stage_s"], prof["activations"]
@@ -53,15 +77,19 @@ def measure_candidates(dep, repeats: int = 20) -> tuple[list[Candidate], dict]:
     png_s = float(np.median(times))
     png_bytes = int(dep.manifest.get("frame_png_bytes", enc.nbytes))
     total = sum(stage_s)
+    p_exit, notes = exit_probabilities(dep.manifest)
 
-    def cand(placement, device_s, cloud_s, up):
-        return Candidate(placement, device_s, cloud_s, up, DOWN_BYTES if up else 0, accuracy.get(placement))
-    rows = [cand("local", total, 0.0, 0), cand("offload", png_s, total + png_s, png_bytes)]
+    def cand(placement, device_s, cloud_s, up, k):
+        """k: the stages on the device; the exits among them may answer first."""
+        exits = tuple((p_exit[s.name], sum(stage_s[:i + 1])) for i, s in enumerate(dep.stages[:k])
+                      if s.has_exit and p_exit.get(s.name))
+        return Candidate(placement, device_s, cloud_s, up, DOWN_BYTES if up else 0, accuracy.get(placement), exits)
+    rows = [cand("local", total, 0.0, 0, len(stage_s)), cand("offload", png_s, total + png_s, png_bytes, 0)]
     for stage in dep.manifest["cuts"]:
         k = dep.stage_index(stage) + 1
         for codec in ("fp32", "int8", "int4"):
             nbytes, codec_s = _codec_cost(acts[k - 1], codec, repeats)
-            rows.append(cand(f"split:{stage}:{codec}", sum(stage_s[:k]) + codec_s, sum(stage_s[k:]), nbytes))
+            rows.append(cand(f"split:{stage}:{codec}", sum(stage_s[:k]) + codec_s, sum(stage_s[k:]), nbytes, k))
     for key, b in dep.manifest["bottlenecks"].items():
         k = dep.stage_index(b["stage"]) + 1
         z = dep.encode(key, acts[k - 1])
@@ -69,8 +97,8 @@ def measure_candidates(dep, repeats: int = 20) -> tuple[list[Candidate], dict]:
         for codec in ("int8", "int4"):
             p = str(Placement("split", b["stage"], b["channels"], codec))
             nbytes, codec_s = _codec_cost(z, codec, repeats)
-            rows.append(cand(p, sum(stage_s[:k]) + enc_s + codec_s, sum(stage_s[k:]) + enc_s, nbytes))
-    return rows, {"stage_s": stage_s, "png_s": png_s}
+            rows.append(cand(p, sum(stage_s[:k]) + enc_s + codec_s, sum(stage_s[k:]) + enc_s, nbytes, k))
+    return rows, {"stage_s": stage_s, "png_s": png_s, "exit_rates": p_exit, "notes": notes}
 
 
 def add_parser(commands) -> None:
@@ -95,18 +123,21 @@ def run(args) -> int:
     link = parse_link(args.link)
     device = None if args.device == "this" else load_profile(args.device)
     cloud = None if args.cloud_profile == "this" else load_profile(args.cloud_profile)
-    candidates, _ = measure_candidates(Deployment.load(args.deployment), args.repeats)
+    candidates, measured = measure_candidates(Deployment.load(args.deployment), args.repeats)
     host = args.host_gflops or (peak_gflops() if (device or cloud) else 1.0)
     result = plan(candidates, link, device, cloud, host, args.objective, args.accuracy_floor, args.precision,
                   args.rpc_overhead_ms / 1e3)
+    result.notes = sorted(result.notes + measured["notes"])
     if args.json:
         print(json.dumps({"device": args.device, "link": args.link, "objective": args.objective,
-                          "host_gflops": round(host, 2),
+                          "host_gflops": round(host, 2), "exit_rates": measured["exit_rates"],
+                          "notes": result.notes,
                           "choice": result.choice.candidate.placement if result.choice else None,
                           "rows": [{"placement": r.candidate.placement, "device_ms": r.device_s * 1e3,
                                     "network_ms": r.network_s * 1e3, "cloud_ms": r.cloud_s * 1e3,
                                     "total_ms": r.total_s * 1e3, "energy_mj": r.energy_j * 1e3,
-                                    "up_bytes": r.candidate.up_bytes, "accuracy": r.candidate.accuracy,
+                                    "up_bytes": r.candidate.up_bytes, "offload": r.offload,
+                                    "accuracy": r.candidate.accuracy,
                                     "feasible": r.feasible} for r in result.rows]}))
     else:
         where = "this machine" if device is None else device.name

@@ -41,7 +41,8 @@ def build(out: Path) -> Path:
     thresholds = {name: calibrate_threshold(max_softmax(o), o.argmax(1) == yv, target)
                   for name, o in zip(net.exit_after, outs[:-1])}
     return build_deployment(net, "res_cnn", out / "device", out / "repository", (1, 64, 64),
-                            bottlenecks={("stage2", 8): bn}, cuts=["stage2"], thresholds=thresholds)
+                            bottlenecks={("stage2", 8): bn}, cuts=["stage2"], thresholds=thresholds,
+                            validation=xv)   # exit rates at these thresholds, for the planner
 
 
 def main() -> None:

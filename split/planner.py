@@ -12,6 +12,13 @@ Scaling model, per candidate:
   network_s = rtt + (up_bytes + down_bytes + RPC_FRAMING_BYTES) * 8 / rate + rpc_overhead_s
   energy_j (device side) = active_w * device_s + radio_tx_w * upload_s + idle_w * (waiting for the cloud)
 `precision` picks the device's fp32 or int8 rate (a GAP8 runs int8 models only, in practice).
+
+Exits: a candidate lists the exit branches its frames pass on the device, in order, as
+(p_exit, device_s): the fraction of frames reaching that exit that leave there (measured on
+validation data at the deployment's thresholds) and the device time up to it. A frame that
+leaves pays that device time only (no network, no cloud); a frame that reaches the cut pays the
+whole row above. Every figure is the expectation over frames; `offload` is the fraction of frames
+sent to the cloud. With no exits (or p_exit = 0: threshold 1.0) this is the row above, exactly.
 """
 from dataclasses import dataclass, field
 
@@ -26,6 +33,7 @@ class Candidate:
     up_bytes: int = 0            # bytes sent per frame (0: local)
     down_bytes: int = 0          # bytes received per frame
     accuracy: float | None = None
+    exits: tuple[tuple[float, float], ...] = ()   # (p_exit, device_s up to the exit), in stage order
 
 
 @dataclass
@@ -36,6 +44,7 @@ class Prediction:
     cloud_s: float
     energy_j: float
     feasible: bool
+    offload: float = 0.0         # fraction of frames sent to the cloud
 
     @property
     def total_s(self) -> float:
@@ -69,11 +78,18 @@ def predict(c: Candidate, link, device=None, cloud=None, host_gflops: float = 1.
         upload_s = (c.up_bytes + RPC_FRAMING_BYTES / 2) * 8 / (link.rate_mbit * 1e6)
         download_s = (c.down_bytes + RPC_FRAMING_BYTES / 2) * 8 / (link.rate_mbit * 1e6)
         network_s = link.rtt_ms / 1e3 + upload_s + download_s + rpc_overhead_s
-    energy = 0.0
-    if device is not None:
-        energy = (device.active_w * device_s + device.radio_tx_w * upload_s
-                  + device.idle_w * (network_s - upload_s + cloud_s))
-    return Prediction(c, device_s, network_s, cloud_s, energy, True)
+    active_w, tx_w, idle_w = (device.active_w, device.radio_tx_w, device.idle_w) if device else (0.0, 0.0, 0.0)
+    # frames that leave at an exit: device time up to it, nothing else
+    reach, exit_s, exit_j = 1.0, 0.0, 0.0
+    for p_exit, until_s in c.exits:
+        t = scale(until_s, host_gflops, device, precision)
+        exit_s += reach * p_exit * t
+        exit_j += reach * p_exit * active_w * t
+        reach *= 1.0 - p_exit
+    # frames that reach the cut: all of it
+    energy = active_w * device_s + tx_w * upload_s + idle_w * (network_s - upload_s + cloud_s)
+    return Prediction(c, exit_s + reach * device_s, reach * network_s, reach * cloud_s, exit_j + reach * energy,
+                      True, reach if c.up_bytes else 0.0)
 
 
 def plan(candidates: list[Candidate], link, device=None, cloud=None, host_gflops: float = 1.0,
@@ -91,6 +107,8 @@ def plan(candidates: list[Candidate], link, device=None, cloud=None, host_gflops
             row.feasible = False
         if device is not None and device.kind != "edge":
             notes.append(f"device profile '{device.key}' is a {device.kind} node")
+    if any(p_exit for c in candidates for p_exit, _ in c.exits):
+        notes.append("expected cost per frame: a frame that leaves at an exit pays its device time only")
     key = (lambda r: r.total_s) if objective == "latency" else (lambda r: r.energy_j)
     feasible = [r for r in rows if r.feasible]
     if not feasible:
@@ -100,14 +118,14 @@ def plan(candidates: list[Candidate], link, device=None, cloud=None, host_gflops
 
 def format_table(p: Plan) -> str:
     header = f"{'placement':<26}{'device ms':>10}{'network ms':>11}{'cloud ms':>9}{'total ms':>9}" \
-             f"{'energy mJ':>10}{'up bytes':>9}{'accuracy':>9}  "
+             f"{'energy mJ':>10}{'up bytes':>9}{'offload':>8}{'accuracy':>9}  "
     lines = [header]
     for r in p.rows:
         acc = "?" if r.candidate.accuracy is None else f"{r.candidate.accuracy:.4f}"
         mark = "<- chosen" if r is p.choice else ("below floor" if not r.feasible else "")
         lines.append(f"{r.candidate.placement:<26}{r.device_s * 1e3:>10.2f}{r.network_s * 1e3:>11.2f}"
                      f"{r.cloud_s * 1e3:>9.2f}{r.total_s * 1e3:>9.2f}{r.energy_j * 1e3:>10.2f}"
-                     f"{r.candidate.up_bytes:>9}{acc:>9}  {mark}")
+                     f"{r.candidate.up_bytes:>9}{r.offload:>8.2f}{acc:>9}  {mark}")
     lines += [f"note: {n}" for n in p.notes]
     choice = p.choice.candidate.placement if p.choice else "none"
     lines.append(f"choice ({p.objective}): {choice}")

@@ -112,6 +112,124 @@ def test_plan_command_prints_the_table_and_the_choice(split_deployment):
                          capture_output=True, text=True, timeout=60)
     data = json.loads(out.stdout)
     assert data["choice"] in [r["placement"] for r in data["rows"]] and len(data["rows"]) == 2 + 3 + 2
+    assert [r["offload"] for r in data["rows"]] == [0.0] + [1.0] * 6 and data["notes"] == []   # thresholds 1.0
     bad = subprocess.run(cmd + ["--device", "toaster", "--link", "10mbit,40ms"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "no device profile 'toaster'" in bad.stderr
+
+
+# --- exits: expected cost per frame -------------------------------------------------------------
+
+def previous_formula(c, link, device=None, cloud=None, host=1.0, rpc=0.0005):
+    """The planner's prediction before exits were accounted for: (device, network, cloud, energy)."""
+    def scale(s, prof):
+        return s if prof is None or s == 0 else s * host / prof.fp32_gflops + prof.overhead_ms / 1e3
+    device_s, cloud_s, network_s, upload_s = scale(c.device_s, device), scale(c.cloud_s, cloud), 0.0, 0.0
+    if c.up_bytes:
+        upload_s = (c.up_bytes + 150) * 8 / (link.rate_mbit * 1e6)
+        network_s = link.rtt_ms / 1e3 + upload_s + (c.down_bytes + 150) * 8 / (link.rate_mbit * 1e6) + rpc
+    energy = 0.0 if device is None else \
+        device.active_w * device_s + device.radio_tx_w * upload_s + device.idle_w * (network_s - upload_s + cloud_s)
+    return device_s, network_s, cloud_s, energy
+
+
+@pytest.mark.parametrize("device", [None, profile("mid", 10.0, overhead_ms=2.0)])
+def test_no_exits_or_never_exit_is_the_previous_prediction(device):
+    link, cloud = parse_link("10mbit,40ms"), profile("cloud", 1000.0, kind="cloud")
+    never = [Candidate(**{**c.__dict__, "exits": ((0.0, c.device_s / 2), (0.0, c.device_s))}) for c in CANDIDATES]
+    for candidates in (CANDIDATES, never):       # no exits; exits at threshold 1.0 (p_exit = 0)
+        p = plan(candidates, link, device, cloud, HOST_GFLOPS)
+        for row, c in zip(p.rows, CANDIDATES):
+            assert (row.device_s, row.network_s, row.cloud_s, row.energy_j) == \
+                previous_formula(c, link, device, cloud, HOST_GFLOPS)
+            assert row.offload == (1.0 if c.up_bytes else 0.0)
+        assert not any("exit" in n for n in p.notes)
+
+
+STAGE1, STAGE2, REST = 0.001, 0.001, 0.002          # seconds on this machine; an exit after stage1 catches 60%
+
+
+def test_an_exit_after_stage1_cuts_local_and_split_costs():
+    link = parse_link("10mbit,20ms")
+    local = Candidate("local", STAGE1 + STAGE2 + REST, exits=((0.6, STAGE1),))
+    cut = Candidate("split:stage2:int8", STAGE1 + STAGE2, cloud_s=REST, up_bytes=8200, down_bytes=40,
+                    exits=((0.6, STAGE1),))
+    dev = profile("dev", 1.0)                         # host_gflops 1: device times unscaled, 5 W active
+    p = plan([local, cut], link, dev, host_gflops=1.0, rpc_overhead_s=0.0)
+    loc, split = p.rows
+    assert loc.total_s == pytest.approx(STAGE1 + 0.4 * (STAGE2 + REST))
+    assert loc.offload == 0.0 and loc.energy_j == pytest.approx(5.0 * loc.device_s)
+    full = previous_formula(cut, link, dev, None, 1.0, 0.0)       # a frame that reaches the cut
+    assert split.device_s == pytest.approx(0.6 * STAGE1 + 0.4 * (STAGE1 + STAGE2))
+    assert split.network_s == pytest.approx(0.4 * full[1])         # upload and RTT on the 40% only
+    assert split.cloud_s == pytest.approx(0.4 * REST)
+    assert split.offload == pytest.approx(0.4)
+    assert split.energy_j == pytest.approx(0.6 * 5.0 * STAGE1 + 0.4 * full[3])
+    assert any("leaves at an exit" in n for n in p.notes)
+    text = format_table(p)
+    assert "offload" in text.splitlines()[0] and "0.40" in text
+
+
+def test_exits_change_the_choice():
+    # latency: an exit after stage2 makes local cheap; the cut after stage1 is before it and gains nothing
+    head = Candidate("split:stage1:int8", 0.0011, cloud_s=0.001, up_bytes=4000, down_bytes=40)
+    for p_exit, choice in ((0.0, "split:stage1:int8"), (0.7, "local")):
+        local = Candidate("local", 0.010, exits=((p_exit, 0.002),))
+        p = plan([local, head], parse_link("1gbit,5ms"), rpc_overhead_s=0.0)
+        assert p.choice.candidate.placement == choice
+    # energy: an exit after stage1 makes a deep cut cheaper than shipping the frame
+    dev = profile("dev", 1.0)
+    offload = Candidate("offload", 0.0002, cloud_s=0.010, up_bytes=4000, down_bytes=40)
+    for p_exit, choice in ((0.0, "offload"), (0.6, "split:stage2:b8:int8")):
+        cut = Candidate("split:stage2:b8:int8", 0.0022, cloud_s=0.008, up_bytes=600, down_bytes=40,
+                        exits=((p_exit, 0.001),))
+        p = plan([offload, cut], parse_link("10mbit,5ms"), dev, host_gflops=1.0, objective="energy")
+        assert p.choice.candidate.placement == choice
+
+
+def test_exit_rates_are_conditional_on_reaching_the_exit():
+    from split.vision.exits import exit_rates
+    import numpy as np
+    conf = np.array([[0.9, 0.9, 0.9, 0.1, 0.1],      # exit 1: 3 of 5 leave
+                     [0.0, 0.0, 0.0, 0.9, 0.1]])     # exit 2: 1 of the 2 that reach it
+    assert exit_rates(conf, [0.5, 0.5]) == [0.6, 0.5]
+    assert exit_rates(conf, [1.0, 1.0]) == [0.0, 0.0]
+    assert exit_rates(conf, [0.0, 0.5]) == [1.0, 0.0]              # none reach exit 2
+
+
+def test_deployment_with_exit_rates_plans_with_them_and_without_them_plans_as_before(split_deployment, tmp_path):
+    import json
+    import shutil
+    import numpy as np
+    import torch
+    from edge_runtime.deployment import Deployment
+    from edge_runtime.plan import measure_candidates
+    from split.vision.deploy import build_deployment
+    from split.vision.exits import exit_rates, max_softmax
+    _, _, net, _ = split_deployment
+    frames = np.random.default_rng(1).random((64, 1, 64, 64), dtype=np.float32)
+    with torch.no_grad():
+        conf = np.stack([max_softmax(o.double().numpy()) for o in net(torch.from_numpy(frames))[:-1]])
+    thresholds = {"stage1": float(np.median(conf[0])), "stage2": 0.0}     # half leave at stage1, the rest at stage2
+    device = build_deployment(net, "res_cnn", tmp_path / "device", tmp_path / "repository", (1, 64, 64),
+                              cuts=["stage1"], thresholds=thresholds, validation=frames)
+    manifest = json.loads((device / "deployment.json").read_text())
+    assert list(manifest["exit_rates"].values()) == exit_rates(conf, list(thresholds.values())) == [0.5, 1.0]
+
+    rows, measured = measure_candidates(Deployment.load(device), repeats=3)
+    by = {r.placement: r for r in rows}
+    stage_s = measured["stage_s"]
+    assert by["local"].exits == ((0.5, stage_s[0] + stage_s[1]), (1.0, sum(stage_s[:3])))
+    assert by["split:stage1:int8"].exits == ((0.5, stage_s[0] + stage_s[1]),)     # the stage2 exit is in the cloud
+    assert by["offload"].exits == () and measured["notes"] == []
+    p = plan(rows, parse_link("10mbit,40ms"))
+    assert [r.offload for r in p.rows if r.candidate.placement.startswith("split")] == [0.5] * 3
+    assert p.rows[0].total_s == pytest.approx(0.5 * (stage_s[0] + stage_s[1]) + 0.5 * sum(stage_s[:3]))
+
+    old = tmp_path / "old"                            # the same deployment.json before exit_rates existed
+    shutil.copytree(device, old)
+    del manifest["exit_rates"]
+    (old / "deployment.json").write_text(json.dumps(manifest))
+    rows, measured = measure_candidates(Deployment.load(old), repeats=3)
+    assert all(r.exits == () for r in rows)
+    assert len(measured["notes"]) == 1 and "stage1, stage2 not accounted for" in measured["notes"][0]

@@ -146,6 +146,11 @@ class VisionPipeline(Pipeline):
         super().__init__(name, kind, "edgefold_split")
         self.dep = Deployment.load(folder, ctx.threads)
         self.ctx, self.options = ctx, options
+        overrides = options.get("exit_thresholds", {})       # over the calibrated thresholds
+        manifest = self.dep.manifest
+        manifest["thresholds"] = {**manifest["thresholds"], **overrides}
+        if "exit_rates" in manifest:                          # measured at the calibrated thresholds only
+            manifest["exit_rates"] = {k: v for k, v in manifest["exit_rates"].items() if k not in overrides}
         self.deadline_s = float(options.get("deadline_s", 0.5))
         self.configured = "local" if kind == "early-exit" else str(options.get("placement", "auto"))
         if kind == "split" and not ctx.cloud:
@@ -182,10 +187,9 @@ class VisionPipeline(Pipeline):
     def _runtime(self, placement: str):
         from edge_runtime.runtime import Runtime
         if placement not in self._runtimes:
-            thresholds = {**self.dep.manifest["thresholds"], **self.options.get("exit_thresholds", {})}
             self._runtimes[placement] = Runtime(
                 self.dep, placement, cloud=self.ctx.cloud if placement != "local" else None,
-                deadline_s=self.deadline_s, thresholds=thresholds, token=self.ctx.token, slowdown=self.slowdown,
+                deadline_s=self.deadline_s, token=self.ctx.token, slowdown=self.slowdown,
                 root_certificates=self.ctx.root_certificates)
         return self._runtimes[placement]
 
@@ -335,6 +339,7 @@ class CollabPipeline(Pipeline):
         steps = _int_param(params, "max_new_tokens", self.max_new_tokens, 1, 4096)
         with self._lock:
             result = self.llm.generate(ids, steps)
+            self.llm.end(result.conversation)          # one request, one conversation: free the session
         self.counters["offloaded"] += result.sources.count("cloud")
         self.counters["degraded"] += result.sources.count("degraded")
         text = self.tokenizer.decode(result.tokens) if self.tokenizer else " ".join(map(str, result.tokens))

@@ -1,10 +1,13 @@
 """Write a deployment: the device's ONNX stage chain (with exits and bottleneck encoders) and
 the cloud's model repository (tails per cut, bottleneck tails, the whole model for full offload).
 
-    build_deployment(net, "res_cnn", out / "device", out / "repository", bottlenecks={("stage2", 8): bn})
+    build_deployment(net, "res_cnn", out / "device", out / "repository", bottlenecks={("stage2", 8): bn},
+                     thresholds=calibrated, validation=x_val)
 
 Device folder (read by edge_runtime.deployment, no torch there):
-    deployment.json            stages, exits, cuts, cloud model names, thresholds, measured accuracy
+    deployment.json            stages, exits, cuts, cloud model names, thresholds, measured accuracy,
+                               exit_rates (given validation frames: at each exit, the fraction of the
+                               frames reaching it that leave there at these thresholds; the planner's)
     stages/<i>_<name>.onnx     input "x" -> output "y" (+ "exit": exit-branch logits when one follows)
     encoders/<stage>_b<c>.onnx input "x" (the stage's output) -> "z" (bottleneck features)
 Repository (served by cloud-service, or any Open Inference Protocol server):
@@ -15,11 +18,12 @@ Repository (served by cloud-service, or any Open Inference Protocol server):
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from split.vision.bottleneck import Bottleneck
-from split.vision.exits import EarlyExitNet
+from split.vision.exits import EarlyExitNet, exit_rates, max_softmax
 from split.vision.export import export_onnx, write_tail
 
 
@@ -52,10 +56,11 @@ def stage_chain(net: EarlyExitNet, example: torch.Tensor, out: Path) -> list[dic
 def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_dir: Path, input_shape,
                      bottlenecks: dict[tuple[str, int], Bottleneck | tuple] | None = None, cuts: list[str] | None = None,
                      thresholds: dict[str, float] | None = None, accuracy: dict[str, float] | None = None,
-                     extra: dict | None = None) -> Path:
+                     extra: dict | None = None, validation: np.ndarray | None = None) -> Path:
     """`bottlenecks[(stage, channels)]` is a Bottleneck (the backbone's own tail follows its decoder)
     or (Bottleneck, fine-tuned tail) as split.vision.train.train_bottleneck returns. `extra` is
-    merged into deployment.json (e.g. frame_png_bytes measured on real frames, for the planner)."""
+    merged into deployment.json (e.g. frame_png_bytes measured on real frames, for the planner).
+    `validation` (N, *input_shape) float32 frames: measure each exit's rate at the thresholds."""
     device_dir, repo_dir = Path(device_dir), Path(repo_dir)
     net = net.eval()
     example = torch.rand(1, *input_shape)
@@ -84,11 +89,17 @@ def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_
                    bn.encoder(activation))
         encoders[key] = {"stage": stage, "channels": channels, "file": str(enc_path.relative_to(device_dir)),
                          "tail_model": tail_name, "output_shape": list(bn.encoder(activation).shape[1:])}
+    thresholds = thresholds or {name: 1.0 for name in net.exit_after}
     manifest = {
         "model": model_name, "input": {"name": "x", "shape": list(input_shape)},
         "stages": stages, "exits": net.exit_after, "cuts": tails, "bottlenecks": encoders,
-        "full_model": full, "thresholds": thresholds or {name: 1.0 for name in net.exit_after},
-        "accuracy": accuracy or {}, **(extra or {}),
+        "full_model": full, "thresholds": thresholds, "accuracy": accuracy or {}, **(extra or {}),
     }
+    if validation is not None and net.exit_after:
+        outs = [net(torch.as_tensor(validation[i:i + 256], dtype=torch.float32))[:-1]
+                for i in range(0, len(validation), 256)]
+        conf = np.stack([max_softmax(torch.cat(o).double().numpy()) for o in zip(*outs)])     # (E, N)
+        rates = exit_rates(conf, [thresholds.get(name, 1.0) for name in net.exit_after])
+        manifest["exit_rates"] = dict(zip(net.exit_after, rates))
     (device_dir / "deployment.json").write_text(json.dumps(manifest, indent=1))
     return device_dir

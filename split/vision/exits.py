@@ -4,6 +4,7 @@ backbone; at run time a frame leaves at the first exit whose confidence passes i
     net = attach_exits(backbone, ["stage1", "stage2"], example)   # EarlyExitNet
     logits = net(x)                        # [exit after stage1, exit after stage2, final]: each (B, 10)
     t = calibrate_threshold(conf_val, correct_val, target_accuracy)
+    rates = exit_rates(conf_val_per_exit, thresholds)   # what the planner expects to leave at each exit
 
 Confidence is the max softmax probability; a frame exits when confidence > threshold (strictly),
 so threshold 1.0 never exits and 0 always exits at the first branch.
@@ -77,6 +78,17 @@ def first_exit(confidences: np.ndarray, thresholds) -> np.ndarray:
     thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), (confidences.shape[0],))
     taken = confidences > thresholds[:, None]                              # (E, B)
     return np.where(taken.any(0), taken.argmax(0), confidences.shape[0])
+
+
+def exit_rates(confidences: np.ndarray, thresholds) -> list[float]:
+    """confidences (E, B) at E exits, thresholds (E,): at each exit, the fraction of the frames that
+    reach it (did not leave earlier) that leave there; 0.0 where none reach it."""
+    where = first_exit(confidences, thresholds)
+    rates = []
+    for e in range(confidences.shape[0]):
+        reached = int((where >= e).sum())
+        rates.append(float((where == e).sum()) / reached if reached else 0.0)
+    return rates
 
 
 def calibrate_threshold(confidence: np.ndarray, correct: np.ndarray, target: float) -> float:
