@@ -183,7 +183,7 @@ def main() -> int:
         try:
             with sdk.connect(agent.address, timeout_s=120) as client:
                 ready_s = wait_ready(client)
-                rows.append(("agent", f"start (to serving) / ready (3 pipelines, models pulled through the link)",
+                rows.append(("agent", "start (to serving) / ready (3 pipelines, models pulled through the link)",
                              f"{agent.start_s:.2f} s / {ready_s:.1f} s"))
                 rows += vision(client, m, args.frames)
                 rows += sdk_example(agent.address)

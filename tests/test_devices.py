@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from devices import probe, telemetry
-from devices.profiles import (PROFILE_DIR, DeviceProfile, ProfileError, load_profile, profile_names,
+from devices.profiles import (PROFILE_DIR, ProfileError, load_profile, profile_names,
                               share_weights)
 from edge_runtime import cli as edge_cli
 

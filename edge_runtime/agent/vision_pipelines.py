@@ -1,0 +1,198 @@
+"""The agent's vision pipelines (see pipelines.py): `local` (one ONNX model), `early-exit` and
+`split` (a split deployment's stage chain with exits, offloading through the cloud), and `adaptive`
+(a small and a big model switched per frame). ONNX Runtime only; no torch.
+"""
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.agent.pipelines import (ORT_DATATYPES, Context, Pipeline, PipelineInputError, TensorInfo,
+                                          _one)
+from edge_runtime.agent.policy import Decision
+
+
+# --- local: one ONNX model ---------------------------------------------------------------------
+class OnnxPipeline(Pipeline):
+    def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
+        from edge_runtime.deployment import session
+        super().__init__(name, "local", "onnxruntime_onnx")
+        self.session = session(folder / "model.onnx", ctx.threads)
+        self.inputs = tuple(self._info(n) for n in self.session.get_inputs())
+        self.outputs = tuple(self._info(n) for n in self.session.get_outputs())
+
+    @staticmethod
+    def _info(node) -> TensorInfo:
+        return TensorInfo(node.name, ORT_DATATYPES.get(node.type, node.type),
+                          tuple(d if isinstance(d, int) else -1 for d in node.shape))
+
+    def infer(self, inputs: dict, params: dict) -> dict:
+        feed = {}
+        for spec in self.inputs:
+            value = _one(inputs, spec.name, "biufO")
+            if value.ndim != len(spec.shape) or any(d not in (-1, v) for d, v in zip(spec.shape, value.shape)):
+                raise PipelineInputError(f"input '{spec.name}': shape {list(value.shape)} does not match "
+                                         f"{list(spec.shape)} (-1: any)")
+            if spec.datatype in ("FP32", "FP16", "FP64") and not np.isfinite(value).all():
+                raise PipelineInputError(f"input '{spec.name}' holds NaN or Inf")
+            feed[spec.name] = value
+        extra = set(inputs) - set(feed)
+        if extra:
+            raise PipelineInputError(f"unknown input tensor(s) {', '.join(sorted(extra))}")
+        try:
+            values = self.session.run(None, feed)
+        except Exception as err:       # onnxruntime's InvalidArgument / Fail on a mistyped feed
+            raise PipelineInputError(f"onnxruntime refused the inputs: {err}") from None
+        return {spec.name: value for spec, value in zip(self.outputs, values)}
+
+
+# --- early-exit / split: a split deployment's stage chain ----------------------------------------
+class VisionPipeline(Pipeline):
+    def __init__(self, name: str, kind: str, folder: Path, options: dict, ctx: Context):
+        from edge_runtime.deployment import Deployment
+        super().__init__(name, kind, "edgefold_split")
+        self.dep = Deployment.load(folder, ctx.threads)
+        self.ctx, self.options = ctx, options
+        overrides = options.get("exit_thresholds", {})       # over the calibrated thresholds
+        manifest = self.dep.manifest
+        manifest["thresholds"] = {**manifest["thresholds"], **overrides}
+        if "exit_rates" in manifest:                          # measured at the calibrated thresholds only
+            manifest["exit_rates"] = {k: v for k, v in manifest["exit_rates"].items() if k not in overrides}
+        self.deadline_s = float(options.get("deadline_s", 0.5))
+        self.configured = "local" if kind == "early-exit" else str(options.get("placement", "auto"))
+        if kind == "split" and not ctx.cloud:
+            raise ValueError(f"pipeline '{name}': kind 'split' needs [cloud] address")
+        slowdown = options.get("slowdown", 1.0)
+        if slowdown == "profile":        # stretch device compute to the profile's speed (emulation)
+            from devices.probe import peak_gflops
+            slowdown = max(1.0, peak_gflops() / ctx.profile.fp32_gflops)
+        self.slowdown = float(slowdown)
+        self.candidates = None
+        if self.configured == "auto":
+            from edge_runtime.plan import measure_candidates
+            self.candidates, _ = measure_candidates(self.dep, repeats=5)
+        self._runtimes: dict = {}
+        self._lock = threading.Lock()
+        self.placement, self.reason = self._choose(Decision(True, "latency", "start"), ctx.link), "start"
+        shape = tuple(self.dep.manifest["input"]["shape"])
+        self.inputs = (TensorInfo("x", "FP32", (-1, *shape)),)
+        self.outputs = (TensorInfo("logits", "FP32", (-1, -1)), TensorInfo("label", "INT64", (-1,)),
+                        TensorInfo("where", "BYTES", (-1,)), TensorInfo("degraded", "BOOL", (-1,)))
+
+    def _choose(self, decision: Decision, link) -> str:
+        if not decision.allow_cloud:
+            return "local"
+        if self.configured != "auto":
+            return self.configured
+        from devices.probe import peak_gflops
+        from devices.profiles import load_profile
+        from split.planner import plan
+        result = plan(self.candidates, link, self.ctx.profile, load_profile("cloud-cpu"), peak_gflops(),
+                      decision.objective, self.options.get("accuracy_floor"))
+        return result.choice.candidate.placement if result.choice else "local"
+
+    def _runtime(self, placement: str):
+        from edge_runtime.runtime import Runtime
+        if placement not in self._runtimes:
+            self._runtimes[placement] = Runtime(
+                self.dep, placement, cloud=self.ctx.cloud if placement != "local" else None,
+                deadline_s=self.deadline_s, token=self.ctx.token, slowdown=self.slowdown,
+                root_certificates=self.ctx.root_certificates)
+        return self._runtimes[placement]
+
+    def adapt(self, decision: Decision, link) -> None:
+        placement = self._choose(decision, link)
+        with self._lock:
+            self.placement, self.reason = placement, decision.reason
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "placement": self.placement, "why": self.reason}
+
+    def infer(self, inputs: dict, params: dict) -> dict:
+        x = _one(inputs, "x", "f").astype(np.float32, copy=False)
+        shape = tuple(self.dep.manifest["input"]["shape"])
+        if x.shape[1:] != shape:
+            raise PipelineInputError(f"input 'x': shape {list(x.shape)}, expected [-1, {', '.join(map(str, shape))}]")
+        if not np.isfinite(x).all():
+            raise PipelineInputError("input 'x' holds NaN or Inf")
+        with self._lock:
+            runtime = self._runtime(self.placement)
+        results = [runtime.infer(frame) for frame in x]
+        self.counters["offloaded"] += sum(r.where == "cloud" for r in results)
+        self.counters["degraded"] += sum(r.degraded for r in results)
+        where = np.empty(len(results), dtype=object)
+        where[:] = [r.where.encode() for r in results]
+        return {"logits": np.stack([r.logits for r in results]) if results else np.zeros((0, 0), np.float32),
+                "label": np.array([r.label for r in results], np.int64), "where": where,
+                "degraded": np.array([r.degraded for r in results], bool)}
+
+    def close(self) -> None:
+        for runtime in self._runtimes.values():
+            runtime.close()
+
+
+# --- adaptive: a small and a big model, switched per frame -----------------------------------------
+class AdaptivePipeline(Pipeline):
+    """A folder from split.vision.adaptive.build_adaptive (small.onnx, big.onnx, adaptive.json).
+    Frames of one stream, in order: the small model answers unless its output is temporally
+    inconsistent or unconfident, then the big one (or the cloud's copy when the link is good) does,
+    for `hold` frames (edge_runtime.switch). The device state (battery, heat, link quality) is the
+    agent's, from devices.telemetry and heartbeats. Outputs `y` (B, classes + regression), `ran`
+    (e.g. b"small,cloud") and `degraded` (the cloud did not answer; the big model did, here)."""
+
+    def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
+        import json
+
+        from edge_runtime.deployment import session
+        from edge_runtime.switch import AdaptiveSwitch, DeviceState, SwitchConfig
+        super().__init__(name, "adaptive", "edgefold_adaptive")
+        manifest = json.loads((folder / "adaptive.json").read_text())
+        self.shape = tuple(manifest["input"]["shape"])
+        small, big = session(folder / "small.onnx", ctx.threads), session(folder / "big.onnx", ctx.threads)
+        settings = {**manifest.get("switch", {}), **options.get("switch", {}), "regression": manifest["regression"]}
+        try:
+            config = SwitchConfig(**settings)
+        except TypeError as err:
+            raise ValueError(f"pipeline '{name}': bad switch settings {settings}: {err}") from None
+        cloud_model = manifest.get("cloud_model")
+        self.client = ctx.client(float(options.get("deadline_s", 0.5))) if cloud_model and ctx.cloud else None
+
+        def run_cloud(x):      # the cloud's copy of the big model; None: the switch runs the big one here
+            import grpc
+            try:
+                out = self.client.infer(cloud_model, {"x": x[None]})["y"][0]
+                self.counters["offloaded"] += 1
+                return out
+            except grpc.RpcError:
+                self.counters["degraded"] += 1
+                return None
+        self.switch = AdaptiveSwitch(lambda x: small.run(None, {"x": x[None]})[0][0],
+                                     lambda x: big.run(None, {"x": x[None]})[0][0], config,
+                                     run_cloud if self.client else None)
+        self.state = DeviceState()
+        self._lock = threading.Lock()
+        self.inputs = (TensorInfo("x", "FP32", (-1, *self.shape)),)
+        self.outputs = (TensorInfo("y", "FP32", (-1, -1)), TensorInfo("ran", "BYTES", (-1,)),
+                        TensorInfo("degraded", "BOOL", (-1,)))
+
+    def adapt(self, decision: Decision, link) -> None:
+        self.state = decision.state
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "cloud": self.client is not None}
+
+    def infer(self, inputs: dict, params: dict) -> dict:
+        x = _one(inputs, "x", "f").astype(np.float32, copy=False)
+        if x.shape[1:] != self.shape or not np.isfinite(x).all():
+            raise PipelineInputError(f"input 'x': expected finite frames of shape [-1, {', '.join(map(str, self.shape))}]"
+                                     f", got {list(x.shape)}")
+        with self._lock:                       # one stream: frames in order
+            answers = [self.switch.step(frame, self.state) for frame in x]
+        ran = np.empty(len(answers), dtype=object)
+        ran[:] = [",".join(a.ran).encode() for a in answers]
+        return {"y": np.stack([a.output for a in answers]).astype(np.float32), "ran": ran,
+                "degraded": np.array([a.ran[-2:] == ("cloud", "big") for a in answers], bool)}
+
+    def close(self) -> None:
+        if self.client:
+            self.client.close()
