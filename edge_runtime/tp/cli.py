@@ -292,7 +292,7 @@ def _generate(args) -> int:
     stop_ids = [] if args.ignore_eos else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids
                                            else list(config.eos_token_ids))
 
-    master_addr = args.master or (f"0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")
+    master_addr = args.master or ("0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")
     workers = None
     if peers is None and world_size > 1:
         connect = master_addr.replace("0.0.0.0", "127.0.0.1")
