@@ -3,7 +3,8 @@
     # worker, on each peer device (its own shard folder only)
     run_worker("shards/rank1", make_collective("star", 1, 3, "10.0.0.2:5555"), window=2)
 
-    # master: tokenizer, embeddings, final norm and LM head; prompt and tokens never leave it
+    # master: tokenizer, embeddings, final norm and LM head (streamed from its files when paging,
+    # streamed_head.py); prompt and tokens never leave it
     with Master("shards/rank0", make_collective("star", 0, 3, "0.0.0.0:5555"), window=2) as m:
         for tok in m.generate(m.encode("Hello"), max_new_tokens=32):   # streams token ids
             print(m.decode([tok]), end="", flush=True)
@@ -30,9 +31,10 @@ import torch
 from split.llama import KVCache, Llama, LlamaConfig
 
 from .collective import RESET, SHUTDOWN, STEP, Collective, CollectiveError
-from .parallelize import load_resident, parallelize
+from .parallelize import parallelize
 from .plan import ShardPlan
 from .prepare import block_order
+from .streamed_head import attach_head
 
 STATS = 4  # broadcast command: every worker sends its stats row (allreduce of a one-hot int64 table)
 STATS_FIELDS = ("peak_rss", "baseline_rss", "bytes_sent", "bytes_received", "pager_loads", "pager_max_resident",
@@ -119,11 +121,15 @@ class Shard:
         master = self.rank == 0
         with torch.device("meta"):
             self.model = Llama(self.config, with_embed=False, with_head=False)  # layers only, no memory
-        if master:
-            load_resident(self.model, self.dir, dtype)
         self.pager = Pager(self.dir, block_order(self.config.num_hidden_layers), window, dtype=dtype,
                            **({"timeout_s": pager_timeout_s} if pager_timeout_s else {}))
-        parallelize(self.model, self.plan, self.rank, self.pager, collective)
+        try:
+            if master:  # embeddings, final norm, LM head: streamed from the files whenever blocks are paged
+                attach_head(self.model, self.dir, dtype, stream=not self.pager.keep_all)
+            parallelize(self.model, self.plan, self.rank, self.pager, collective)
+        except BaseException:
+            self.pager.close()
+            raise
         self.model.eval()
         self.cache = KVCache()
         self.L = self.config.num_hidden_layers

@@ -96,46 +96,61 @@ def new_buffer(nbytes: int) -> mmap.mmap:
     return buf
 
 
+def read_header(f, path) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], int]:
+    """Parse the header of safetensors file `f` (opened "rb", positioned at 0), checking every entry
+    against the file size: ([(name, dtype, shape, begin, end)], file offset of the data section).
+    begin/end are byte offsets into the data section."""
+    def corrupt(why):
+        return PagerError(f"{path}: corrupt safetensors file: {why}"[:500])
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
+    if n > min(size - 8, 100 << 20):
+        raise corrupt(f"header length {n} does not fit the file ({size} bytes)")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    entries, data_size = [], size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dt, shape, (b, e) = _DTYPES[info["dtype"]], [int(s) for s in info["shape"]], info["data_offsets"]
+            ok = dt is not None and type(b) is type(e) is int and 0 <= b <= e <= data_size \
+                and min(shape, default=0) >= 0 and e - b == torch.Size(shape).numel() * dt.itemsize
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise corrupt(f"bad entry {name!r}: {info!r}")
+        entries.append((name, dt, shape, b, e))
+    return entries, 8 + n
+
+
+def read_into(f, buf: memoryview, offset: int, path) -> None:
+    """Fill `buf` from file `f` (unbuffered) starting at byte `offset`; a short file is corrupt."""
+    f.seek(offset)
+    got = 0
+    while got < len(buf):
+        k = f.readinto(buf[got:])
+        if not k:
+            raise PagerError(f"{path}: corrupt safetensors file: truncated: {offset + got} of "
+                             f"{offset + len(buf)} bytes")
+        got += k
+
+
 def read_block(path, dtype: torch.dtype | None = None, alloc=new_buffer):
     """Read one safetensors file into owned memory: (tensors, buffer they view or None, bytes read).
     Floating-point tensors become `dtype` (None: as stored); `alloc(n)` gives a buffer of >= n bytes."""
-    def corrupt(why):
-        return PagerError(f"{path}: corrupt safetensors file: {why}"[:500])
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-        if n > min(size - 8, 100 << 20):
-            raise corrupt(f"header length {n} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            header = None
-        if not isinstance(header, dict):
-            raise corrupt("the header is not a JSON object")
-        entries, data_size = [], size - 8 - n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dt, shape, (b, e) = _DTYPES[info["dtype"]], [int(s) for s in info["shape"]], info["data_offsets"]
-                ok = dt is not None and type(b) is type(e) is int and 0 <= b <= e <= data_size \
-                    and min(shape, default=0) >= 0 and e - b == torch.Size(shape).numel() * dt.itemsize
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise corrupt(f"bad entry {name!r}: {info!r}")
-            entries.append((name, dt, shape, b, e))
+        entries, start = read_header(f, path)
         total = max((e for *_, e in entries), default=0)
         buf = alloc(total) if total else None
         if buf is not None:
             with memoryview(buf) as mv:
-                got = 0
-                while got < total:
-                    k = f.readinto(mv[got:total])
-                    if not k:
-                        raise corrupt(f"truncated: {got + 8 + n} of {total + 8 + n} bytes")
-                    got += k
+                read_into(f, mv[:total], start, path)
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=total) if buf is not None else None
     tensors, views = {}, False
     for name, dt, shape, b, e in entries:

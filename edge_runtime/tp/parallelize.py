@@ -3,7 +3,7 @@
     with torch.device("meta"):
         model = Llama(config, with_embed=False, with_head=False)           # no weight memory
     parallelize(model, plan, rank, pager, collective)
-    load_resident(model, "shards/rank0")                              # master: embeddings, norm, head
+    attach_head(model, "shards/rank0", stream=True)                   # master: streamed_head.py
     h = model.forward_layers(h, 0, L, positions=p, cache=cache)        # each layer: 2 allreduces
 
 Per rank, attention keeps the query heads of its KV-head groups (q/k/v rows, o_proj columns) and
@@ -93,43 +93,3 @@ def parallelize(model: Llama, plan: ShardPlan, rank: int, pager, collective) -> 
         layer.post_attention_layernorm.register_forward_pre_hook(acquire("mlp"))
         layer.mlp.register_forward_hook(reduce("mlp"))
     return model
-
-
-class FileEmbedding(nn.Module):
-    """Embedding rows read from the safetensors file when needed (a few KiB per token), so an
-    untied embedding table never sits in the master's memory."""
-
-    def __init__(self, path, name: str, dtype: torch.dtype):
-        super().__init__()
-        self.path, self.name, self.dtype = str(path), name, dtype
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
-        from safetensors import safe_open
-
-        with safe_open(self.path, framework="pt") as f:  # mapped for this call only
-            table = f.get_slice(self.name)
-            rows = [table[t:t + 1] for t in tokens.reshape(-1).tolist()]
-        return torch.cat(rows).to(self.dtype).view(*tokens.shape, -1)
-
-
-def load_resident(model: Llama, rank0_dir, dtype: torch.dtype = torch.float32) -> None:
-    """Master only: attach the embeddings, final norm and LM head to a model built on meta without
-    them. The LM head (and a tied embedding, which shares it) stays resident; an untied embedding
-    is read row by row from its file. Modules are made from loaded tensors: initialising an
-    nn.Embedding on meta would pull in torch._dynamo (~75 MiB of RSS)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from split.llama import RMSNorm
-
-    rank0_dir, cfg = Path(rank0_dir), model.config
-    head = load_file(rank0_dir / "head.safetensors")
-    model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-    model.norm.weight = nn.Parameter(head["norm.weight"].to(dtype), requires_grad=False)
-    model.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
-    model.lm_head.weight = nn.Parameter(head.pop("lm_head.weight").to(dtype), requires_grad=False)
-    if cfg.tie_word_embeddings:  # one table serves both, as in the checkpoint
-        model.embed_tokens = nn.Embedding.from_pretrained(model.lm_head.weight, freeze=True)
-    else:
-        model.embed_tokens = FileEmbedding(rank0_dir / "embed.safetensors", "embed_tokens.weight", dtype)
