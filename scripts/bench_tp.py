@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_tp.py --quick                        # ~2 min: small shapes, 8 tokens
     .venv/bin/python scripts/bench_tp.py --plot docs/bench_tp.png       # full run, ~15-20 min on 2 cores
+    .venv/bin/python scripts/bench_tp.py --only 46M                     # one row group (allreduce, 200M, 46M)
 
 Prints one JSON object per measurement (also written to --out, JSON lines), then one row per
 target with its measured numbers and pass/fail. Every comparison is measured in the same run on
@@ -238,23 +239,29 @@ def target(out, name, measured, limit, ok, detail) -> dict:
                      detail=detail), out)
 
 
+GROUPS = ("allreduce", "200M", "46M")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small stand-in shapes, 8 tokens, no cold runs")
     ap.add_argument("--plot", help="write a PNG of token latency and peak memory against window")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_tp.jsonl"))
     ap.add_argument("--skip-allreduce", action="store_true")
+    ap.add_argument("--only", type=lambda t: set(t.split(",")), default=set(GROUPS),
+                    help=f"comma-separated row groups to run, of {','.join(GROUPS)} (with --quick, 200M and 46M "
+                         "mean their stand-ins); targets only for the groups run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repeats of every warm configuration")
     ap.add_argument("--hf-child", help=argparse.SUPPRESS)
     ap.add_argument("--n-new", type=int, default=32, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.only - set(GROUPS):
+        ap.error(f"--only: expected groups from {','.join(GROUPS)}, got {','.join(sorted(args.only - set(GROUPS)))}")
     if args.hf_child:
         hf_child(args.hf_child, args.n_new, args.threads)
         return 0
     sys.path.insert(0, str(ROOT))
-    from edge_runtime.tp.cli import cached_shards
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out = open(args.out, "w")
     n_new = 8 if args.quick else 32
@@ -263,7 +270,7 @@ def main() -> int:
     emit(dict(bench="machine", cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
               load_average=os.getloadavg(), quick=args.quick, new_tokens=n_new, prompt_tokens=len(PROMPT)), out)
 
-    if not args.skip_allreduce:
+    if not args.skip_allreduce and "allreduce" in args.only:
         try:
             sys.path.insert(0, str(ROOT / "scripts"))
             from bench_tp_allreduce import run as allreduce_run
@@ -275,13 +282,26 @@ def main() -> int:
 
     rows = {}
     rounds = 1 if args.quick else args.rounds
-    # --- the 200M shape (or its quick stand-in): windows, warm and cold, vs transformers
+    hf_threads = sorted({1, os.cpu_count() or 1})  # transformers with 1 thread and with every core
+    if "200M" in args.only:
+        big_rows(rows, big, windows, n_new, rounds, hf_threads, args.quick, out)
+    if "46M" in args.only:
+        small_rows(rows, small, n_new, rounds, hf_threads, out)
+    out.close()
+    if args.plot and "200M" in args.only:
+        plot(rows, windows, big, args.plot, cold=not args.quick)
+    return 0
+
+
+def big_rows(rows, big, windows, n_new, rounds, hf_threads, quick, out) -> None:
+    """The 200M shape (or its quick stand-in): windows, warm and cold, vs transformers; its targets."""
+    from edge_runtime.tp.cli import cached_shards
+
     model = make_checkpoint(big)
     emit(dict(bench="checkpoint", model=big, parameters=n_params(model), path=str(model)), out)
     shards = cached_shards(model, 2, [1.0, 1.0], CACHE / "shards")
     hf_ids = run_hf(model, n_new)["token_ids"]  # the reference tokens; also warms the page cache
     run_tp(shards, 0, 2)  # ... and for the shards
-    hf_threads = sorted({1, os.cpu_count() or 1})  # transformers with 1 thread and with every core
     warm = [("hf", t) for t in hf_threads] + [("tp", w) for w in windows]
     runs = {key: [] for key in warm}
     for i in range(rounds):  # interleaved rounds: a busy neighbour slows every configuration alike
@@ -297,12 +317,29 @@ def main() -> int:
     rows["hf", "warm"] = min((rows["hf", t] for t in hf_threads), key=lambda r: r["median_token_latency_ms"])
     for w in windows:
         rows[w, "warm"] = emit(aggregate(runs["tp", w]), out)
-    if not args.quick:
+    if not quick:
         for w in windows:
             rows[w, "cold"] = emit(_tp_row(big, shards, 2, w, "cold", run_tp(shards, w, n_new, cold=True)), out)
         rows["hf", "cold"] = emit(_hf_row(big, "cold", run_hf(model, n_new, cold=True)), out)
 
-    # --- the 46M shape at world 2 vs transformers
+    all_lat = rows[0, "warm"]["median_token_latency_ms"]
+    w4 = rows[4, "warm"]["median_token_latency_ms"]
+    target(out, "window 4 token latency <= 1.5x all-resident (warm)", w4 / all_lat, 1.5, w4 <= 1.5 * all_lat,
+           f"{big}: window 4 {w4} ms vs all-resident {all_lat} ms per token")
+    for r, who in ((1, "worker rank 1"), (0, "master rank 0 (also holds the LM head)")):
+        a2 = rows[2, "warm"]["above_baseline_mib"][r]
+        aa = rows[0, "warm"]["above_baseline_mib"][r]
+        target(out, f"window 2 peak RSS above baseline <= 15% of all-resident, {who}", a2 / aa, 0.15,
+               a2 <= 0.15 * aa, f"{big}: window 2 {a2} MiB vs all-resident {aa} MiB above baseline")
+    hf_lat = rows["hf", "warm"]["median_token_latency_ms"]
+    target(out, "world-2 token latency <= 1.25x single-process transformers", all_lat / hf_lat, 1.25,
+           all_lat <= 1.25 * hf_lat, f"{big}: world 2 all-resident {all_lat} ms vs transformers {hf_lat} ms per token")
+
+
+def small_rows(rows, small, n_new, rounds, hf_threads, out) -> None:
+    """The 46M shape (or its quick stand-in) at world 2 vs transformers; its target."""
+    from edge_runtime.tp.cli import cached_shards
+
     model46 = make_checkpoint(small)
     emit(dict(bench="checkpoint", model=small, parameters=n_params(model46), path=str(model46)), out)
     shards46 = cached_shards(model46, 2, [1.0, 1.0], CACHE / "shards")
@@ -318,26 +355,9 @@ def main() -> int:
     rows["46", "hf"] = min((emit(aggregate(r46["hf", t]), out) for t in hf_threads),
                            key=lambda r: r["median_token_latency_ms"])
 
-    # --- targets
-    all_lat = rows[0, "warm"]["median_token_latency_ms"]
-    w4 = rows[4, "warm"]["median_token_latency_ms"]
-    target(out, "window 4 token latency <= 1.5x all-resident (warm)", w4 / all_lat, 1.5, w4 <= 1.5 * all_lat,
-           f"{big}: window 4 {w4} ms vs all-resident {all_lat} ms per token")
-    for r, who in ((1, "worker rank 1"), (0, "master rank 0 (also holds the LM head)")):
-        a2 = rows[2, "warm"]["above_baseline_mib"][r]
-        aa = rows[0, "warm"]["above_baseline_mib"][r]
-        target(out, f"window 2 peak RSS above baseline <= 15% of all-resident, {who}", a2 / aa, 0.15,
-               a2 <= 0.15 * aa, f"{big}: window 2 {a2} MiB vs all-resident {aa} MiB above baseline")
-    hf_lat = rows["hf", "warm"]["median_token_latency_ms"]
-    target(out, "world-2 token latency <= 1.25x single-process transformers", all_lat / hf_lat, 1.25,
-           all_lat <= 1.25 * hf_lat, f"{big}: world 2 all-resident {all_lat} ms vs transformers {hf_lat} ms per token")
     t46, h46 = rows["46", "tp"]["median_token_latency_ms"], rows["46", "hf"]["median_token_latency_ms"]
     target(out, "46M world-2 token latency <= 1.5x transformers", t46 / h46, 1.5, t46 <= 1.5 * h46,
            f"{small}: world 2 {t46} ms vs transformers ({rows['46', 'hf']['threads']} threads) {h46} ms per token")
-    out.close()
-    if args.plot:
-        plot(rows, windows, big, args.plot, cold=not args.quick)
-    return 0
 
 
 def plot(rows, windows, name, path, cold):

@@ -9,7 +9,8 @@ script (`--worker`), all on 127.0.0.1. Each configuration times `iters` back-to-
 Back to back, one allreduce costs what a decode step pays for it: the master's call returns one
 round trip after the previous one (workers answer the sum with their next partial at once).
 
-Links: delay 0 = straight on loopback. delay D > 0 = every worker reaches the master through its own
+Links: delay 0 = straight on loopback (star: through the master's unix socket, as ranks on one
+host talk; `transport` in the row says which). delay D > 0 = every worker reaches the master through its own
 `scripts/linkemu.py --delay-ms D` (D one way, each direction), so the star's floor is 2 D per
 allreduce. gloo is measured on loopback only: its rendezvous store is at the master's port + 1,
 but the ring's data flows over peer-to-peer connections on ports gloo picks itself, which a
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from edge_runtime.tp.cli import free_port  # noqa: E402  (a free port pair: gloo uses port + 1)
 from edge_runtime.tp.collective import SHUTDOWN, STEP, make_collective  # noqa: E402
+from edge_runtime.tp.star import worker_endpoint  # noqa: E402
 
 LINKEMU = ROOT / "scripts" / "linkemu.py"
 
@@ -110,6 +112,8 @@ def _session(backend: str, world: int, delay_ms: float, hidden, iters: int, warm
                                              "--rank", str(rank), "--world", str(world), "--payload", payload,
                                              "--master", f"127.0.0.1:{worker_port}"]))
         with make_collective(backend, 0, world, f"127.0.0.1:{port}", payload, join_timeout_s=120.0) as comm:
+            # what a worker dialing 127.0.0.1:port uses (those behind linkemu dial its port: TCP)
+            transport = "tcp" if backend != "star" or delay_ms > 0 else worker_endpoint("127.0.0.1", port, 0)[:3]
             for h in hidden:
                 comm.broadcast(STEP, torch.tensor([h, warmup + iters]))
                 x, times = torch.randn(1, 1, h), []
@@ -119,7 +123,7 @@ def _session(backend: str, world: int, delay_ms: float, hidden, iters: int, warm
                     times.append((time.perf_counter() - t0) * 1000)
                 times = times[warmup:]
                 rows.append({"bench": "tp_allreduce", "backend": backend, "world": world,
-                             "link": "loopback" if delay_ms == 0 else "linkemu", "delay_ms": delay_ms,
+                             "link": "loopback" if delay_ms == 0 else "linkemu", "transport": transport, "delay_ms": delay_ms,
                              "hidden": h, "payload": payload, "bytes": h * 4, "iters": iters,
                              "median_ms": round(statistics.median(times), 4), "p90_ms": round(_percentile(times, 0.9), 4),
                              "mean_ms": round(statistics.fmean(times), 4), "floor_ms": 2 * delay_ms})

@@ -15,6 +15,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from hypothesis import given, settings, strategies as st
 from edge_runtime.tp.cli import free_port  # a free port pair: gloo uses port + 1
 from edge_runtime.tp.collective import MLP, RESET, SHUTDOWN, STEP, ATTN, CollectiveError, LocalCollective, make_collective
 from edge_runtime.tp.curve import make_keys
+from edge_runtime.tp import star
 from edge_runtime.tp.star import StarCollective
 from edge_runtime.tp.wire import HEADER, DType, Header, Msg, WireError, decode, encode, unpack
 
@@ -96,6 +98,7 @@ def _rank_main(rank: int, scenarios_json: str) -> None:
                 die = sc.get("die_after") if rank == sc.get("die_rank") else None
                 out["records"] = [{k: v for k, v in r.items() if k != "y"} for r in _play(comm, sc["seed"], die)]
                 out["bytes"] = [comm.bytes_sent, comm.bytes_received]
+                out["transport"] = getattr(comm, "transport", None)
         except CollectiveError as e:
             out["error"] = str(e)
         out["seconds"] = time.monotonic() - t0
@@ -237,6 +240,59 @@ def test_star_fp32_is_the_rank_order_sum_bitwise_on_every_rank(sweep, world):
         if what == "ar":
             assert torch.equal(master[op]["y"], _reference(sc["seed"], world, op, shape))
     assert traffic[0] > 0 and traffic[1] > 0 and all(w["bytes"][0] > 0 for w in workers.values())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract unix sockets are Linux-only")
+def test_local_workers_reach_the_master_through_its_unix_socket(sweep):
+    for name, (sc, _, workers, _) in sweep.items():
+        if sc["backend"] == "star":  # CURVE included: it is a ZMTP mechanism, the same on any transport
+            assert {w["transport"] for w in workers.values()} == {"ipc"}, name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract unix sockets are Linux-only")
+def test_a_loopback_port_that_is_not_a_local_master_stays_on_tcp():
+    port = free_port()
+    tcp = f"tcp://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    assert star.worker_endpoint("127.0.0.1", port, time.monotonic() + 0.3) == tcp  # nothing listens: looks until then
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+    with socket.create_server(("127.0.0.1", port)):  # a port forward or a tunnel: TCP, at once
+        t0 = time.monotonic()
+        assert star.worker_endpoint("127.0.0.1", port, time.monotonic() + 10.0) == tcp
+        assert time.monotonic() - t0 < 1.0
+    t0 = time.monotonic()  # not loopback: never looked up
+    assert star.worker_endpoint("10.1.2.3", port, time.monotonic() + 10.0) == f"tcp://10.1.2.3:{port}"
+    assert time.monotonic() - t0 < 1.0
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("master", StarCollective(0, 2, f"127.0.0.1:{port}")))
+    thread.start()
+    with StarCollective(1, 2, f"127.0.0.1:{port}") as worker:  # started first: it waits for the master's socket
+        thread.join(10)
+        assert worker.transport == "ipc"
+        assert star.worker_endpoint("127.0.0.1", port, 0) == f"ipc://@edgefold-tp-127.0.0.1:{port}"
+        result["master"].close()
+
+
+def test_spinning_stops_while_the_thread_waits_for_a_cpu(monkeypatch):
+    if sys.platform.startswith("linux"):
+        assert isinstance(star._Spin()._runqueue_ns(), int)  # /proc/thread-self/schedstat is readable
+    spin = star._Spin()
+    now, waited = [100.0], [0]
+    monkeypatch.setattr(star, "time", type("Clock", (), {"monotonic": lambda: now[0], "perf_counter": time.perf_counter}))
+    monkeypatch.setattr(spin, "_runqueue_ns", lambda: waited[0])
+    assert not spin._allowed()  # no measurement yet
+    now[0] += 0.02
+    waited[0] += 1_000_000  # 5% of the window spent waiting for a CPU
+    assert spin._allowed()
+    now[0] += 0.005
+    waited[0] += 4_000_000
+    assert spin._allowed()  # decided once per window
+    now[0] += 0.02
+    waited[0] += 6_000_000  # 10 of the last 25 ms
+    assert not spin._allowed()
+    monkeypatch.setattr(spin, "_runqueue_ns", lambda: None)
+    now[0] += 0.02
+    assert not spin._allowed()  # unknown: never spins
 
 
 def test_world_size_one_is_a_no_op():
