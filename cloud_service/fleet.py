@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from cloud_service.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from cloud_service.metrics import Metrics
 from cloud_service.repository import MODEL_NAME, version_dirs
+from cloud_service.request import parse_message
 from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE, SERVER_STREAMING, fleet_pb, manifest_digest, path_problem
 
 log = logging.getLogger(__name__)
@@ -275,19 +275,12 @@ class FleetService:
         return grpc.method_handlers_generic_handler(FLEET_SERVICE, handlers)
 
 
-def _parse(message_type, raw: bytes):
-    try:
-        return message_type.FromString(raw)
-    except DecodeError:
-        raise InvalidArgument(f"the request is not a valid {message_type.DESCRIPTOR.name} protobuf message") from None
-
-
 def _unary(message_type, method):
     """Parse, run, map ServiceError to its status; anything unexpected is INTERNAL and logged."""
     @functools.wraps(method)
     async def handler(raw, context):
         try:
-            return await method(_parse(message_type, raw))
+            return await method(parse_message(message_type, raw))
         except ServiceError as err:
             await context.abort(err.code, err.message)
         except Exception as err:
@@ -301,7 +294,7 @@ def _streaming(message_type, method):
     @functools.wraps(method)
     async def handler(raw, context):
         try:
-            async with contextlib.aclosing(method(_parse(message_type, raw))) as items:
+            async with contextlib.aclosing(method(parse_message(message_type, raw))) as items:
                 async for item in items:
                     yield item
         except ServiceError as err:

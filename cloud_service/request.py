@@ -4,12 +4,22 @@ Every check names the tensor and what was expected: clients get INVALID_ARGUMENT
 message they can act on, and the server never runs a model on malformed input.
 """
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from cloud_service.compressed import check_wire_type, decompress, is_compressed
 from cloud_service.config import TensorSpec
 from cloud_service.errors import InvalidArgument
 from edgefold_proto import pb
 from edgefold_proto.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
+
+
+def parse_message(message_type, raw: bytes):
+    """A request's raw bytes as `message_type`; a malformed message is INVALID_ARGUMENT (gRPC's own
+    deserializer would make it UNKNOWN)."""
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        raise InvalidArgument(f"the request is not a valid {message_type.DESCRIPTOR.name} protobuf message") from None
 
 
 def _check_shape(spec: TensorSpec, shape: list[int], max_batch_size: int) -> None:

@@ -5,13 +5,12 @@ import logging
 import time
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from cloud_service.config import ConfigError
 from cloud_service.errors import InvalidArgument, NotFound, ServiceError
 from cloud_service.metrics import Metrics
 from cloud_service.repository import DEVICE_PACKAGE, Repository
-from cloud_service.request import decode_inputs, encode_response, requested_outputs
+from cloud_service.request import decode_inputs, encode_response, parse_message, requested_outputs
 from cloud_service.sessions import sequence_params
 from edgefold_proto import METHODS, SERVICE, pb
 
@@ -84,7 +83,7 @@ class InferenceService:
         """Triton's streaming form: errors travel in-band and the stream stays open."""
         async for raw in request_iterator:
             try:
-                response = await self._infer(_parse(pb.ModelInferRequest, raw))
+                response = await self._infer(parse_message(pb.ModelInferRequest, raw))
             except ServiceError as err:
                 yield pb.ModelStreamInferResponse(error_message=err.message)
                 continue
@@ -214,17 +213,10 @@ class InferenceService:
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-def _parse(message_type, raw: bytes):
-    try:
-        return message_type.FromString(raw)
-    except DecodeError:
-        raise InvalidArgument(f"the request is not a valid {message_type.DESCRIPTOR.name} protobuf message") from None
-
-
 def _parsing(message_type, handler):
     async def parse_then_handle(raw, context):
         try:
-            request = _parse(message_type, raw)
+            request = parse_message(message_type, raw)
         except InvalidArgument as err:
             await context.abort(err.code, err.message)
         return await handler(request, context)
