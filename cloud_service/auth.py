@@ -1,10 +1,12 @@
 """Bearer-token authentication for every inference RPC; health and reflection stay open
 so load balancers and probes work without the secret."""
+import asyncio
 import hmac
 
 import grpc
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+DRAIN_S = 0.2       # how long a refused stream's requests are read before the refusal
 
 
 def read_token(path) -> str:
@@ -36,11 +38,22 @@ async def _deny(request, context):
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata")
 
 
+async def _drain(request_iterator) -> None:
+    async for _ in request_iterator:
+        pass
+
+
 def _denying(handler):
     """A handler of the same kind as `handler` that refuses the call."""
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         async def deny_stream(request_iterator, context):
+            # Let the client finish sending first (bounded): ending a stream while its requests are
+            # still arriving makes the client's gRPC core report INTERNAL, not UNAUTHENTICATED.
+            try:
+                await asyncio.wait_for(_drain(request_iterator), DRAIN_S)
+            except asyncio.TimeoutError:
+                pass
             await _deny(None, context)
             yield  # pragma: no cover - makes this an async generator
         return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
