@@ -12,7 +12,7 @@ from cloud_service.metrics import Metrics
 from cloud_service.repository import DEVICE_PACKAGE, Repository
 from cloud_service.request import decode_inputs, encode_response, parse_message, requested_outputs
 from cloud_service.sessions import sequence_params
-from edgefold_proto import METHODS, SERVICE, pb
+from edgefold_proto import BIDI_STREAMING, METHODS, SERVICE, pb
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefold"
@@ -204,7 +204,7 @@ class InferenceService:
         INVALID_ARGUMENT (gRPC's own deserializer would make it UNKNOWN)."""
         handlers = {}
         for name, method in METHODS.items():
-            if method.streaming:
+            if method.kind == BIDI_STREAMING:
                 handlers[name] = grpc.stream_stream_rpc_method_handler(
                     getattr(self, name), response_serializer=method.response.SerializeToString)
             else:

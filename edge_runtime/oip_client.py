@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from edge_runtime.errors import InvalidInput, ServerError, from_rpc_error
-from edgefold_proto import METHODS, pb
+from edgefold_proto import BIDI_STREAMING, METHODS, pb
 from edgefold_proto.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -148,7 +148,7 @@ class OipClient:
         self.timeout_s = timeout_s
         self._calls = {}
         for name, method in METHODS.items():
-            make = self.channel.stream_stream if method.streaming else self.channel.unary_unary
+            make = self.channel.stream_stream if method.kind == BIDI_STREAMING else self.channel.unary_unary
             self._calls[name] = make(method.path, request_serializer=method.request.SerializeToString,
                                      response_deserializer=method.response.FromString)
 

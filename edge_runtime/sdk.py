@@ -24,7 +24,7 @@ from edge_runtime.errors import (DeadlineExceeded, EdgefoldError, FailedPrecondi
                                  ResourceExhausted, ServerError, Unauthenticated, Unavailable, from_rpc_error)
 from edge_runtime.oip_client import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, ModelMetadata, OipClient,
                                      TensorSpec, auth_headers, build_request, channel_options, decode_response)
-from edgefold_proto import METHODS, pb
+from edgefold_proto import BIDI_STREAMING, METHODS, pb
 
 Client = OipClient      # the synchronous client
 
@@ -75,7 +75,7 @@ class AsyncClient:
             else:
                 self._channel = grpc.aio.insecure_channel(self.target, self._options)
             for rpc, method in METHODS.items():
-                make = self._channel.stream_stream if method.streaming else self._channel.unary_unary
+                make = self._channel.stream_stream if method.kind == BIDI_STREAMING else self._channel.unary_unary
                 self._calls[rpc] = make(method.path, request_serializer=method.request.SerializeToString,
                                         response_deserializer=method.response.FromString)
         return self._calls[name]

@@ -10,18 +10,21 @@ from dataclasses import dataclass
 from edgefold_proto import oip_pb2 as pb
 
 SERVICE = "inference.GRPCInferenceService"
+UNARY, SERVER_STREAMING, BIDI_STREAMING = "unary", "server-streaming", "bidi-streaming"
 
 
 @dataclass(frozen=True)
 class Method:
+    """One RPC of a service we serve (the OIP one here, the fleet one in edgefold_proto.fleet)."""
     name: str
     request: type
     response: type
-    streaming: bool = False  # bidirectional stream (ModelStreamInfer)
+    kind: str = UNARY            # SERVER_STREAMING (DownloadModelFile) or BIDI_STREAMING (ModelStreamInfer)
+    service: str = SERVICE
 
     @property
     def path(self) -> str:
-        return f"/{SERVICE}/{self.name}"
+        return f"/{self.service}/{self.name}"
 
 
 METHODS = {
@@ -33,7 +36,7 @@ METHODS = {
         Method("ServerMetadata", pb.ServerMetadataRequest, pb.ServerMetadataResponse),
         Method("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse),
         Method("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse),
-        Method("ModelStreamInfer", pb.ModelInferRequest, pb.ModelStreamInferResponse, streaming=True),
+        Method("ModelStreamInfer", pb.ModelInferRequest, pb.ModelStreamInferResponse, BIDI_STREAMING),
         Method("ModelStatistics", pb.ModelStatisticsRequest, pb.ModelStatisticsResponse),
         Method("RepositoryIndex", pb.RepositoryIndexRequest, pb.RepositoryIndexResponse),
         Method("RepositoryModelLoad", pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse),
@@ -41,4 +44,4 @@ METHODS = {
     )
 }
 
-__all__ = ["pb", "SERVICE", "METHODS", "Method"]
+__all__ = ["pb", "SERVICE", "METHODS", "Method", "UNARY", "SERVER_STREAMING", "BIDI_STREAMING"]

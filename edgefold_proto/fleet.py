@@ -11,33 +11,19 @@ The two rules both sides apply live here too: what a manifest path may look like
 how a manifest's digest is computed from its files.
 """
 import hashlib
-from dataclasses import dataclass
 
+from edgefold_proto import SERVER_STREAMING, Method
 from edgefold_proto import fleet_pb2 as fleet_pb
 
 FLEET_SERVICE = "edgefold.fleet.Fleet"
-UNARY, SERVER_STREAMING = "unary", "server-streaming"
-
-
-@dataclass(frozen=True)
-class FleetMethod:
-    name: str
-    request: type
-    response: type
-    kind: str = UNARY    # or SERVER_STREAMING (DownloadModelFile)
-
-    @property
-    def path(self) -> str:
-        return f"/{FLEET_SERVICE}/{self.name}"
-
 
 FLEET_METHODS = {
     m.name: m
     for m in (
-        FleetMethod("ModelManifest", fleet_pb.ModelManifestRequest, fleet_pb.ModelManifestResponse),
-        FleetMethod("DownloadModelFile", fleet_pb.DownloadRequest, fleet_pb.FileChunk, SERVER_STREAMING),
-        FleetMethod("Heartbeat", fleet_pb.HeartbeatRequest, fleet_pb.HeartbeatResponse),
-        FleetMethod("ListDevices", fleet_pb.ListDevicesRequest, fleet_pb.ListDevicesResponse),
+        Method("ModelManifest", fleet_pb.ModelManifestRequest, fleet_pb.ModelManifestResponse, service=FLEET_SERVICE),
+        Method("DownloadModelFile", fleet_pb.DownloadRequest, fleet_pb.FileChunk, SERVER_STREAMING, FLEET_SERVICE),
+        Method("Heartbeat", fleet_pb.HeartbeatRequest, fleet_pb.HeartbeatResponse, service=FLEET_SERVICE),
+        Method("ListDevices", fleet_pb.ListDevicesRequest, fleet_pb.ListDevicesResponse, service=FLEET_SERVICE),
     )
 }
 
@@ -61,5 +47,5 @@ def manifest_digest(files) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-__all__ = ["fleet_pb", "FLEET_SERVICE", "FLEET_METHODS", "FleetMethod", "UNARY", "SERVER_STREAMING",
+__all__ = ["fleet_pb", "FLEET_SERVICE", "FLEET_METHODS", "SERVER_STREAMING",
            "path_problem", "manifest_digest"]

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor
 
-from edgefold_proto import METHODS, SERVICE, pb
+from edgefold_proto import BIDI_STREAMING, METHODS, SERVICE, pb
 from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE, SERVER_STREAMING, fleet_pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_wire_compatible_with_tritonclient():
         theirs = triton_service.methods_by_name[name]
         _compare(method.request.DESCRIPTOR, theirs.input_type, method.request.DESCRIPTOR.name)
         _compare(method.response.DESCRIPTOR, theirs.output_type, method.response.DESCRIPTOR.name)
-        assert method.streaming == theirs.server_streaming
+        assert (method.kind == BIDI_STREAMING) == theirs.server_streaming
         assert method.path == f"/inference.GRPCInferenceService/{name}"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from edge_runtime.agent.pipelines import PipelineInputError
-from edgefold_proto import METHODS, SERVICE, pb
+from edgefold_proto import BIDI_STREAMING, METHODS, SERVICE, pb
 from edgefold_proto.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class LocalOipServer:
                                             ("grpc.so_reuseport", 0)])
         handlers = {}
         for name, method in METHODS.items():
-            if method.streaming:
+            if method.kind == BIDI_STREAMING:
                 handlers[name] = grpc.stream_stream_rpc_method_handler(
                     self.ModelStreamInfer, response_serializer=method.response.SerializeToString)
             else:
