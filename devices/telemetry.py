@@ -15,6 +15,11 @@ without waiting (psutil's interval=None). psutil answers 0.0 to the very first s
 nothing to compare with, so importing this module takes that first reading; a reading taken right
 after import covers only the short time since then. Read it periodically (an agent's heartbeat)
 for a meaningful figure; `load_1m` is the 1-minute load average, steady from the start.
+
+    from devices.telemetry import ResidentSet
+    rss = ResidentSet()            # starts a new high-water mark; rss.baseline is the RSS now
+    ...                            # load weights, generate
+    rss.peak()                     # the most this process held since, >= rss.baseline
 """
 from __future__ import annotations
 
@@ -70,6 +75,55 @@ def read_telemetry() -> Telemetry:
                      load_1m=float(psutil.getloadavg()[0]),
                      memory_available_mb=psutil.virtual_memory().available / 2**20,
                      temperature_c=_temperature_c(), battery_percent=battery_percent, power_plugged=power_plugged)
+
+
+def _status_kib(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in KiB (Linux); {} where the file cannot be read."""
+    found = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name in fields:
+                    found[name] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return found
+
+
+def rss_bytes() -> int:
+    """This process's resident set now."""
+    kib = _status_kib("VmRSS")
+    return kib["VmRSS"] * 1024 if kib else psutil.Process().memory_info().rss
+
+
+class ResidentSet:
+    """This process's resident set from now on: `baseline` is its size at construction, `peak()` the
+    most it has held since. On Linux construction starts a new kernel high-water mark (VmHWM, via
+    /proc/self/clear_refs), and every figure comes from /proc/self/status (VmRSS, VmHWM).
+
+    The kernel keeps its RSS counters in per-thread or per-CPU batches and raises the high-water
+    mark lazily (when memory is unmapped, not on every fault), so VmHWM can read a few pages below
+    an RSS read a moment earlier: a process that shrank after its baseline reported peak < baseline
+    (628,350,976 < 628,363,264 bytes in one CI run). A peak is the largest size the process had,
+    and the baseline and the current RSS are sizes it had: peak() is never below either."""
+
+    def __init__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # 5: reset the peak resident set size to the current one
+        except OSError:
+            pass  # not Linux, or not allowed: VmHWM (or ru_maxrss) then covers the whole process
+        self.baseline = rss_bytes()
+
+    def peak(self) -> int:
+        kib = _status_kib("VmHWM", "VmRSS")
+        if "VmHWM" in kib:
+            kernel = max(kib.values()) * 1024
+        else:
+            import resource  # ru_maxrss: KiB on Linux; the whole process's life
+            kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return max(kernel, self.baseline, rss_bytes())
 
 
 if __name__ == "__main__":

@@ -156,11 +156,10 @@ def hf_child(model: str, n_new: int, threads: int | None) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    from edge_runtime.tp.engine import peak_rss_bytes, reset_peak_rss, rss_bytes
+    from devices.telemetry import ResidentSet
 
     transformers.logging.set_verbosity_error()
-    reset_peak_rss()
-    baseline = rss_bytes()
+    rss = ResidentSet()
     hf = transformers.LlamaForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     times = []
 
@@ -180,8 +179,8 @@ def hf_child(model: str, n_new: int, threads: int | None) -> None:
     tok_times = times[1:]
     lat = [b - a for a, b in zip(tok_times, tok_times[1:])]
     print(json.dumps(dict(token_ids=ids, time_to_first_token_s=tok_times[0] - t0, token_latencies_s=lat,
-                          mean_token_latency_s=sum(lat) / len(lat), peak_rss_bytes=[peak_rss_bytes()],
-                          baseline_rss_bytes=[baseline], torch_threads=torch.get_num_threads())))
+                          mean_token_latency_s=sum(lat) / len(lat), peak_rss_bytes=[rss.peak()],
+                          baseline_rss_bytes=[rss.baseline], torch_threads=torch.get_num_threads())))
 
 
 def _hidden(result: dict) -> list[float]:

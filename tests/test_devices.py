@@ -226,6 +226,17 @@ def test_telemetry_with_sensors(monkeypatch):
     assert d["temperature_c"] == 57.5 and d["battery_percent"] == 81.5 and d["power_plugged"] is False
 
 
+def test_resident_set_peak_covers_what_was_held_since_the_baseline():
+    rss = telemetry.ResidentSet()
+    assert rss.peak() >= rss.baseline > 0
+    block = bytearray(b"\x01") * (64 << 20)  # 64 MiB, every page written
+    held = telemetry.rss_bytes()
+    del block  # freed (unmapped): the peak must still cover it, within the kernel counters' batching
+    assert held >= rss.baseline + (60 << 20) and rss.peak() >= rss.baseline + (60 << 20)
+    again = telemetry.ResidentSet()  # a new baseline starts a new high-water mark
+    assert again.baseline <= telemetry.rss_bytes() + (8 << 20) and again.peak() >= again.baseline
+
+
 def test_cpu_percent_does_not_block():
     start = time.perf_counter()
     for _ in range(5):

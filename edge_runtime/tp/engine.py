@@ -19,8 +19,6 @@ LocalCollective.
 
 from __future__ import annotations
 
-import os
-import resource
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from devices.telemetry import ResidentSet
 from split.llama import KVCache, Llama, LlamaConfig
 
 from .collective import RESET, SHUTDOWN, STEP, Collective, CollectiveError
@@ -40,32 +39,6 @@ STATS = 4  # broadcast command: every worker sends its stats row (allreduce of a
 STATS_FIELDS = ("peak_rss", "baseline_rss", "bytes_sent", "bytes_received", "pager_loads", "pager_max_resident",
                 "pager_load_us", "pager_wait_us", "pager_bytes_loaded")
 _DIGITS = 8  # stats travel as base-127 digits so fp16 and int8 payloads carry them exactly
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident set (VmHWM)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> None:
-    """Start a new high-water mark from the current RSS (Linux; no-op elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 @dataclass
@@ -115,8 +88,7 @@ class Shard:
         if self.plan.world_size != collective.world_size:
             raise ValueError(f"plan world_size is {self.plan.world_size} but the collective has "
                              f"{collective.world_size} ranks")
-        reset_peak_rss()  # peak_rss then covers this rank's work, not what the process did before
-        self.baseline_rss = rss_bytes()  # before any weight is loaded
+        self.rss = ResidentSet()  # before any weight is loaded: the peak covers this rank's work only
         self.collective = collective
         master = self.rank == 0
         with torch.device("meta"):
@@ -141,7 +113,7 @@ class Shard:
     def stats(self) -> dict:
         p = self.pager.stats if hasattr(self.pager, "stats") else self.pager
         c = self.collective
-        return dict(peak_rss=peak_rss_bytes(), baseline_rss=self.baseline_rss, bytes_sent=c.bytes_sent,
+        return dict(peak_rss=self.rss.peak(), baseline_rss=self.rss.baseline, bytes_sent=c.bytes_sent,
                     bytes_received=c.bytes_received, pager_loads=int(getattr(p, "loads", 0)),
                     pager_max_resident=int(getattr(p, "max_resident", 0)),
                     pager_load_us=int(1e6 * getattr(p, "load_seconds", 0.0)),
