@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from hf_random import randomize_norms_and_biases
 transformers = pytest.importorskip("transformers")
 
-from split.llama import KVCache, Llama, LlamaConfig, generate_greedy, load_llama  # noqa: E402
+from split.llama import KVCache, Llama, LlamaConfig, Stop, generate, load_llama  # noqa: E402
 
 ATOL_HF = 1e-4
 ATOL_SELF = 1e-4
@@ -165,15 +165,15 @@ def test_greedy_generation_matches_transformers(checkpoints, name):
         ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
                           eos_token_id=[], pad_token_id=0)[0, prompt.shape[1]:].tolist()
     assert len(ref) == n
-    ours = list(generate_greedy(model, prompt[0].tolist(), max_new_tokens=n))
+    ours = list(generate(model, prompt[0].tolist(), max_new_tokens=n))
     assert ours == ref
     # stop_ids: with the checkpoint's eos ids we stop where transformers' default generate stops
     with torch.no_grad():
         ref_eos = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                               do_sample=False, pad_token_id=0)[0, prompt.shape[1]:].tolist()
-    assert list(generate_greedy(model, prompt[0], n, stop_ids=model.config.eos_token_ids)) == ref_eos
+    assert list(generate(model, prompt[0], n, stop=Stop.of(model.config))) == ref_eos
     # a stop token is yielded, then generation ends
-    assert list(generate_greedy(model, prompt[0], max_new_tokens=n, stop_ids=[ref[0]])) == ref[:1]
+    assert list(generate(model, prompt[0], max_new_tokens=n, stop=Stop(eos_ids=[ref[0]]))) == ref[:1]
 
 
 def test_tensor_parallel_sharding_by_replacing_weights(checkpoints):

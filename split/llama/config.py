@@ -100,7 +100,14 @@ class LlamaConfig:
         if not file.is_file():
             raise FileNotFoundError(f"no config.json at {file}")
         with open(file) as f:
-            return cls.from_hf(json.load(f))
+            config = cls.from_hf(json.load(f))
+        generation = file.parent / "generation_config.json"  # what transformers' generate stops on
+        if generation.is_file():
+            with open(generation) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                config.eos_token_ids = _eos_ids(eos)
+        return config
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "LlamaConfig":
@@ -139,8 +146,6 @@ class LlamaConfig:
                 "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
                 for i in range(d["num_hidden_layers"])]
 
-        eos = d.get("eos_token_id")
-        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
         qwen2 = model_type == "qwen2"
         return cls(
             vocab_size=d["vocab_size"],
@@ -162,8 +167,16 @@ class LlamaConfig:
             sliding_window=sliding_window,
             layer_types=layer_types,
             model_type=model_type,
-            eos_token_ids=eos_ids,
+            eos_token_ids=_eos_ids(d.get("eos_token_id")),
         )
+
+
+def _eos_ids(eos) -> tuple[int, ...]:
+    """eos_token_id of a config.json / generation_config.json: null, one id, or a list of ids."""
+    ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise ValueError(f"eos_token_id must be an integer, a list of integers or null, got {eos!r}")
+    return ids
 
 
 def _check_positive_int(name: str, value) -> None:
