@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cloud_service.auth import read_token
-from cloud_service.errors import ConfigError
+from cloud_service.config import ConfigError
 from cloud_service.server import ServerOptions, serve_until_signalled
 
 

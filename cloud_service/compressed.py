@@ -6,21 +6,17 @@ shared with the device that encoded it; its docstring is the parameter contract.
 import numpy as np
 
 from cloud_service.config import TensorSpec
-from cloud_service.errors import InvalidArgument
 from edgefold_proto import pb
+from edgefold_proto.serving import InvalidArgument, parameters
+from edgefold_proto.tensors import DTYPES
 from split.codec import CodecError, decode
 
 WIRE_TYPES = {"int8": ("UINT8", "INT8"), "int4": ("UINT8",), "png": ("BYTES",)}
-FLOAT_TYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
+FLOAT_TYPES = ("FP32", "FP16", "FP64")  # what a compressed tensor may decode to (numpy dtype: DTYPES)
 
 
 def is_compressed(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
     return "codec" in tensor.parameters
-
-
-def _plain(parameters) -> dict:
-    return {key: getattr(value, value.WhichOneof("parameter_choice"))
-            for key, value in parameters.items() if value.WhichOneof("parameter_choice")}
 
 
 def check_wire_type(tensor, spec: TensorSpec) -> None:
@@ -40,7 +36,7 @@ def check_wire_type(tensor, spec: TensorSpec) -> None:
 def decompress(tensor, wire: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """The dequantized input, in the model's float type; INVALID_ARGUMENT names the tensor."""
     try:
-        array = decode(wire, _plain(tensor.parameters))
+        array = decode(wire, parameters(tensor.parameters))
     except CodecError as err:
         raise InvalidArgument(f"input '{tensor.name}': {err}") from None
-    return array.astype(FLOAT_TYPES[spec.datatype], copy=False)
+    return array.astype(DTYPES[spec.datatype], copy=False)

@@ -29,11 +29,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from cloud_service.errors import ConfigError
 from edgefold_proto.tensors import DTYPES
 
 BACKENDS = ("onnxruntime", "pytorch", "llm_continuation", "device")
 DEVICE_BACKEND = "device"   # a device-only package: downloadable through Fleet, never served by the cloud
+
+
+class ConfigError(ValueError):
+    """A model's config.toml (or model file) is wrong; the message names the file and field."""
 
 
 @dataclass(frozen=True)

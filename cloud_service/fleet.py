@@ -16,8 +16,6 @@ mtime_ns), so a repeated manifest reads nothing. Device state lives in memory: t
 """
 import asyncio
 import bisect
-import contextlib
-import functools
 import hashlib
 import logging
 import math
@@ -29,11 +27,10 @@ from pathlib import Path
 
 import grpc
 
-from cloud_service.errors import InvalidArgument, NotFound, ServiceError, Unavailable
 from cloud_service.metrics import Metrics
 from cloud_service.repository import MODEL_NAME, version_dirs
-from cloud_service.request import parse_message
-from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE, SERVER_STREAMING, fleet_pb, manifest_digest, path_problem
+from edgefold_proto.fleet import fleet_pb, manifest_digest, path_problem
+from edgefold_proto.serving import InvalidArgument, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 << 10
@@ -157,6 +154,8 @@ def check_heartbeat(r: fleet_pb.HeartbeatRequest) -> None:
 
 # --- the service ---------------------------------------------------------------------------
 class FleetService:
+    """The servicer of edgefold_proto.fleet.FLEET_METHODS (served through edgefold_proto.serving.rpc_handler)."""
+
     def __init__(self, repository_root: Path, metrics: Metrics, heartbeat_interval_s: float = 5.0):
         self.root = Path(repository_root)
         self.metrics = metrics
@@ -260,46 +259,3 @@ class FleetService:
                 status.samples.extend(device.samples)
             statuses.append(status)
         return fleet_pb.ListDevicesResponse(devices=statuses)
-
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Handlers take raw bytes and parse them themselves, so a malformed message is
-        INVALID_ARGUMENT (gRPC's own deserializer would make it UNKNOWN)."""
-        handlers = {}
-        for name, method in FLEET_METHODS.items():
-            if method.kind == SERVER_STREAMING:
-                handlers[name] = grpc.unary_stream_rpc_method_handler(
-                    _streaming(method.request, getattr(self, name)), response_serializer=method.response.SerializeToString)
-            else:
-                handlers[name] = grpc.unary_unary_rpc_method_handler(
-                    _unary(method.request, getattr(self, name)), response_serializer=method.response.SerializeToString)
-        return grpc.method_handlers_generic_handler(FLEET_SERVICE, handlers)
-
-
-def _unary(message_type, method):
-    """Parse, run, map ServiceError to its status; anything unexpected is INTERNAL and logged."""
-    @functools.wraps(method)
-    async def handler(raw, context):
-        try:
-            return await method(parse_message(message_type, raw))
-        except ServiceError as err:
-            await context.abort(err.code, err.message)
-        except Exception as err:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
-    return handler
-
-
-def _streaming(message_type, method):
-    """_unary for a server-streaming method (an async generator)."""
-    @functools.wraps(method)
-    async def handler(raw, context):
-        try:
-            async with contextlib.aclosing(method(parse_message(message_type, raw))) as items:
-                async for item in items:
-                    yield item
-        except ServiceError as err:
-            await context.abort(err.code, err.message)
-        except Exception as err:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
-    return handler

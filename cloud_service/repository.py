@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cloud_service.backends import open_backend
 from cloud_service.config import DEVICE_BACKEND, ConfigError, load_config
-from cloud_service.errors import InvalidArgument, NotFound
 from cloud_service.served_model import ServedModel
+from edgefold_proto.serving import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

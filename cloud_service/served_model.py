@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cloud_service.backends import Backend
+from cloud_service.backends.base import Backend
 from cloud_service.batcher import DynamicBatcher
 from cloud_service.runner import Runner
 from cloud_service.config import ModelConfig
-from cloud_service.errors import InvalidArgument
 from cloud_service.sessions import SequenceParams, SessionStore
 from cloud_service.stats import ModelStats
+from edgefold_proto.serving import InvalidArgument
 
 
 @dataclass

@@ -14,8 +14,9 @@ from cloud_service.fleet import FleetService
 from cloud_service.metrics import Metrics
 from cloud_service.repository import Repository
 from cloud_service.service import InferenceService
-from edgefold_proto import SERVICE
-from edgefold_proto.fleet import FLEET_SERVICE
+from edgefold_proto import METHODS, SERVICE
+from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE
+from edgefold_proto.serving import rpc_handler
 
 log = logging.getLogger(__name__)
 SESSION_SWEEP_S = 1.0
@@ -54,7 +55,8 @@ class CloudServer:
                   ("grpc.so_reuseport", 0)]
         interceptors = [BearerTokenInterceptor(o.token)] if o.token else []
         self._server = grpc.aio.server(options=limits, interceptors=interceptors)
-        self._server.add_generic_rpc_handlers((self.service.generic_handler(), self.fleet.generic_handler()))
+        self._server.add_generic_rpc_handlers((rpc_handler(METHODS, self.service, aio=True),
+                                               rpc_handler(FLEET_METHODS, self.fleet, aio=True)))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable(self._server)
         address = f"{o.host}:{o.port}"

@@ -1,40 +1,26 @@
 """The Open Inference Protocol RPCs, served at `/inference.GRPCInferenceService/<Rpc>`."""
 import asyncio
-import functools
 import logging
 import time
 
-import grpc
-
 from cloud_service.config import ConfigError
-from cloud_service.errors import InvalidArgument, NotFound, ServiceError
 from cloud_service.metrics import Metrics
 from cloud_service.repository import DEVICE_PACKAGE, Repository
-from cloud_service.request import decode_inputs, encode_response, parse_message, requested_outputs
+from cloud_service.request import model_inputs
 from cloud_service.sessions import sequence_params
-from edgefold_proto import BIDI_STREAMING, METHODS, SERVICE, pb
+from edgefold_proto import pb
+from edgefold_proto.serving import (InvalidArgument, NotFound, ServiceError, encode_response, parse_message,
+                                    requested_outputs, stream_error)
+from edgefold_proto.version import __version__ as SERVER_VERSION
 
 log = logging.getLogger(__name__)
 SERVER_NAME = "edgefold"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_repository", "statistics", "sequence", "parameters", "binary_tensor_data"]
 
 
-def _rpc(method):
-    """Map ServiceError to its status code; anything unexpected is INTERNAL and logged."""
-    @functools.wraps(method)
-    async def handler(self, request, context):
-        try:
-            return await method(self, request, context)
-        except ServiceError as err:
-            await context.abort(err.code, err.message)
-        except Exception as err:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
-    return handler
-
-
 class InferenceService:
+    """The servicer of edgefold_proto.METHODS (served through edgefold_proto.serving.rpc_handler)."""
+
     def __init__(self, repository: Repository, metrics: Metrics):
         self.repository, self.metrics = repository, metrics
         self.ready = False
@@ -42,28 +28,23 @@ class InferenceService:
         self._metric_children: dict = {}
 
     # --- health and metadata -------------------------------------------------------------
-    @_rpc
-    async def ServerLive(self, request, context):
+    async def ServerLive(self, request):
         return pb.ServerLiveResponse(live=True)
 
-    @_rpc
-    async def ServerReady(self, request, context):
+    async def ServerReady(self, request):
         return pb.ServerReadyResponse(ready=self.ready)
 
-    @_rpc
-    async def ModelReady(self, request, context):
+    async def ModelReady(self, request):
         try:
             self.repository.get(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.ready)
 
-    @_rpc
-    async def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request):
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
-    @_rpc
-    async def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request):
         model = self.repository.get(request.name, request.version)
         batch = [-1] if model.config.max_batch_size > 0 else []
 
@@ -75,34 +56,16 @@ class InferenceService:
             platform=model.backend.platform, inputs=tensors(model.config.inputs), outputs=tensors(model.config.outputs))
 
     # --- inference -----------------------------------------------------------------------
-    @_rpc
-    async def ModelInfer(self, request, context):
-        return await self._infer(request)
-
-    async def ModelStreamInfer(self, request_iterator, context):
-        """Triton's streaming form: errors travel in-band and the stream stays open."""
-        async for raw in request_iterator:
-            try:
-                response = await self._infer(parse_message(pb.ModelInferRequest, raw))
-            except ServiceError as err:
-                yield pb.ModelStreamInferResponse(error_message=err.message)
-                continue
-            except Exception as err:
-                log.exception("stream inference failed")
-                yield pb.ModelStreamInferResponse(error_message=f"internal error: {type(err).__name__}: {err}")
-                continue
-            yield pb.ModelStreamInferResponse(infer_response=response)
-
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         start = time.perf_counter_ns()
         model = self.repository.get(request.model_name, request.model_version)
         metric = self._metrics_for(model)
         try:
             seq = sequence_params(request.parameters)
-            inputs = decode_inputs(request, model.config.inputs, model.config.max_batch_size)
-            names = requested_outputs(request, model.config.outputs)
+            inputs = model_inputs(request, model.config)
+            names = requested_outputs(request, [spec.name for spec in model.config.outputs])
             outputs, timing = await model.infer(inputs, seq)
-            response = encode_response(request, model.name, model.version, outputs, names)
+            response = encode_response(request, model.version, outputs, names)
         except Exception:
             model.stats.request_done(False, time.perf_counter_ns() - start)
             metric.failure.inc()
@@ -116,6 +79,16 @@ class InferenceService:
         metric.bytes_out.inc(sum(map(len, response.raw_output_contents)))
         return response
 
+    async def ModelStreamInfer(self, requests):
+        """Triton's streaming form: errors travel in-band and the stream stays open."""
+        async for raw in requests:
+            try:
+                reply = pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(
+                    parse_message(pb.ModelInferRequest, raw)))
+            except Exception as err:
+                reply = stream_error(err)
+            yield reply
+
     def _metrics_for(self, model):
         key = (model.name, model.version)
         children = self._metric_children.get(key)
@@ -124,8 +97,7 @@ class InferenceService:
         return children
 
     # --- statistics and repository -------------------------------------------------------
-    @_rpc
-    async def ModelStatistics(self, request, context):
+    async def ModelStatistics(self, request):
         if request.name:
             models = [self.repository.get(request.name, request.version)] if request.version else \
                 list(self._versions_of(request.name))
@@ -137,20 +109,17 @@ class InferenceService:
         self.repository.get(name)  # NOT_FOUND if absent
         return self.repository.models[name].values()
 
-    @_rpc
-    async def RepositoryIndex(self, request, context):
+    async def RepositoryIndex(self, request):
         entries = [e for e in self.repository.index() if e.state == "READY" or not request.ready]
         return pb.RepositoryIndexResponse(models=[
             pb.RepositoryIndexResponse.ModelIndex(name=e.name, version=e.version, state=e.state, reason=e.reason)
             for e in entries])
 
-    @_rpc
-    async def RepositoryModelLoad(self, request, context):
+    async def RepositoryModelLoad(self, request):
         await self.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
-    @_rpc
-    async def RepositoryModelUnload(self, request, context):
+    async def RepositoryModelUnload(self, request):
         async with self._lock_for(request.model_name):
             old = self.repository.remove(request.model_name)
         await self._close(old)
@@ -198,26 +167,3 @@ class InferenceService:
                     children = self._metrics_for(model)
                     children.sessions.set(len(model.sessions))
                     children.session_bytes.set(model.sessions.total_bytes)
-
-    def generic_handler(self) -> grpc.GenericRpcHandler:
-        """Handlers take raw bytes and parse them themselves, so a malformed message is
-        INVALID_ARGUMENT (gRPC's own deserializer would make it UNKNOWN)."""
-        handlers = {}
-        for name, method in METHODS.items():
-            if method.kind == BIDI_STREAMING:
-                handlers[name] = grpc.stream_stream_rpc_method_handler(
-                    getattr(self, name), response_serializer=method.response.SerializeToString)
-            else:
-                handlers[name] = grpc.unary_unary_rpc_method_handler(
-                    _parsing(method.request, getattr(self, name)), response_serializer=method.response.SerializeToString)
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
-
-
-def _parsing(message_type, handler):
-    async def parse_then_handle(raw, context):
-        try:
-            request = parse_message(message_type, raw)
-        except InvalidArgument as err:
-            await context.abort(err.code, err.message)
-        return await handler(request, context)
-    return parse_then_handle

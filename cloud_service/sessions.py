@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from cloud_service.errors import FailedPrecondition, InvalidArgument
+from edgefold_proto.serving import FailedPrecondition, InvalidArgument
 
 _FORGOTTEN_KEPT = 4096  # how many evicted ids we remember, to say why a session is gone
 

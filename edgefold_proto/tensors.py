@@ -1,8 +1,9 @@
-"""Tensors on the Open Inference Protocol wire: datatype names, numpy dtypes, raw bytes.
+"""Tensors on the Open Inference Protocol wire: datatype names (and ONNX Runtime's), numpy dtypes, raw bytes.
 
 Raw contents are row-major and little-endian. A BYTES tensor's raw form is, for each
 element in row-major order, a 4-byte little-endian length followed by that many bytes.
-Shared by the cloud service (decoding requests) and the edge runtime (encoding them).
+Shared by both sides: edgefold_proto.serving decodes requests with it, the edge runtime's
+clients encode them.
 """
 import struct
 
@@ -25,6 +26,14 @@ DTYPES = {
     "BYTES": np.dtype(object),
 }
 _BY_NUMPY = {dt.newbyteorder("=") if dt.kind != "O" else dt: name for name, dt in DTYPES.items()}
+# ONNX Runtime type name (NodeArg.type) -> OIP datatype.
+ORT_DATATYPES = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
 
 # Field of InferTensorContents that carries each datatype when a client does not send raw bytes.
 CONTENTS_FIELD = {

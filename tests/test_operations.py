@@ -9,9 +9,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from cloud_service.config import load_config
-from cloud_service.errors import ConfigError
-from edge_runtime.oip_client import OipClient
+from cloud_service.config import ConfigError, load_config
+from edge_runtime.client.oip_client import OipClient
 from models import MLP_IN, write
 from server_process import ServerProcess, free_port
 
@@ -96,7 +95,7 @@ def test_config_errors_name_file_and_field(tmp_path, text, fragment):
 
 
 def test_edge_client_imports_without_torch():
-    code = ("import sys, edge_runtime.cli, edge_runtime.oip_client, edgefold_proto.tensors; "
+    code = ("import sys, edge_runtime.cli, edge_runtime.client.oip_client, edgefold_proto.tensors; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -1,31 +1,15 @@
-"""Backends run a model. Each is a small class with one job: `infer(inputs, state) -> outputs`.
+"""Backends run a model. Each is a small class with one job: `infer(inputs, state) -> outputs`
+(the `Backend` interface, backends/base.py).
 
-Add a backend by subclassing `Backend` and naming it in `open_backend` and config.BACKENDS.
-`llm_continuation` (backends/llm.py) keeps its per-session KV cache in the session store.
-A stateful backend raises InvalidArgument only before it touches `state`, so such an error
-leaves the session usable; any other error ends the session.
+Add a backend by subclassing `Backend` and naming it in `open_backend` and config.BACKENDS;
+the kinds are imported here only when a model needs them (torch only for pytorch and
+llm_continuation). `llm_continuation` (backends/llm.py) keeps its per-session KV cache in the
+session store.
 """
-from abc import ABC, abstractmethod
 from pathlib import Path
 
-import numpy as np
-
-from cloud_service.config import ModelConfig, TensorSpec
-from cloud_service.errors import ConfigError
-
-
-class Backend(ABC):
-    platform: str = ""
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-
-    @abstractmethod
-    def infer(self, inputs: dict[str, np.ndarray], state: dict | None = None) -> dict[str, np.ndarray]:
-        """Run the model. `state` is the session's own dict for stateful models (kept between
-        requests of one sequence_id by the session store), None otherwise."""
-
-    def close(self) -> None:
-        """Release what the backend holds (sessions, threads)."""
+from cloud_service.backends.base import Backend
+from cloud_service.config import ConfigError, ModelConfig
 
 
 def detect_backend(version_dir: Path, config: ModelConfig) -> str:
@@ -44,7 +28,7 @@ def open_backend(version_dir: Path, config: ModelConfig) -> Backend:
         from cloud_service.backends.onnx import OnnxBackend
         return OnnxBackend(version_dir / "model.onnx", config)
     if kind == "llm_continuation":
-        from cloud_service.backends.llm import LlmContinuationBackend  # imports torch only when needed
+        from cloud_service.backends.llm import LlmContinuationBackend
         return LlmContinuationBackend(version_dir, config)
-    from cloud_service.backends.pytorch import TorchBackend  # imports torch only when needed
+    from cloud_service.backends.pytorch import TorchBackend
     return TorchBackend(version_dir, config)

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cloud_service.backends import Backend
-from cloud_service.config import ModelConfig, TensorSpec
-from cloud_service.errors import ConfigError, InvalidArgument
+from cloud_service.backends.base import Backend
+from cloud_service.config import ConfigError, ModelConfig, TensorSpec
+from edgefold_proto.serving import InvalidArgument
 from split.llama import KVCache, LlamaConfig, load_llama
 from split.llama.exits import continue_layers
 

@@ -4,17 +4,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from cloud_service.backends import Backend
-from cloud_service.config import ModelConfig, TensorSpec
-from cloud_service.errors import ConfigError, InvalidArgument
-
-ORT_TYPES = {
-    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+from cloud_service.backends.base import Backend
+from cloud_service.config import ConfigError, ModelConfig, TensorSpec
+from edgefold_proto.serving import InvalidArgument
+from edgefold_proto.tensors import ORT_DATATYPES
 # Accelerators first, then the CPU; only those this onnxruntime build has are used.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider")
 
@@ -33,7 +26,7 @@ def _model_specs(nodes, config: ModelConfig, declared: list[TensorSpec], kind: s
     """The model's own tensors, checked against what config.toml declares (if it does)."""
     found = {}
     for node in nodes:
-        datatype = ORT_TYPES.get(node.type)
+        datatype = ORT_DATATYPES.get(node.type)
         if datatype is None:
             raise ConfigError(f"model '{config.name}': {kind} '{node.name}' has unsupported type {node.type}")
         dims = tuple(d if isinstance(d, int) and d > 0 else -1 for d in node.shape)

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model
 
-from cloud_service.backends import Backend
-from cloud_service.config import ModelConfig
-from cloud_service.errors import ConfigError
+from cloud_service.backends.base import Backend
+from cloud_service.config import ConfigError, ModelConfig
 
 
 def _import_model_file(path: Path, unique_name: str):
