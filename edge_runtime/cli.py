@@ -3,9 +3,11 @@
     edge-runtime health --cloud 127.0.0.1:8001
     edge-runtime infer --cloud 127.0.0.1:8001 --model mlp --input x=frame.npy [--output y] [--json]
     edge-runtime tp prepare|worker|generate|keys ...   (tensor parallelism; see edge_runtime/tp/cli.py)
-    edge-runtime plan --deployment DIR --device raspberry-pi-4 --link 10mbit,40ms   (split planner)
-    edge-runtime generate|calibrate ...   (collaborative LLM; see edge_runtime/collab_cli.py)
-    edge-runtime probe [--out F.toml] [--peer HOST:PORT] [--json]   (measure this machine into a profile)
+    edge-runtime plan --deployment DIR --device raspberry-pi-4 --link 10mbit,40ms
+        (the split planner; see edge_runtime/vision/placement_cli.py)
+    edge-runtime generate|calibrate ...   (collaborative LLM; see edge_runtime/collab/cli.py)
+    edge-runtime probe [--out F.toml] [--peer HOST:PORT] [--json]
+        (measure this machine into a profile; see devices/probe_cli.py)
     edge-runtime agent --config agent.toml   (the deploy agent; see edge_runtime/agent/)
 """
 import argparse
@@ -16,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from edge_runtime.oip_client import OipClient
+from edge_runtime.client.oip_client import OipClient
 
 
 def _client(args) -> OipClient:
@@ -53,11 +55,11 @@ def main(argv=None) -> int:
     from edge_runtime.tp import cli as tp_cli  # argparse only; torch is imported inside its handlers
 
     tp_cli.add_parser(commands)
-    from edge_runtime import plan as plan_cli  # argparse here; onnxruntime only inside plan_cli.run
-    plan_cli.add_parser(commands)
-    from edge_runtime import collab_cli  # argparse here; torch only inside collab_cli.run
+    from edge_runtime.vision import placement_cli  # argparse here; onnxruntime only inside placement_cli.run
+    placement_cli.add_parser(commands)
+    from edge_runtime.collab import cli as collab_cli  # argparse here; torch only inside collab_cli.run
     collab_cli.add_parser(commands)
-    from edge_runtime import probe_cli  # argparse here; numpy and psutil only inside probe_cli.run
+    from devices import probe_cli  # argparse here; numpy and psutil only inside probe_cli.run
     probe_cli.add_parser(commands)
     from edge_runtime.agent import cli as agent_cli  # argparse here; the agent is imported inside run
     agent_cli.add_parser(commands)
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
         return collab_cli.run(args)
     if args.command == "plan":
         try:
-            return plan_cli.run(args)
+            return placement_cli.run(args)
         except ValueError as err:        # ProfileError, a bad deployment, a bad link
             print(f"edge-runtime plan: {err}", file=sys.stderr)
             return 2

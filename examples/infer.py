@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from edge_runtime import sdk
+from edge_runtime.client import sdk
 from edgefold_proto.tensors import DTYPES
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from edge_runtime import sdk
+from edge_runtime.client import sdk
 from edgefold_proto.tensors import DTYPES
 
 

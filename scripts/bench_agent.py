@@ -4,6 +4,7 @@ in-process on the same model, measured in the same run. One JSON object per row.
 
     .venv/bin/python scripts/bench_agent.py [--requests 2000] [--starts 5] [--idle-s 10] \
         [--out docs/bench_agent.jsonl]
+    (run it by its path, not with -m: Python then puts scripts/ on sys.path for `import demo_cloud`)
 
 Model: the digits MLP of the demo (64 -> 128 -> 10, ONNX, batch 1, one ORT thread). The agent runs
 it as a `local` pipeline from a path (start time excludes model load: "serving" is printed before
@@ -25,12 +26,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import demo_cloud
+from split_services import CloudService
 
-import demo_cloud                                       # noqa: E402
-from split_services import CloudService                 # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SERVING = re.compile(r"serving grpc://[^:]+:(\d+)")
 
@@ -91,8 +90,8 @@ def main() -> None:
     parser.add_argument("--idle-s", type=float, default=10.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    from edge_runtime import sdk
-    from edge_runtime.deployment import session
+    from edge_runtime.client import sdk
+    from edge_runtime.vision.deployment import session
 
     repo = ROOT / ".cache" / "demo" / "repository"
     images, _ = demo_cloud.build_repository(repo)

@@ -30,16 +30,15 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from edge_runtime.collab.device import CollabLlm
+from split.llama import LlamaConfig, load_llama
+from split.llama.calibrate import sweep, teacher_forced
+from split.llama.exits import load_exit_heads, read_exits_json
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from edge_runtime.collab import CollabLlm  # noqa: E402
-from split.llama import LlamaConfig, load_llama  # noqa: E402
-from split.llama.calibrate import sweep, teacher_forced  # noqa: E402
-from split.llama.exits import load_exit_heads, read_exits_json  # noqa: E402
 
 
 def start(cmd, pattern, timeout_s=90):

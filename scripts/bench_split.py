@@ -2,6 +2,7 @@
 measured in one run on the test split.
 
     nice -n 10 .venv/bin/python scripts/bench_split.py [--out runs/bench_split] [--frames 40]
+    (run it by its path, not with -m: Python then puts scripts/ on sys.path for `import split_services`)
 
 Trains (or loads from .cache/split/weights) the models, then prints one JSON object per
 measurement and writes them to OUT/results.jsonl, plots to OUT/*.png and a summary against
@@ -26,24 +27,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from devices.profiles import DeviceProfile, Link, load_profile
+from edge_runtime.client.oip_client import OipClient
+from edge_runtime.vision.deployment import Deployment
+from edge_runtime.vision.placement_costs import measure_candidates
+from edge_runtime.vision.runtime import Runtime
+from edge_runtime.vision.switch import AdaptiveSwitch, SwitchConfig
+from split.codec import decode, encode
+from split.planner import plan
+from split.vision import data, zoo
+from split.vision.cut import stage_names
+from split.vision.deploy import build_deployment
+from split.vision.exits import calibrate_threshold, first_exit, max_softmax
+from split.vision.flops import macs
 
-from devices.profiles import DeviceProfile, Link, load_profile                       # noqa: E402
-from edge_runtime.deployment import Deployment                        # noqa: E402
-from edge_runtime.oip_client import OipClient                         # noqa: E402
-from edge_runtime.plan import measure_candidates                      # noqa: E402
-from edge_runtime.runtime import Runtime                              # noqa: E402
-from edge_runtime.switch import AdaptiveSwitch, SwitchConfig          # noqa: E402
-from split.codec import decode, encode                                # noqa: E402
-from split.planner import plan                                        # noqa: E402
-from split.vision import data, zoo                                    # noqa: E402
-from split.vision.cut import stage_names                              # noqa: E402
-from split.vision.deploy import build_deployment                      # noqa: E402
-from split.vision.exits import calibrate_threshold, first_exit, max_softmax   # noqa: E402
-from split.vision.flops import macs                                   # noqa: E402
-from split_services import CloudService, LinkEmu                      # noqa: E402
+from split_services import CloudService, LinkEmu
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LINKS = [("5ms_100mbit", 5.0, 100.0), ("40ms_5mbit", 40.0, 5.0)]     # one-way delay, rate
 # Emulated devices: this machine, and this machine slowed down (Runtime(slowdown=...)) to roughly a

@@ -1,6 +1,7 @@
 """edgefold demo: the whole system on loopback in one run, ending with a summary table.
 
     make demo            # or: .venv/bin/python scripts/demo.py [--frames 60] [--delay-ms 20 --rate-mbit 20]
+    (run it by its path, not with -m: Python then puts scripts/ on sys.path for `import demo_split`)
 
 1. Builds what it needs once (cached under .cache/, with progress bars): the digits MLP, the
    residual CNN with exits and a bottleneck (split deployment), a small early-exit LM trained on
@@ -12,7 +13,7 @@
    serves three pipelines on the local Open Inference Protocol port: digits (exits + offload; the
    planner picks the placement for the profile and link), chat (collaborative LLM) and llama
    (a 3-rank tensor-parallel group, ranks 1 and 2 started by the agent on loopback).
-4. Drives them through the SDK (edge_runtime.sdk), checks the 3-rank tokens against transformers,
+4. Drives them through the SDK (edge_runtime.client.sdk), checks the 3-rank tokens against transformers,
    cuts the link to show degraded local answers, and prints the summary table.
 """
 import argparse
@@ -27,16 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import demo_cloud
+import demo_collab
+import demo_split
+import demo_tp
+from split_services import CloudService, LinkEmu, _Process
 
-import demo_cloud                                               # noqa: E402
-import demo_collab                                              # noqa: E402
-import demo_split                                               # noqa: E402
-import demo_tp                                                  # noqa: E402
-from split_services import CloudService, LinkEmu, _Process      # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CACHE = ROOT / ".cache" / "demo"
 LM_FILES = ("config.json", "model.safetensors", "exit_heads.safetensors", "exits.json", "tokenizer.json")
@@ -61,7 +60,7 @@ def build() -> dict:
     demo_collab.ensure_model(lm)
     demo_collab.ensure_calibrated(lm)
     ckpt = demo_tp._checkpoint()
-    from edge_runtime.tp.cli import cached_shards
+    from edge_runtime.tp.launch import cached_shards
     shards = cached_shards(ckpt, 3, [1.0, 1.0, 2.0], demo_tp.CACHE / "shards")
     return dict(images=images, labels=labels, split_dir=split_dir, device_dir=device_dir, lm=lm, ckpt=ckpt,
                 shards=shards)
@@ -169,7 +168,7 @@ def main() -> int:
     t0 = time.perf_counter()
     m = build()
     repo = assemble_repository(m)
-    from edge_runtime import sdk
+    from edge_runtime.client import sdk
     rows = []
     print("\n== cloud-service, link emulator, agent ==", flush=True)
     cloud_port = port_or_free(8001)
@@ -276,7 +275,7 @@ def link_down(client, m: dict, link) -> list:
 
 
 def fleet(address: str) -> list:
-    from edge_runtime.fleet_client import FleetClient
+    from edge_runtime.client.fleet_client import FleetClient
     with FleetClient(address) as fc:
         devices = fc.list_devices()
     d = next(d for d in devices if d.device_id == "demo-pi")

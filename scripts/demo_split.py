@@ -1,6 +1,7 @@
 """demo_split: a split deployment with exits behind the link emulator (part of `make demo`).
 
     .venv/bin/python scripts/demo_split.py [--frames 60] [--delay-ms 40 --rate-mbit 5]
+    (run it by its path, not with -m: Python then puts scripts/ on sys.path for `import split_services`)
 
 Loads (or trains, ~3 min on 2 cores, cached in .cache/split/weights) the residual CNN with two
 exit branches and an 8-channel bottleneck after stage2, writes the device's ONNX stage chain
@@ -11,21 +12,19 @@ the bottleneck (int8) to the cloud. Halfway through it stops the cloud: the rema
 answered by the exit at the cut, on the device, flagged degraded.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from devices.profiles import Link
+from edge_runtime.vision.deployment import Deployment
+from edge_runtime.vision.placement_costs import measure_candidates
+from edge_runtime.vision.runtime import Runtime
+from split.planner import format_table, plan
 
-from devices.profiles import Link                                # noqa: E402
-from edge_runtime.deployment import Deployment                   # noqa: E402
-from edge_runtime.plan import measure_candidates                 # noqa: E402
-from edge_runtime.runtime import Runtime                         # noqa: E402
-from split.planner import format_table, plan                     # noqa: E402
-from split_services import CloudService, LinkEmu                 # noqa: E402
+from split_services import CloudService, LinkEmu
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(out: Path) -> Path:

@@ -15,7 +15,6 @@ elapsed / max-minutes), so a time-limited run still anneals.
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -24,11 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from split.llama import LlamaConfig
+from split.llama.exits import ExitHead, save_exit_heads
 
-from split.llama import LlamaConfig  # noqa: E402
-from split.llama.exits import ExitHead, save_exit_heads  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VAL_FRACTION = 0.05
 

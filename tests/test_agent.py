@@ -15,9 +15,9 @@ import pytest
 
 from edge_runtime.agent.config import AgentConfigError, PolicyConfig, load_agent_config
 from edge_runtime.agent.policy import Decision, decide, device_state, link_quality
-from edge_runtime.fleet_client import FleetClient
-from edge_runtime.oip_client import OipClient
-from edge_runtime.switch import DeviceState
+from edge_runtime.client.fleet_client import FleetClient
+from edge_runtime.client.oip_client import OipClient
+from edge_runtime.vision.switch import DeviceState
 from edgefold_proto import pb
 from models import mlp_onnx, write
 from server_process import AgentProcess, ServerProcess, free_port
@@ -221,7 +221,7 @@ def test_collab_llm_and_tensor_parallel_pipelines(tmp_path):
 
     from edge_runtime.tp.prepare import prepare
     from llm_models import make_model
-    from split.llama import generate_greedy, load_llama
+    from split.llama import generate, load_llama
     model_dir = tmp_path / "lm"
     make_model(model_dir)
     prepare(model_dir, 2, [1.0, 1.0], tmp_path / "shards", progress=False)
@@ -233,7 +233,7 @@ def test_collab_llm_and_tensor_parallel_pipelines(tmp_path):
         with OipClient(agent.address, timeout_s=60) as client:
             wait_ready(client, timeout_s=120)
             with torch.no_grad():
-                reference = list(generate_greedy(load_llama(model_dir), prompt.tolist(), 8))
+                reference = list(generate(load_llama(model_dir), prompt.tolist(), 8))
             tp = client.infer("big", {"prompt_ids": prompt}, parameters={"max_new_tokens": 8})["tokens"].tolist()
             assert tp == reference[:len(tp)] and len(tp) >= 1   # stops early only at an eos id
             chat = client.infer("chat", {"prompt_ids": prompt}, parameters={"max_new_tokens": 5})
@@ -282,7 +282,8 @@ def test_split_pipeline_replans_when_the_policy_changes(split_deployment):
     from devices.probe import peak_gflops
     from devices.profiles import load_profile, parse_link
     from edge_runtime.agent.config import PipelineConfig
-    from edge_runtime.agent.pipelines import Context, open_pipeline
+    from edge_runtime.agent.pipeline import Context
+    from edge_runtime.agent.pipeline_factory import open_pipeline
     from split.planner import plan
     device = load_profile("raspberry-pi-4")
     link = parse_link("100mbit,5ms")

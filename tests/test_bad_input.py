@@ -4,7 +4,7 @@ import grpc
 import numpy as np
 import pytest
 
-from edge_runtime.oip_client import OipClient, build_request
+from edge_runtime.client.oip_client import OipClient, build_request
 from edgefold_proto import pb
 from models import MLP_IN
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.oip_client import OipClient
+from edge_runtime.client.oip_client import OipClient
 from server_process import ServerProcess
 from split.codec import CodecError, decode, encode
 from split.png import PngError, decode_png, encode_png

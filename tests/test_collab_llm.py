@@ -1,4 +1,4 @@
-"""The collaborative LLM end to end: the device side (edge_runtime.collab) against a real
+"""The collaborative LLM end to end: the device side (edge_runtime.collab.device) against a real
 cloud-service subprocess serving the llm_continuation backend, on a tiny random Llama with an
 exit head after layer 2 of 4."""
 import json
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.collab import CollabLlm
-from edge_runtime.oip_client import OipClient
+from edge_runtime.collab.device import CollabLlm
+from edge_runtime.client.oip_client import OipClient
 from server_process import ServerProcess
 from split.codec import decode, encode
-from split.llama import generate_greedy, load_llama
+from split.llama import generate, load_llama
 from llm_models import K, L, make_model, write_model
 from split.llama.exits import load_exit_heads
 
@@ -44,7 +44,7 @@ def edge(llm, **kw):
 
 @torch.no_grad()
 def full_greedy(model_dir):
-    return list(generate_greedy(load_llama(model_dir), PROMPT, N_NEW))
+    return list(generate(load_llama(model_dir), PROMPT, N_NEW))
 
 
 @torch.no_grad()
@@ -260,7 +260,7 @@ def test_next_turn_continues_the_same_session(llm):
     second = e.generate(turn, N_NEW, conversation=first.conversation)
     # the same as one generation over the whole history, with no state sent twice
     history = PROMPT[:3] + first.tokens + turn
-    want = list(generate_greedy(load_llama(llm[0]), history, N_NEW))
+    want = list(generate(load_llama(llm[0]), history, N_NEW))
     assert second.tokens == want and second.counters.resends == 0
     assert first.counters.states_sent + second.counters.states_sent == len(history) + N_NEW - 1
 
@@ -305,5 +305,5 @@ def test_end_frees_the_cloud_session(llm):
         e._call_cloud(conv.seq_id, conv.acked, rows, np.zeros(1, np.uint8), begin=False)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     again = e.generate([3], 4, conversation=conv)   # continuing anyway resends everything, same tokens
-    want = list(generate_greedy(load_llama(llm[0]), PROMPT + first.tokens + [3], 4))
+    want = list(generate(load_llama(llm[0]), PROMPT + first.tokens + [3], 4))
     assert again.tokens == want and again.counters.resends == 0

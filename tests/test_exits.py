@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.deployment import Deployment
-from edge_runtime.runtime import Runtime
+from edge_runtime.vision.deployment import Deployment
+from edge_runtime.vision.runtime import Runtime
 from split.vision.exits import calibrate_threshold, first_exit, max_softmax
 
 RNG = np.random.default_rng(0)

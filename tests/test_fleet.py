@@ -21,8 +21,8 @@ import pytest
 from cloud_service.fleet import FleetService
 from cloud_service.metrics import Metrics
 from edge_runtime.agent.model_store import InstalledModel, ModelIntegrityError, ModelStore
-from edge_runtime.fleet_client import FleetClient
-from edge_runtime.oip_client import OipClient
+from edge_runtime.client.fleet_client import FleetClient
+from edge_runtime.client.oip_client import OipClient
 from edgefold_proto import pb
 from edgefold_proto.fleet import FLEET_METHODS, fleet_pb
 from models import MLP_IN, mlp_onnx, write
@@ -393,6 +393,6 @@ def test_device_package_is_download_only(cloud):
 
 
 def test_edge_side_imports_without_cloud_service():
-    code = ("import sys, edge_runtime.fleet_client, edge_runtime.agent.model_store; "
+    code = ("import sys, edge_runtime.client.fleet_client, edge_runtime.agent.model_store; "
             "bad = [m for m in sys.modules if m.startswith(('cloud_service', 'torch'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime.oip_client import OipClient, build_request
+from edge_runtime.client.oip_client import OipClient, build_request
 from edgefold_proto import METHODS, pb
 from edgefold_proto.tensors import DTYPES
 from models import MLP_IN

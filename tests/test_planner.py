@@ -202,8 +202,8 @@ def test_deployment_with_exit_rates_plans_with_them_and_without_them_plans_as_be
     import shutil
     import numpy as np
     import torch
-    from edge_runtime.deployment import Deployment
-    from edge_runtime.plan import measure_candidates
+    from edge_runtime.vision.deployment import Deployment
+    from edge_runtime.vision.placement_costs import measure_candidates
     from split.vision.deploy import build_deployment
     from split.vision.exits import exit_rates, max_softmax
     _, _, net, _ = split_deployment

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.runtime import Runtime
+from edge_runtime.vision.runtime import Runtime
 from server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,8 @@ def test_late_cloud_is_cut_off_by_the_deadline(split_deployment):
 
 
 def test_edge_split_path_imports_without_torch():
-    code = ("import sys, edge_runtime.runtime, edge_runtime.plan, edge_runtime.switch, edge_runtime.deployment, "
+    code = ("import sys, edge_runtime.vision.runtime, edge_runtime.vision.placement_cli, edge_runtime.vision.switch, "
+            "edge_runtime.vision.deployment, "
             "split, split.codec, split.planner, split.placement, devices.profiles, devices.probe, "
             "cloud_service.compressed; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,4 +1,4 @@
-"""The app SDK (edge_runtime.sdk) against real cloud-service processes: the examples run as
+"""The app SDK (edge_runtime.client.sdk) against real cloud-service processes: the examples run as
 subprocesses; the typed errors come from real failures (unreachable port, bad input, unknown
 model, token, a slow model or a hung server past the deadline, size limit); the asyncio client
 agrees with the synchronous one; the stub recipe of docs/mobile.md produces stubs that reach
@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 
-from edge_runtime import sdk
-from edge_runtime.oip_client import OipClient, build_request, decode_response   # the project's import path
+from edge_runtime.client import sdk
+from edge_runtime.client.oip_client import OipClient, build_request, decode_response   # the project's import path
 from models import MLP_IN, MLP_OUT, TYPES
 from server_process import ServerProcess, free_port
 

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edge_runtime.oip_client import OipClient
+from edge_runtime.client.oip_client import OipClient
 from models import MLP_IN
 from server_process import ServerProcess
 

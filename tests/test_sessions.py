@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cloud_service.sessions import SessionStore
-from edge_runtime.oip_client import OipClient
+from edge_runtime.client.oip_client import OipClient
 
 
 class FakeClock:

@@ -1,7 +1,7 @@
 """Adaptive switching: consistency, confidence, hysteresis and device state, with scripted models."""
 import numpy as np
 
-from edge_runtime.switch import AdaptiveSwitch, DeviceState, SwitchConfig
+from edge_runtime.vision.switch import AdaptiveSwitch, DeviceState, SwitchConfig
 
 
 def out(cls, x=0.5, y=0.5, sure=True):

@@ -30,11 +30,12 @@ from devices.telemetry import read_telemetry
 from edge_runtime.agent.config import AgentConfig
 from edge_runtime.agent.model_store import ModelIntegrityError, ModelStore
 from edge_runtime.agent.oip_server import LocalOipServer
-from edge_runtime.agent.pipelines import Context, open_pipeline
+from edge_runtime.agent.pipeline import Context
+from edge_runtime.agent.pipeline_factory import open_pipeline
 from edge_runtime.agent.policy import Decision, decide, device_state, link_quality
+from edgefold_proto.version import __version__
 
 log = logging.getLogger("edge_runtime.agent")
-AGENT_VERSION = "0.1.0"
 MAX_SAMPLES = 1024
 MAX_BACKOFF_S = 30.0
 RETIRE_AFTER_S = 30.0       # a replaced pipeline is closed this long after the swap (in-flight calls end)
@@ -53,7 +54,7 @@ class Agent:
         self.store = ModelStore(config.state_dir / "models")
         self.fleet = None
         if cloud.address:
-            from edge_runtime.fleet_client import FleetClient
+            from edge_runtime.client.fleet_client import FleetClient
             self.fleet = FleetClient(cloud.address, token=token, timeout_s=cloud.timeout_s, root_certificates=roots)
         self.pipelines: dict = {}                  # name -> Pipeline, ready to serve
         self.installed: dict = {}                  # name -> InstalledModel it was opened from
@@ -203,7 +204,7 @@ class Agent:
         start = time.perf_counter()
         try:
             reply = self.fleet.heartbeat(
-                device_id=self.config.device_id, profile=self.profile.key, agent_version=AGENT_VERSION,
+                device_id=self.config.device_id, profile=self.profile.key, agent_version=__version__,
                 uptime_s=time.monotonic() - self.started, models=models, counters=self._counters(),
                 samples=sending)
         except grpc.RpcError as err:

@@ -1,13 +1,12 @@
-"""The agent's LLM pipelines (see pipelines.py): `collab-llm` (the collaborative LLM's device side)
-and `tp` (rank 0 of a tensor-parallel group). Both import torch when opened.
+"""The agent's LLM pipelines (the interface: pipeline.py): `collab-llm` (the collaborative LLM's
+device side) and `tp` (rank 0 of a tensor-parallel group). Both import torch when opened.
 """
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from edge_runtime.agent.pipelines import Context, Pipeline, PipelineInputError, TensorInfo, _int_param, _one, _text
+from edge_runtime.agent.pipeline import Context, Pipeline, PipelineInputError, TensorInfo, int_param, one_input, text_input
 from edge_runtime.agent.policy import Decision
 
 
@@ -19,8 +18,8 @@ class CollabPipeline(Pipeline):
     def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
         from tokenizers import Tokenizer
 
-        from edge_runtime.collab import CollabLlm
-        from edge_runtime.collab_cli import resolve_threshold
+        from edge_runtime.collab.cli import resolve_threshold
+        from edge_runtime.collab.device import CollabLlm
         super().__init__(name, "collab-llm", "edgefold_collab_llm")
         self.mode = str(options.get("mode", "collaborative"))
         metric = str(options.get("metric", "max_prob"))
@@ -49,14 +48,14 @@ class CollabPipeline(Pipeline):
 
     def infer(self, inputs: dict, params: dict) -> dict:
         if "prompt_ids" in inputs:
-            ids = [int(t) for t in _one(inputs, "prompt_ids", "iu").reshape(-1)]
+            ids = [int(t) for t in one_input(inputs, "prompt_ids", "iu").reshape(-1)]
         elif self.tokenizer is None:
             raise PipelineInputError("this model has no tokenizer.json: send 'prompt_ids' (INT64)")
         else:
-            ids = self.tokenizer.encode(_text(inputs, "prompt")).ids
+            ids = self.tokenizer.encode(text_input(inputs, "prompt")).ids
         if not ids or any(not 0 <= t < self.llm.model.config.vocab_size for t in ids):
             raise PipelineInputError("the prompt must hold at least one token id, each within the vocabulary")
-        steps = _int_param(params, "max_new_tokens", self.max_new_tokens, 1, 4096)
+        steps = int_param(params, "max_new_tokens", self.max_new_tokens, 1, 4096)
         with self._lock:
             result = self.llm.generate(ids, steps)
             self.llm.end(result.conversation)          # one request, one conversation: free the session
@@ -81,33 +80,29 @@ class TensorParallelPipeline(Pipeline):
     def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
         import torch
 
-        from edge_runtime.tp.cli import LocalWorkers, free_port, plan_checksum
-        from edge_runtime.tp.collective import make_collective
-        from edge_runtime.tp.engine import Master
+        from edge_runtime.tp.config import TPConfig
+        from edge_runtime.tp.launch import LocalWorkers, free_port, start_master
         from edge_runtime.tp.plan import ShardPlan
+        from split.llama import Stop
         super().__init__(name, "tp", "edgefold_tp")
-        plan = ShardPlan.load(folder / "plan.json")
-        self.world_size = plan.world_size
+        self.world_size = ShardPlan.load(folder / "plan.json").world_size
         peers = options.get("peers")
-        comm = SimpleNamespace(window=int(options.get("window", 0)), backend="star",
-                               payload=str(options.get("payload", "fp32")),
-                               timeout_s=float(options.get("timeout_s", 5.0)),
-                               join_timeout_s=float(options.get("join_timeout_s", 60.0)), curve_keys=None)
-        master = str(options.get("master", "0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}"))
+        config = TPConfig(world_size=self.world_size, window=int(options.get("window", 0)),
+                          master=str(options.get("master", "0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")),
+                          payload=str(options.get("payload", "fp32")), timeout_s=float(options.get("timeout_s", 5.0)),
+                          join_timeout_s=float(options.get("join_timeout_s", 60.0)))
         self.workers = None
         if not peers and self.world_size > 1:
-            self.workers = LocalWorkers(folder, self.world_size, master.replace("0.0.0.0", "127.0.0.1"), comm)
+            self.workers = LocalWorkers(folder, config)
             torch.set_num_threads(max(1, torch.get_num_threads() // self.world_size))
         try:
-            collective = make_collective("star", 0, self.world_size, master, comm.payload, comm.timeout_s,
-                                         join_timeout_s=comm.join_timeout_s, plan_checksum=plan_checksum(plan))
-            self.master = Master(folder / "rank0", collective, comm.window)
+            self.master = start_master(folder, config)
         except BaseException:
             if self.workers:
                 self.workers.stop(grace_s=0.5)
             raise
         self.max_new_tokens = int(options.get("max_new_tokens", 32))
-        self.stop_ids = list(self.master.config.eos_token_ids)
+        self.stop = Stop.of(self.master.config)
         self._lock = threading.Lock()
         self.inputs = (TensorInfo("prompt", "BYTES", (1,)),)
         self.outputs = (TensorInfo("text", "BYTES", (1,)), TensorInfo("tokens", "INT64", (-1,)))
@@ -117,16 +112,16 @@ class TensorParallelPipeline(Pipeline):
 
     def infer(self, inputs: dict, params: dict) -> dict:
         if "prompt_ids" in inputs:
-            ids = [int(t) for t in _one(inputs, "prompt_ids", "iu").reshape(-1)]
+            ids = [int(t) for t in one_input(inputs, "prompt_ids", "iu").reshape(-1)]
         else:
             try:
-                ids = self.master.encode(_text(inputs, "prompt"))
+                ids = self.master.encode(text_input(inputs, "prompt"))
             except ValueError as err:
                 raise PipelineInputError(str(err)) from None
-        steps = _int_param(params, "max_new_tokens", self.max_new_tokens, 1, 4096)
+        steps = int_param(params, "max_new_tokens", self.max_new_tokens, 1, 4096)
         with self._lock:
             try:
-                tokens = list(self.master.generate(ids, steps, stop_ids=self.stop_ids))
+                tokens = list(self.master.generate(ids, steps, stop=self.stop))
             except ValueError as err:
                 raise PipelineInputError(str(err)) from None
         return {"text": np.array([self.master.decode(tokens).encode()], dtype=object),

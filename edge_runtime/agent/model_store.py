@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_runtime.fleet_client import FleetProtocolError, Manifest
+from edge_runtime.client.fleet_client import FleetProtocolError, Manifest
 from edgefold_proto.fleet import manifest_digest, path_problem
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -15,7 +15,7 @@ Rules, in order:
 from dataclasses import dataclass, field
 
 from edge_runtime.agent.config import PolicyConfig
-from edge_runtime.switch import DeviceState
+from edge_runtime.vision.switch import DeviceState
 
 GOOD_RTT_MS = 50.0        # at or below: link quality 1.0; above it falls as GOOD_RTT_MS / rtt
 

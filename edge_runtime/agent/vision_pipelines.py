@@ -1,21 +1,21 @@
-"""The agent's vision pipelines (see pipelines.py): `local` (one ONNX model), `early-exit` and
-`split` (a split deployment's stage chain with exits, offloading through the cloud), and `adaptive`
-(a small and a big model switched per frame). ONNX Runtime only; no torch.
+"""The agent's vision pipelines (the interface: pipeline.py): `local` (one ONNX model), `early-exit`
+and `split` (a split deployment's stage chain with exits, offloading through the cloud), and
+`adaptive` (a small and a big model switched per frame). ONNX Runtime only; no torch.
 """
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.agent.pipelines import (ORT_DATATYPES, Context, Pipeline, PipelineInputError, TensorInfo,
-                                          _one)
+from edge_runtime.agent.pipeline import Context, Pipeline, PipelineInputError, TensorInfo, one_input
 from edge_runtime.agent.policy import Decision
+from edgefold_proto.tensors import ORT_DATATYPES
 
 
 # --- local: one ONNX model ---------------------------------------------------------------------
 class OnnxPipeline(Pipeline):
     def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
-        from edge_runtime.deployment import session
+        from edge_runtime.vision.deployment import session
         super().__init__(name, "local", "onnxruntime_onnx")
         self.session = session(folder / "model.onnx", ctx.threads)
         self.inputs = tuple(self._info(n) for n in self.session.get_inputs())
@@ -29,7 +29,7 @@ class OnnxPipeline(Pipeline):
     def infer(self, inputs: dict, params: dict) -> dict:
         feed = {}
         for spec in self.inputs:
-            value = _one(inputs, spec.name, "biufO")
+            value = one_input(inputs, spec.name, "biufO")
             if value.ndim != len(spec.shape) or any(d not in (-1, v) for d, v in zip(spec.shape, value.shape)):
                 raise PipelineInputError(f"input '{spec.name}': shape {list(value.shape)} does not match "
                                          f"{list(spec.shape)} (-1: any)")
@@ -49,7 +49,7 @@ class OnnxPipeline(Pipeline):
 # --- early-exit / split: a split deployment's stage chain ----------------------------------------
 class VisionPipeline(Pipeline):
     def __init__(self, name: str, kind: str, folder: Path, options: dict, ctx: Context):
-        from edge_runtime.deployment import Deployment
+        from edge_runtime.vision.deployment import Deployment
         super().__init__(name, kind, "edgefold_split")
         self.dep = Deployment.load(folder, ctx.threads)
         self.ctx, self.options = ctx, options
@@ -69,7 +69,7 @@ class VisionPipeline(Pipeline):
         self.slowdown = float(slowdown)
         self.candidates = None
         if self.configured == "auto":
-            from edge_runtime.plan import measure_candidates
+            from edge_runtime.vision.placement_costs import measure_candidates
             self.candidates, _ = measure_candidates(self.dep, repeats=5)
         self._runtimes: dict = {}
         self._lock = threading.Lock()
@@ -92,7 +92,7 @@ class VisionPipeline(Pipeline):
         return result.choice.candidate.placement if result.choice else "local"
 
     def _runtime(self, placement: str):
-        from edge_runtime.runtime import Runtime
+        from edge_runtime.vision.runtime import Runtime
         if placement not in self._runtimes:
             self._runtimes[placement] = Runtime(
                 self.dep, placement, cloud=self.ctx.cloud if placement != "local" else None,
@@ -109,7 +109,7 @@ class VisionPipeline(Pipeline):
         return {"kind": self.kind, "placement": self.placement, "why": self.reason}
 
     def infer(self, inputs: dict, params: dict) -> dict:
-        x = _one(inputs, "x", "f").astype(np.float32, copy=False)
+        x = one_input(inputs, "x", "f").astype(np.float32, copy=False)
         shape = tuple(self.dep.manifest["input"]["shape"])
         if x.shape[1:] != shape:
             raise PipelineInputError(f"input 'x': shape {list(x.shape)}, expected [-1, {', '.join(map(str, shape))}]")
@@ -136,15 +136,15 @@ class AdaptivePipeline(Pipeline):
     """A folder from split.vision.adaptive.build_adaptive (small.onnx, big.onnx, adaptive.json).
     Frames of one stream, in order: the small model answers unless its output is temporally
     inconsistent or unconfident, then the big one (or the cloud's copy when the link is good) does,
-    for `hold` frames (edge_runtime.switch). The device state (battery, heat, link quality) is the
-    agent's, from devices.telemetry and heartbeats. Outputs `y` (B, classes + regression), `ran`
+    for `hold` frames (edge_runtime.vision.switch). The device state (battery, heat, link quality)
+    is the agent's, from devices.telemetry and heartbeats. Outputs `y` (B, classes + regression), `ran`
     (e.g. b"small,cloud") and `degraded` (the cloud did not answer; the big model did, here)."""
 
     def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
         import json
 
-        from edge_runtime.deployment import session
-        from edge_runtime.switch import AdaptiveSwitch, DeviceState, SwitchConfig
+        from edge_runtime.vision.deployment import session
+        from edge_runtime.vision.switch import AdaptiveSwitch, DeviceState, SwitchConfig
         super().__init__(name, "adaptive", "edgefold_adaptive")
         manifest = json.loads((folder / "adaptive.json").read_text())
         self.shape = tuple(manifest["input"]["shape"])
@@ -182,7 +182,7 @@ class AdaptivePipeline(Pipeline):
         return {"kind": self.kind, "cloud": self.client is not None}
 
     def infer(self, inputs: dict, params: dict) -> dict:
-        x = _one(inputs, "x", "f").astype(np.float32, copy=False)
+        x = one_input(inputs, "x", "f").astype(np.float32, copy=False)
         if x.shape[1:] != self.shape or not np.isfinite(x).all():
             raise PipelineInputError(f"input 'x': expected finite frames of shape [-1, {', '.join(map(str, self.shape))}]"
                                      f", got {list(x.shape)}")

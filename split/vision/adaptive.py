@@ -1,4 +1,4 @@
-"""An adaptive model pair for the device (edge_runtime.switch, the agent's `adaptive` pipeline):
+"""An adaptive model pair for the device (edge_runtime.vision.switch, the agent's `adaptive` pipeline):
 the small and the big frame model as ONNX, and the switch settings, in one folder; optionally the
 big model in a cloud repository too, for escalations when the link is good.
 

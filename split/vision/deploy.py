@@ -4,7 +4,7 @@ the cloud's model repository (tails per cut, bottleneck tails, the whole model f
     build_deployment(net, "res_cnn", out / "device", out / "repository", bottlenecks={("stage2", 8): bn},
                      thresholds=calibrated, validation=x_val)
 
-Device folder (read by edge_runtime.deployment, no torch there):
+Device folder (read by edge_runtime.vision.deployment, no torch there):
     deployment.json            stages, exits, cuts, cloud model names, thresholds, measured accuracy,
                                exit_rates (given validation frames: at each exit, the fraction of the
                                frames reaching it that leave there at these thresholds; the planner's)

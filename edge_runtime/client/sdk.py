@@ -1,7 +1,7 @@
 """The app SDK: open a client to a device's deploy agent or to the cloud (the same Open Inference
 Protocol, so the same code), infer, close.
 
-    from edge_runtime import sdk
+    from edge_runtime.client import sdk
 
     with sdk.connect("127.0.0.1:8011") as client:                       # the agent on this device
         y = client.infer("mlp", {"x": x})["y"]                          # x: (1, 16) float32
@@ -11,7 +11,7 @@ Protocol, so the same code), infer, close.
 
 Nothing is sent when connecting: an unreachable server shows up as `sdk.Unavailable` from the
 first call. Every call has a deadline (`timeout_s` of the client, or of the call). Failures raise
-the typed errors of edge_runtime/errors.py (EdgefoldError and its subclasses, all grpc.RpcError
+the typed errors of errors.py beside this file (EdgefoldError and its subclasses, all grpc.RpcError
 with `code()` and `details()`); a token, token file or certificate that cannot be read raises
 ValueError or OSError from connect().
 """
@@ -20,10 +20,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from edge_runtime.errors import (DeadlineExceeded, EdgefoldError, FailedPrecondition, InvalidInput, NotFound,
-                                 ResourceExhausted, ServerError, Unauthenticated, Unavailable, from_rpc_error)
-from edge_runtime.oip_client import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, ModelMetadata, OipClient,
-                                     TensorSpec, auth_headers, build_request, channel_options, decode_response)
+from edge_runtime.client.errors import (DeadlineExceeded, EdgefoldError, FailedPrecondition, InvalidInput,
+                                        NotFound, ResourceExhausted, ServerError, Unauthenticated, Unavailable,
+                                        from_rpc_error)
+from edge_runtime.client.oip_client import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, ModelMetadata,
+                                            OipClient, TensorSpec, auth_headers, build_request, channel_options,
+                                            decode_response)
 from edgefold_proto import BIDI_STREAMING, METHODS, pb
 
 Client = OipClient      # the synchronous client

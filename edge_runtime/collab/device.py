@@ -22,72 +22,21 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
 
-from edge_runtime.oip_client import OipClient, build_request, decode_response
+from edge_runtime.client.oip_client import OipClient, build_request, decode_response
+from edge_runtime.collab.conversation import Conversation, Counters, Result
 from split.codec import encode
-from split.llama import KVCache, load_llama
+from split.llama import Generation, KVCache, Stop, load_llama
 from split.llama.exits import confidence, load_exit_heads, read_exits_json
 
 MODES = ("standalone", "collaborative", "cloud-only")
 WIRES = ("int8", "fp16", "fp32")
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-@dataclass
-class Counters:
-    edge_tokens: int = 0           # decided by the exit head (incl. degraded)
-    cloud_tokens: int = 0          # decided by the cloud
-    degraded_tokens: int = 0       # wanted the cloud, decided here because it was unreachable/late
-    requests: int = 0              # successful cloud calls
-    failed_requests: int = 0       # UNAVAILABLE / DEADLINE_EXCEEDED
-    resends: int = 0               # FAILED_PRECONDITION -> full resend with sequence_start
-    states_sent: int = 0           # rows (hidden states or token ids) in successful requests
-    bytes_sent: int = 0            # tensor payloads + codec parameters of successful requests
-    request_bytes: int = 0         # the whole serialized ModelInferRequests (names, shapes, framing)
-    cloud_layer_evals: int = 0     # layer-token evaluations the cloud reported
-    cloud_kv_evals: int = 0        # K/V-projection-only layer-token evaluations the cloud reported
-    edge_layer_evals: int = 0      # layer-token evaluations on the device (incl. recomputation)
-    recomputed_states: int = 0     # states rebuilt from token ids
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Conversation:
-    """One sequence on the device: what it fed the edge layers, and what the cloud acknowledged."""
-    seq_id: int
-    backoff: float
-    tokens: list[int] = field(default_factory=list)     # positions 0..n-1 fed to the edge layers
-    chunks: list[int] = field(default_factory=list)     # how they were fed (replay is bit-identical)
-    exited: list[bool] = field(default_factory=list)    # per position: its next token was decided here
-    kept: dict = field(default_factory=dict)            # position -> layer-k state not yet acknowledged
-    acked: int = 0                                      # positions the cloud holds
-    begin: bool = True                                  # next request carries sequence_start
-    unfed: list[int] = field(default_factory=list)      # the last generated token, fed next turn
-    cache: KVCache = field(default_factory=KVCache)
-    h: torch.Tensor | None = None                       # layer-k states of the last fed chunk
-    retry_at: float = 0.0
-
-
-@dataclass
-class Result:
-    tokens: list[int]
-    sources: list[str]             # per token: "edge", "cloud" or "degraded"
-    confidences: list[float]
-    counters: Counters
-    seconds_per_token: list[float] = field(default_factory=list)
-    conversation: Conversation | None = None
-
-    @property
-    def degraded(self) -> bool:
-        return "degraded" in self.sources
 
 
 class CollabLlm:
@@ -198,67 +147,67 @@ class CollabLlm:
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int, stop_ids=(), on_token=None,
                  conversation: "Conversation | None" = None) -> Result:
-        """Greedy generation. Pass a previous result's `conversation` to continue it (the next
-        turn: prompt_ids are appended; the cloud session and its KV cache are reused).
-        on_token(step, token, source) is called after each token."""
+        """Greedy generation through the one decode loop (split.llama.generate). Pass a previous
+        result's `conversation` to continue it (the next turn: prompt_ids are appended; the cloud
+        session and its KV cache are reused). on_token(step, token, source) is called after each token."""
         feed = [int(t) for t in prompt_ids]
         conv = conversation or Conversation(next(self._sequence_ids), backoff=self.backoff_s)
         feed, conv.unfed = conv.unfed + feed, []
         if not feed:
             raise ValueError("prompt_ids must hold at least one token")
-        C = Counters()
-        res = Result([], [], [], C, conversation=conv)
-        lazy = self.mode == "cloud-only"
-        self._feed(conv, feed, C)
-        if self.mode == "collaborative":
-            self._flag_confident(conv, len(feed))
-        stop = {int(s) for s in stop_ids}
-        for step in range(max_new_tokens):
-            t0 = time.perf_counter()
-            pos = len(conv.tokens) - 1          # the position whose output decides the next token
-            token, source, conf = -1, "edge", float("nan")
-            if not lazy:
-                logits = self.head(conv.h[:, -1:])[0, -1]
-                conf = float(confidence(logits, self.metric))
-                token = int(logits.argmax())
-            if not self._decide_here(conf):
-                if time.monotonic() < conv.retry_at:
-                    source = "degraded"
-                else:
-                    try:
-                        token = self._offload(conv, C)
-                        source, conv.backoff = "cloud", self.backoff_s
-                    except grpc.RpcError as err:
-                        if err.code() not in _TRANSIENT:
-                            raise
-                        C.failed_requests += 1
-                        source, conv.retry_at = "degraded", time.monotonic() + conv.backoff
-                        conv.backoff = min(2 * conv.backoff, self.max_backoff_s)
-            if source == "degraded" and lazy:     # cloud-only lost the cloud: rebuild the state here
-                h = torch.from_numpy(self._replay(conv.tokens, conv.chunks, len(conv.tokens))[None, -1:])
-                C.recomputed_states += len(conv.tokens)
-                C.edge_layer_evals += len(conv.tokens) * self.k
-                logits = self.head(h)[0, -1]
-                conf, token = float(confidence(logits, self.metric)), int(logits.argmax())
-            if source == "cloud":
-                C.cloud_tokens += 1
-            else:
-                C.edge_tokens += 1
-                conv.exited[pos] = True
-                if source == "degraded":
-                    C.degraded_tokens += 1
-            res.tokens.append(token)
-            res.sources.append(source)
-            res.confidences.append(conf)
+        res = Result([], [], [], Counters(), conversation=conv)
+        if max_new_tokens == 0:
+            self._feed(conv, feed, res.counters)
+            return res
+        turn = _Turn(self, conv, res)
+        for step, token in enumerate(Generation(turn.step, feed, max_new_tokens, stop=Stop(eos_ids=stop_ids),
+                                                choose=turn.choose)):
             if on_token is not None:
-                on_token(step, token, source)
-            if token in stop or step == max_new_tokens - 1:
-                conv.unfed = [token]            # fed at the start of the next turn
-                res.seconds_per_token.append(time.perf_counter() - t0)
-                break
-            self._feed(conv, [token], C)
-            res.seconds_per_token.append(time.perf_counter() - t0)
+                on_token(step, token, res.sources[-1])
+        res.seconds_per_token.append(time.perf_counter() - turn.t0)
+        conv.unfed = res.tokens[-1:]            # fed at the start of the next turn
         return res
+
+    def _choose(self, conv: "Conversation", res: Result) -> int:
+        """The next token: the exit head's when it is confident enough, else the cloud's; decided
+        here and flagged degraded while the cloud is unreachable."""
+        C, lazy = res.counters, self.mode == "cloud-only"
+        pos = len(conv.tokens) - 1          # the position whose output decides the next token
+        token, source, conf = -1, "edge", float("nan")
+        if not lazy:
+            logits = self.head(conv.h[:, -1:])[0, -1]
+            conf = float(confidence(logits, self.metric))
+            token = int(logits.argmax())
+        if not self._decide_here(conf):
+            if time.monotonic() < conv.retry_at:
+                source = "degraded"
+            else:
+                try:
+                    token = self._offload(conv, C)
+                    source, conv.backoff = "cloud", self.backoff_s
+                except grpc.RpcError as err:
+                    if err.code() not in _TRANSIENT:
+                        raise
+                    C.failed_requests += 1
+                    source, conv.retry_at = "degraded", time.monotonic() + conv.backoff
+                    conv.backoff = min(2 * conv.backoff, self.max_backoff_s)
+        if source == "degraded" and lazy:     # cloud-only lost the cloud: rebuild the state here
+            h = torch.from_numpy(self._replay(conv.tokens, conv.chunks, len(conv.tokens))[None, -1:])
+            C.recomputed_states += len(conv.tokens)
+            C.edge_layer_evals += len(conv.tokens) * self.k
+            logits = self.head(h)[0, -1]
+            conf, token = float(confidence(logits, self.metric)), int(logits.argmax())
+        if source == "cloud":
+            C.cloud_tokens += 1
+        else:
+            C.edge_tokens += 1
+            conv.exited[pos] = True
+            if source == "degraded":
+                C.degraded_tokens += 1
+        res.tokens.append(token)
+        res.sources.append(source)
+        res.confidences.append(conf)
+        return token
 
     def end(self, conv: "Conversation") -> None:
         """The conversation is over: send `sequence_end` with no new states, so the cloud frees the
@@ -317,3 +266,25 @@ class CollabLlm:
             C.edge_layer_evals += (max(missing) + 1) * self.k
             return np.stack([kept[p] if p in kept else replayed[p] for p in range(start, n)])
         return np.stack([kept[p] for p in range(start, n)])
+
+
+class _Turn:
+    """One generate() call as the decode loop's step and chooser. A token's time runs from the
+    start of its choice to the end of feeding it (the last token: to the end of its choice)."""
+
+    def __init__(self, llm: CollabLlm, conv: Conversation, res: Result):
+        self.llm, self.conv, self.res, self.t0 = llm, conv, res, None
+
+    def step(self, ids: list[int], start: int) -> None:
+        """Feed ids to the edge layers after what the conversation holds. The decision reads the
+        layer-k state the feed leaves in the conversation, so there are no logits to return."""
+        self.llm._feed(self.conv, ids, self.res.counters)
+        if start == 0 and self.llm.mode == "collaborative":
+            self.llm._flag_confident(self.conv, len(ids))
+
+    def choose(self, _logits, _history) -> int:
+        now = time.perf_counter()
+        if self.t0 is not None:
+            self.res.seconds_per_token.append(now - self.t0)
+        self.t0 = now
+        return self.llm._choose(self.conv, self.res)

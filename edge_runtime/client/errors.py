@@ -1,6 +1,6 @@
 """Typed errors of an Open Inference Protocol call: one class per thing an app handles differently.
 
-    from edge_runtime import sdk
+    from edge_runtime.client import sdk
     try:
         y = client.infer("mlp", {"x": x})["y"]
     except sdk.Unavailable:                 # down or unreachable: answer on the device

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_runtime.policies import confidence
+from edge_runtime.vision.exit_policy import confidence
 
 
 @dataclass

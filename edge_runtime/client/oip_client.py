@@ -1,8 +1,8 @@
 """A small synchronous Open Inference Protocol client (no tritonclient needed), used across the
-project and re-exported by the app SDK (`edge_runtime.sdk.Client`).
+project and re-exported by the app SDK (`edge_runtime.client.sdk.Client`).
 
 Every call has a deadline (`timeout_s`, per client or per call). Every failure raises a typed
-error from edge_runtime.errors (a grpc.RpcError subclass), so callers tell a down server
+error from edge_runtime.client.errors (a grpc.RpcError subclass), so callers tell a down server
 (Unavailable), a late one (DeadlineExceeded) and a bad request (InvalidInput) apart.
 
     with OipClient("127.0.0.1:8001") as client:
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from edge_runtime.errors import InvalidInput, ServerError, from_rpc_error
+from edge_runtime.client.errors import InvalidInput, ServerError, from_rpc_error
 from edgefold_proto import BIDI_STREAMING, METHODS, pb
 from edgefold_proto.tensors import TensorError, datatype_of, from_contents, from_raw, to_raw
 

@@ -89,7 +89,7 @@ def resolve_threshold(model, threshold: float | None, metric: str, exit_layer: i
 
 
 def _generate(args) -> int:
-    from edge_runtime.collab import CollabLlm
+    from edge_runtime.collab.device import CollabLlm
 
     threshold = resolve_threshold(args.model, args.threshold, args.metric, args.exit_layer, args.mode)
     tok = None

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from edge_runtime.deployment import Deployment
-from edge_runtime.oip_client import OipClient
-from edge_runtime.policies import ExitPolicy, softmax
+from edge_runtime.client.oip_client import OipClient
+from edge_runtime.vision.deployment import Deployment
+from edge_runtime.vision.exit_policy import ExitPolicy, softmax
 from split.codec import encode
 from split.placement import Placement
 

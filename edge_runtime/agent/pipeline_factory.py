@@ -1,0 +1,37 @@
+"""The agent's pipeline factory: one pipeline per `[[pipeline]]` of agent.toml, each over a model
+folder on the device (pulled from the cloud, or a local path).
+
+    pipe = open_pipeline(spec, folder, context)       # folder: <model>/<version>/ on the device
+    pipe.infer({"x": frame}, {})["label"]
+
+Kinds:
+- local       an ONNX model run by ONNX Runtime on the device
+- early-exit  a split deployment's stage chain with its exits, every frame on the device
+- split       the same, offloading the rest through the cloud (placement string or "auto": the
+              planner, re-run when the policy changes objective or the link's RTT changes)
+- adaptive    a small and a big model switched per frame on temporal consistency and confidence,
+              escalating to the cloud's copy of the big model when the link is good
+- collab-llm  the collaborative LLM (edge layers + exit head; the cloud finishes the rest)
+- tp          rank 0 of a tensor-parallel group (workers started here or already running on peers)
+The kinds live in vision_pipelines.py (local, early-exit, split, adaptive) and llm_pipelines.py
+(collab-llm, tp); torch is imported only when one of the two LLM kinds is opened.
+"""
+from pathlib import Path
+
+from edge_runtime.agent import llm_pipelines, vision_pipelines
+from edge_runtime.agent.pipeline import Context, Pipeline
+
+
+def open_pipeline(spec, folder: Path, ctx: Context) -> Pipeline:
+    """Build the pipeline of an agent.toml [[pipeline]] over a model folder (`<model>/<version>/`)."""
+    if spec.kind == "local":
+        return vision_pipelines.OnnxPipeline(spec.name, folder, spec.options, ctx)
+    if spec.kind in ("early-exit", "split"):
+        return vision_pipelines.VisionPipeline(spec.name, spec.kind, folder, spec.options, ctx)
+    if spec.kind == "adaptive":
+        return vision_pipelines.AdaptivePipeline(spec.name, folder, spec.options, ctx)
+    if spec.kind == "collab-llm":
+        return llm_pipelines.CollabPipeline(spec.name, folder, spec.options, ctx)
+    if spec.kind == "tp":
+        return llm_pipelines.TensorParallelPipeline(spec.name, folder, spec.options, ctx)
+    raise ValueError(f"pipeline '{spec.name}': unknown kind '{spec.kind}'")

@@ -1,0 +1,6 @@
+"""The collaborative LLM's device side (DESIGN.md, "Continue in the cloud").
+
+    device.py        CollabLlm: edge layers + exit head; confident tokens here, the rest from the cloud
+    conversation.py  per-conversation state (what the cloud acknowledged), per-request results
+    cli.py           `edge-runtime generate` and `edge-runtime calibrate` (torch only inside run())
+"""
