@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from devices.address import parse_address
 from devices.profiles import load_profile
 
 DEFAULT_DISK_DIR = Path(os.environ.get("EDGEFOLD_CACHE", Path.home() / ".cache" / "edgefold"))
@@ -176,12 +177,8 @@ def disk_read(directory=None, mib: int = 64) -> DiskRead:
 
 
 def parse_peer(text: str) -> tuple[str, int]:
-    """"10.0.0.3:29500", "pi.local:22" or "[::1]:8001" -> (host, port)."""
-    host, sep, port = str(text).rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--peer {text!r}: expected HOST:PORT with a port from 1 to 65535, e.g. 10.0.0.3:29500")
-    return host, int(port)
+    """"10.0.0.3:29500", "pi.local:22" or "[::1]:8001" -> (host, port); ValueError naming --peer."""
+    return parse_address(text, "--peer")
 
 
 def rtt_ms(peer: str, count: int = 5, timeout_s: float = 1.0) -> float:

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_tp.py --quick                        # ~2 min: small shapes, 8 tokens
     .venv/bin/python scripts/bench_tp.py --plot docs/bench_tp.png       # full run, ~15-20 min on 2 cores
     .venv/bin/python scripts/bench_tp.py --only 46M                     # one row group (allreduce, 200M, 46M)
+    (run it by its path, not with -m: Python then puts scripts/ on sys.path for `import bench_tp_allreduce`)
 
 Prints one JSON object per measurement (also written to --out, JSON lines), then one row per
 target with its measured numbers and pass/fail. Every comparison is measured in the same run on
@@ -12,7 +13,7 @@ the same cores:
     and through the link emulator);
   * "200M": a random-initialised Llama (24 layers, hidden 1024, 16 heads / 8 KV heads,
     intermediate 1408, vocab 16000 untied: 209M parameters, fp32), world size 2, windows 2, 4, 8 and
-    all-resident, warm page cache and cold (pager.drop_page_cache before the run); per rank: token
+    all-resident, warm page cache and cold (devices.page_cache.drop_page_cache before the run); per rank: token
     latency, peak RSS and the RSS baseline (before any weight is loaded), the share of block load
     time hidden behind compute (1 - acquire wait / load time); single-process transformers
     `generate` on the same checkpoint as the baseline;
@@ -125,7 +126,7 @@ def n_params(path: Path) -> int:
 # --------------------------------------------------------------------------- runs
 
 def run_tp(shards: Path, window: int, n_new: int, backend="star", payload="fp32", cold=False) -> dict:
-    from edge_runtime.tp.pager import drop_page_cache
+    from devices.page_cache import drop_page_cache
     if cold:
         drop_page_cache([p for p in shards.rglob("*.safetensors")])
     cmd = [sys.executable, "-m", "edge_runtime.cli", "tp", "generate", "--shards", str(shards),
@@ -139,7 +140,7 @@ def run_tp(shards: Path, window: int, n_new: int, backend="star", payload="fp32"
 
 def run_hf(model: Path, n_new: int, cold=False, threads: int | None = None) -> dict:
     if cold:
-        from edge_runtime.tp.pager import drop_page_cache
+        from devices.page_cache import drop_page_cache
         drop_page_cache(list(model.glob("*.safetensors")))
     cmd = [sys.executable, __file__, "--hf-child", str(model), "--n-new", str(n_new)]
     cmd += ["--threads", str(threads)] if threads else []
@@ -246,7 +247,6 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small stand-in shapes, 8 tokens, no cold runs")
     ap.add_argument("--plot", help="write a PNG of token latency and peak memory against window")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_tp.jsonl"))
-    ap.add_argument("--skip-allreduce", action="store_true")
     ap.add_argument("--only", type=lambda t: set(t.split(",")), default=set(GROUPS),
                     help=f"comma-separated row groups to run, of {','.join(GROUPS)} (with --quick, 200M and 46M "
                          "mean their stand-ins); targets only for the groups run")
@@ -260,7 +260,6 @@ def main() -> int:
     if args.hf_child:
         hf_child(args.hf_child, args.n_new, args.threads)
         return 0
-    sys.path.insert(0, str(ROOT))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out = open(args.out, "w")
     n_new = 8 if args.quick else 32
@@ -269,9 +268,8 @@ def main() -> int:
     emit(dict(bench="machine", cpus=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
               load_average=os.getloadavg(), quick=args.quick, new_tokens=n_new, prompt_tokens=len(PROMPT)), out)
 
-    if not args.skip_allreduce and "allreduce" in args.only:
+    if "allreduce" in args.only:
         try:
-            sys.path.insert(0, str(ROOT / "scripts"))
             from bench_tp_allreduce import run as allreduce_run
         except ImportError as e:
             emit(dict(bench="allreduce", skipped=f"scripts/bench_tp_allreduce.py not importable: {e}"), out)
@@ -294,7 +292,7 @@ def main() -> int:
 
 def big_rows(rows, big, windows, n_new, rounds, hf_threads, quick, out) -> None:
     """The 200M shape (or its quick stand-in): windows, warm and cold, vs transformers; its targets."""
-    from edge_runtime.tp.cli import cached_shards
+    from edge_runtime.tp.launch import cached_shards
 
     model = make_checkpoint(big)
     emit(dict(bench="checkpoint", model=big, parameters=n_params(model), path=str(model)), out)
@@ -337,7 +335,7 @@ def big_rows(rows, big, windows, n_new, rounds, hf_threads, quick, out) -> None:
 
 def small_rows(rows, small, n_new, rounds, hf_threads, out) -> None:
     """The 46M shape (or its quick stand-in) at world 2 vs transformers; its target."""
-    from edge_runtime.tp.cli import cached_shards
+    from edge_runtime.tp.launch import cached_shards
 
     model46 = make_checkpoint(small)
     emit(dict(bench="checkpoint", model=small, parameters=n_params(model46), path=str(model46)), out)

@@ -38,11 +38,13 @@ from pathlib import Path
 import torch
 import zmq
 
+from edge_runtime.tp.collective import SHUTDOWN, STEP
+from edge_runtime.tp.config import TPConfig
+from edge_runtime.tp.connect import make_collective
+from edge_runtime.tp.fastpath import worker_endpoint
+from edge_runtime.tp.launch import free_port  # a free port pair: gloo uses port + 1
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from edge_runtime.tp.cli import free_port  # noqa: E402  (a free port pair: gloo uses port + 1)
-from edge_runtime.tp.collective import SHUTDOWN, STEP, make_collective  # noqa: E402
-from edge_runtime.tp.star import worker_endpoint  # noqa: E402
 
 LINKEMU = ROOT / "scripts" / "linkemu.py"
 
@@ -111,7 +113,8 @@ def _session(backend: str, world: int, delay_ms: float, hidden, iters: int, warm
             workers.append(subprocess.Popen([sys.executable, __file__, "--worker", "--backend", backend,
                                              "--rank", str(rank), "--world", str(world), "--payload", payload,
                                              "--master", f"127.0.0.1:{worker_port}"]))
-        with make_collective(backend, 0, world, f"127.0.0.1:{port}", payload, join_timeout_s=120.0) as comm:
+        config = TPConfig(world, f"127.0.0.1:{port}", backend, payload, join_timeout_s=120.0)
+        with make_collective(config, 0) as comm:
             # what a worker dialing 127.0.0.1:port uses (those behind linkemu dial its port: TCP)
             transport = "tcp" if backend != "star" or delay_ms > 0 else worker_endpoint("127.0.0.1", port, 0)[:3]
             for h in hidden:
@@ -198,7 +201,8 @@ def _summaries(rows) -> list[dict]:
 
 def _worker(args) -> int:
     torch.set_num_threads(1)
-    with make_collective(args.backend, args.rank, args.world, args.master, args.payload, join_timeout_s=120.0) as comm:
+    config = TPConfig(args.world, args.master, args.backend, args.payload, join_timeout_s=120.0)
+    with make_collective(config, args.rank) as comm:
         while True:
             cmd, spec = comm.broadcast(0)
             if cmd == SHUTDOWN:

@@ -78,5 +78,4 @@ def demo_tp(max_new_tokens: int = 24, world_size: int = 3, window: int = 2) -> d
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     demo_tp()

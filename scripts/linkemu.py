@@ -1,6 +1,6 @@
 """linkemu: a TCP proxy that emulates a slow, lossy network link (this machine has no `tc netem`).
 
-    python scripts/linkemu.py --listen 127.0.0.1:9001 --target 127.0.0.1:8001 \\
+    .venv/bin/python scripts/linkemu.py --listen 127.0.0.1:9001 --target 127.0.0.1:8001 \\
         --delay-ms 20 --jitter-ms 2 --rate-mbit 10 [--loss 0.01] [--seed N]
 
 Clients connect to --listen; each connection is forwarded to --target, and every byte in EITHER
@@ -37,6 +37,8 @@ import random
 import signal
 import sys
 from dataclasses import dataclass
+
+from devices.address import parse_address
 
 MSS = 1448  # bytes per emulated segment (1500-byte MTU minus IP/TCP headers with timestamps)
 MIN_RTO_S = 0.2  # Linux TCP_RTO_MIN
@@ -149,11 +151,12 @@ async def serve(listen_host: str, listen_port: int, target_host: str, target_por
     return await asyncio.start_server(on_connect, listen_host, listen_port)
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT with PORT in 0..65535, got {text!r}")
-    return host.strip("[]"), int(port)
+def _address(parser: argparse.ArgumentParser, text: str, what: str, listen: bool = False) -> tuple[str, int]:
+    """--listen / --target HOST:PORT (port 0 only for --listen: the OS picks one), or exit 2 saying why."""
+    try:
+        return parse_address(text, what, listen=listen)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def _non_negative(text: str) -> float:
@@ -194,8 +197,8 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--listen", type=_address, required=True, metavar="HOST:PORT")
-    parser.add_argument("--target", type=_address, required=True, metavar="HOST:PORT")
+    parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument("--target", required=True, metavar="HOST:PORT")
     parser.add_argument("--delay-ms", type=_non_negative, default=0.0)
     parser.add_argument("--jitter-ms", type=_non_negative, default=0.0)
     parser.add_argument("--rate-mbit", type=_non_negative, default=0.0, help="0 = unlimited")
@@ -203,8 +206,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--queue-segments", type=int, default=1024)
     args = parser.parse_args()
-    if args.target[1] == 0:
-        parser.error("argument --target: PORT must be in 1..65535")
+    args.listen = _address(parser, args.listen, "--listen", listen=True)
+    args.target = _address(parser, args.target, "--target")
     if args.queue_segments < 1:
         parser.error("argument --queue-segments: expected an integer >= 1")
     return asyncio.run(_main(args))

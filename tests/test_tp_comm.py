@@ -28,11 +28,14 @@ import torch
 import zmq
 from hypothesis import given, settings, strategies as st
 
-from edge_runtime.tp.cli import free_port  # a free port pair: gloo uses port + 1
-from edge_runtime.tp.collective import MLP, RESET, SHUTDOWN, STEP, ATTN, CollectiveError, LocalCollective, make_collective
+from edge_runtime.tp import fastpath
+from edge_runtime.tp.collective import MLP, RESET, SHUTDOWN, STEP, ATTN, CollectiveError, LocalCollective
+from edge_runtime.tp.config import TPConfig
+from edge_runtime.tp.connect import make_collective
 from edge_runtime.tp.curve import make_keys
-from edge_runtime.tp import star
-from edge_runtime.tp.star import StarCollective
+from edge_runtime.tp.launch import free_port  # a free port pair: gloo uses port + 1
+from edge_runtime.tp.star_master import StarMaster
+from edge_runtime.tp.star_worker import StarWorker
 from edge_runtime.tp.wire import HEADER, DType, Header, Msg, WireError, decode, encode, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +49,15 @@ def _partial(seed: int, rank: int, op: int, shape) -> torch.Tensor:
     return torch.randn(shape, generator=g) * (1 + rank)  # ranks of different magnitude
 
 
+def _config(world: int, port: int, backend: str = "star", payload: str = "fp32", **options) -> TPConfig:
+    return TPConfig(world, f"127.0.0.1:{port}", backend, payload, **options)
+
+
+def _gathered(seed: int, rank: int) -> bytes:
+    """What rank `rank` sends to the scenario's gather: JSON of a different length per rank (rank 2: nothing)."""
+    return b"" if rank == 2 else json.dumps({"rank": rank, "seed": seed, "pad": "x" * (37 * rank)}).encode()
+
+
 def _digest(t) -> str | None:
     return None if t is None else hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
@@ -56,7 +68,8 @@ def _ops(seed: int):
     return [("bcast", RESET, None, 0), ("bcast", STEP, hidden, 3),
             ("ar", 0, ATTN, (1, 5, C)), ("ar", 0, MLP, (1, 5, C)),
             ("bcast", STEP, torch.arange(7, dtype=torch.int64).reshape(1, 7) * seed, 8),
-            ("ar", 1, ATTN, (1, 1, C)), ("ar", 1, MLP, (1, 1, C)), ("bcast", SHUTDOWN, None, 0)]
+            ("ar", 1, ATTN, (1, 1, C)), ("ar", 1, MLP, (1, 1, C)), ("gather", None, None, None),
+            ("bcast", SHUTDOWN, None, 0)]
 
 
 def _play(comm, seed: int, die_after: int | None = None) -> list[dict]:
@@ -67,6 +80,9 @@ def _play(comm, seed: int, die_after: int | None = None) -> list[dict]:
             cmd, t = comm.broadcast(a, b, step=c) if comm.rank == 0 else comm.broadcast(0)
             records.append({"cmd": cmd, "step": comm.last_step, "digest": _digest(t),
                             "dtype": None if t is None else str(t.dtype)})
+        elif what == "gather":
+            got = comm.gather(_gathered(seed, comm.rank))
+            records.append({"digest": None, "gathered": got})
         else:
             y = comm.allreduce(_partial(seed, comm.rank, op, c), layer=a, kind=b)
             records.append({"digest": _digest(y), "y": y if comm.rank == 0 else None})
@@ -84,8 +100,9 @@ def _rank_main(rank: int, scenarios_json: str) -> None:
         out = {"name": sc["name"], "rank": rank, "error": None}
         t0 = time.monotonic()
         try:
-            with make_collective(sc["backend"], rank, sc["world"], f"127.0.0.1:{sc['port']}", sc.get("payload", "fp32"),
-                                 curve_keys=sc.get("curve_keys"), join_timeout_s=30.0) as comm:
+            config = _config(sc["world"], sc["port"], sc["backend"], sc.get("payload", "fp32"),
+                             curve_keys=sc.get("curve_keys"), join_timeout_s=30.0)
+            with make_collective(config, rank) as comm:
                 role = sc.get("roles", {}).get(str(rank))
                 if role == "master_then_hang":
                     comm.broadcast(STEP, torch.ones(2))
@@ -205,8 +222,9 @@ def sweep(tmp_path_factory):
     results = {}
     try:
         for sc in scenarios:
-            with make_collective(sc["backend"], 0, sc["world"], f"127.0.0.1:{sc['port']}", sc.get("payload", "fp32"),
-                                 curve_keys=sc.get("curve_keys"), join_timeout_s=60.0) as comm:
+            config = _config(sc["world"], sc["port"], sc["backend"], sc.get("payload", "fp32"),
+                             curve_keys=sc.get("curve_keys"), join_timeout_s=60.0)
+            with make_collective(config, 0) as comm:
                 master = _play(comm, sc["seed"])
                 traffic = (comm.bytes_sent, comm.bytes_received)
             workers = {r: ranks.next(r) for r in range(1, sc["world"])}
@@ -254,31 +272,31 @@ def test_a_loopback_port_that_is_not_a_local_master_stays_on_tcp():
     port = free_port()
     tcp = f"tcp://127.0.0.1:{port}"
     t0 = time.monotonic()
-    assert star.worker_endpoint("127.0.0.1", port, time.monotonic() + 0.3) == tcp  # nothing listens: looks until then
+    assert fastpath.worker_endpoint("127.0.0.1", port, time.monotonic() + 0.3) == tcp  # nothing listens: looks until then
     assert 0.3 <= time.monotonic() - t0 < 2.0
     with socket.create_server(("127.0.0.1", port)):  # a port forward or a tunnel: TCP, at once
         t0 = time.monotonic()
-        assert star.worker_endpoint("127.0.0.1", port, time.monotonic() + 10.0) == tcp
+        assert fastpath.worker_endpoint("127.0.0.1", port, time.monotonic() + 10.0) == tcp
         assert time.monotonic() - t0 < 1.0
     t0 = time.monotonic()  # not loopback: never looked up
-    assert star.worker_endpoint("10.1.2.3", port, time.monotonic() + 10.0) == f"tcp://10.1.2.3:{port}"
+    assert fastpath.worker_endpoint("10.1.2.3", port, time.monotonic() + 10.0) == f"tcp://10.1.2.3:{port}"
     assert time.monotonic() - t0 < 1.0
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("master", StarCollective(0, 2, f"127.0.0.1:{port}")))
+    thread = threading.Thread(target=lambda: result.setdefault("master", StarMaster(_config(2, port))))
     thread.start()
-    with StarCollective(1, 2, f"127.0.0.1:{port}") as worker:  # started first: it waits for the master's socket
+    with StarWorker(_config(2, port), 1) as worker:  # started first: it waits for the master's socket
         thread.join(10)
         assert worker.transport == "ipc"
-        assert star.worker_endpoint("127.0.0.1", port, 0) == f"ipc://@edgefold-tp-127.0.0.1:{port}"
+        assert fastpath.worker_endpoint("127.0.0.1", port, 0) == f"ipc://@edgefold-tp-127.0.0.1:{port}"
         result["master"].close()
 
 
 def test_spinning_stops_while_the_thread_waits_for_a_cpu(monkeypatch):
     if sys.platform.startswith("linux"):
-        assert isinstance(star._Spin()._runqueue_ns(), int)  # /proc/thread-self/schedstat is readable
-    spin = star._Spin()
+        assert isinstance(fastpath.Spin()._runqueue_ns(), int)  # /proc/thread-self/schedstat is readable
+    spin = fastpath.Spin()
     now, waited = [100.0], [0]
-    monkeypatch.setattr(star, "time", type("Clock", (), {"monotonic": lambda: now[0], "perf_counter": time.perf_counter}))
+    monkeypatch.setattr(fastpath, "time", type("Clock", (), {"monotonic": lambda: now[0], "perf_counter": time.perf_counter}))
     monkeypatch.setattr(spin, "_runqueue_ns", lambda: waited[0])
     assert not spin._allowed()  # no measurement yet
     now[0] += 0.02
@@ -296,7 +314,7 @@ def test_spinning_stops_while_the_thread_waits_for_a_cpu(monkeypatch):
 
 
 def test_world_size_one_is_a_no_op():
-    comm = make_collective("star", 0, 1, "127.0.0.1:1")
+    comm = make_collective(TPConfig(1, "127.0.0.1:1"), 0)
     x = torch.randn(2, 3)
     assert isinstance(comm, LocalCollective) and comm.allreduce(x, 0, ATTN) is x
     assert comm.broadcast(STEP, x, step=4) == (STEP, x) and comm.last_step == 4
@@ -341,7 +359,7 @@ def test_a_killed_worker_fails_the_master_within_the_deadline_naming_it():
     sc = [{"name": "kill", "backend": "star", "world": 3, "port": port, "seed": 1, "die_rank": 2, "die_after": 2}]
     ranks = _Ranks((1, 2), sc)
     try:
-        comm = make_collective("star", 0, 3, f"127.0.0.1:{port}", timeout_s=2.0, join_timeout_s=60.0)
+        comm = make_collective(_config(3, port, timeout_s=2.0, join_timeout_s=60.0), 0)
         ops = _ops(1)
         for op in range(4):  # RESET, STEP, then two allreduces; rank 2 dies after its second
             what, a, b, c = ops[op]
@@ -408,7 +426,7 @@ class _FakeWorker:
 def test_malformed_messages_are_rejected_and_the_master_survives():
     port, result = free_port(), {}
     thread = threading.Thread(target=lambda: result.setdefault(
-        "master", StarCollective(0, 2, f"127.0.0.1:{port}", join_timeout_s=20.0)))
+        "master", StarMaster(_config(2, port, join_timeout_s=20.0))))
     thread.start()
     stranger = _FakeWorker(port, hello=False)
     stranger.send(b"garbage, not a header")
@@ -440,7 +458,7 @@ def test_malformed_messages_are_rejected_and_the_master_survives():
 def test_an_out_of_order_partial_is_detected(seq, layer, kind):
     port = free_port()
     worker = _FakeWorker(port)
-    master = StarCollective(0, 2, f"127.0.0.1:{port}", join_timeout_s=20.0)
+    master = StarMaster(_config(2, port, join_timeout_s=20.0))
     try:
         worker.recv()
         worker.partial(seq, layer, kind, np.ones((1, 4), np.float32))
@@ -454,7 +472,7 @@ def test_an_out_of_order_partial_is_detected(seq, layer, kind):
 def test_a_hung_worker_fails_the_master_after_timeout_s():
     port = free_port()
     worker = _FakeWorker(port)
-    master = StarCollective(0, 2, f"127.0.0.1:{port}", timeout_s=1.0, join_timeout_s=20.0)
+    master = StarMaster(_config(2, port, timeout_s=1.0, join_timeout_s=20.0))
     try:
         worker.recv()
         t0 = time.monotonic()
@@ -470,7 +488,7 @@ def test_duplicate_and_out_of_range_ranks_are_rejected_at_join():
     port, result = free_port(), {}
     first, dup, wrong = _FakeWorker(port, world=3), _FakeWorker(port, world=3), _FakeWorker(port, rank=5, world=3)
     thread = threading.Thread(target=lambda: result.setdefault(
-        "master", StarCollective(0, 3, f"127.0.0.1:{port}", join_timeout_s=20.0)))
+        "master", StarMaster(_config(3, port, join_timeout_s=20.0))))
     thread.start()
     last = None
     try:
@@ -501,7 +519,7 @@ def test_a_worker_detects_an_out_of_order_message_from_the_master():
 
     def worker():
         try:
-            with StarCollective(1, 2, f"127.0.0.1:{port}", join_timeout_s=10.0) as comm:
+            with StarWorker(_config(2, port, join_timeout_s=10.0), 1) as comm:
                 comm.broadcast(0)
         except CollectiveError as e:
             result["error"] = str(e)
@@ -532,7 +550,7 @@ def test_a_worker_without_the_curve_keys_cannot_join(tmp_path, worker_keys):
     def master():
         t0 = time.monotonic()
         try:
-            StarCollective(0, 2, f"127.0.0.1:{port}", curve_keys=keys, join_timeout_s=3.0).close()
+            StarMaster(_config(2, port, curve_keys=keys, join_timeout_s=3.0)).close()
         except CollectiveError as e:
             result["master"] = (str(e), time.monotonic() - t0)
 
@@ -540,8 +558,45 @@ def test_a_worker_without_the_curve_keys_cannot_join(tmp_path, worker_keys):
     thread.start()
     t0 = time.monotonic()
     with pytest.raises(CollectiveError, match="no WELCOME .* within 2 s"):
-        StarCollective(1, 2, f"127.0.0.1:{port}", curve_keys=other, join_timeout_s=2.0)
+        StarWorker(_config(2, port, curve_keys=other, join_timeout_s=2.0), 1)
     assert time.monotonic() - t0 < 4.0
     thread.join(10)
     message, seconds = result["master"]
     assert "rank(s) [1] did not join within 3 s" in message and "CURVE" in message and seconds < 6.0
+
+
+# ---------------------------------------------------------------- gather (stats travel this way)
+
+@pytest.mark.parametrize("name", ["star-w2", "star-w3", "star-w4", "star-w3-fp16", "star-w4-int8", "star-w2-curve",
+                                  "gloo-w2", "gloo-w3", "gloo-w4"])
+def test_gather_brings_every_ranks_bytes_to_the_master_in_rank_order(sweep, name):
+    sc, master, workers, _ = sweep[name]
+    [got] = [r["gathered"] for r in master if "gathered" in r]
+    assert got == [_gathered(sc["seed"], r) for r in range(sc["world"])]
+    assert all(r["gathered"] is None for w in workers.values() for r in w["records"] if "gathered" in r)
+
+
+def test_local_collective_gathers_its_own_bytes():
+    assert LocalCollective().gather(b'{"rank": 0}') == [b'{"rank": 0}']
+
+
+@pytest.mark.parametrize("sent,error", [
+    (None, r"rank\(s\) \[1\] sent no gather payload \(seq 1\) within 1 s"),
+    ((DType.F32, (2,), np.ones(2, np.float32).tobytes()), "rank 1 sent a gather payload of F32 shape \\(2,\\)"),
+    ((DType.BYTES, (2 << 20,), b"tiny"), "expected at most 1048576 bytes"),
+])
+def test_a_gather_from_a_silent_or_malformed_worker_fails_naming_it(sent, error):
+    port = free_port()
+    worker = _FakeWorker(port)
+    master = StarMaster(_config(2, port, timeout_s=1.0, join_timeout_s=20.0))
+    try:
+        assert worker.recv()[0].type == Msg.WELCOME
+        if sent is not None:
+            dtype, shape, data = sent
+            worker.send(Header(Msg.GATHER, 1, 2, 0, -1, 0, 1, dtype, shape), data)
+        with pytest.raises(CollectiveError, match=error):
+            master.gather(b"{}")
+        assert worker.recv()[0].type == Msg.ABORT  # the others are told at once
+    finally:
+        master.close()
+        worker.close()

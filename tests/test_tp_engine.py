@@ -28,9 +28,12 @@ from hf_random import randomize_norms_and_biases
 transformers = pytest.importorskip("transformers")
 
 from edge_runtime import cli as edge_cli  # noqa: E402
-from edge_runtime.tp import cli as tp_cli  # noqa: E402
-from edge_runtime.tp.collective import CollectiveError, LocalCollective, make_collective  # noqa: E402
-from edge_runtime.tp.engine import Master, Sampling, sample  # noqa: E402
+from edge_runtime.tp import cli as tp_cli, launch  # noqa: E402
+from edge_runtime.tp.collective import CollectiveError, LocalCollective  # noqa: E402
+from edge_runtime.tp.config import TPConfig  # noqa: E402
+from edge_runtime.tp.connect import make_collective  # noqa: E402
+from edge_runtime.tp.engine import Master  # noqa: E402
+from split.llama import Sampling, Stop, sample  # noqa: E402
 from edge_runtime.tp.plan import ShardPlan  # noqa: E402
 from edge_runtime.tp.prepare import prepare  # noqa: E402
 
@@ -100,9 +103,9 @@ class Session:
     def master(self) -> Master:
         if self._master is None:
             plan = ShardPlan.load(self.shards / "plan.json")
-            options = {"plan_checksum": tp_cli.plan_checksum(plan)} if self.backend == "star" else {}
-            comm = make_collective(self.backend, 0, self.world, f"127.0.0.1:{self.port}", self.payload,
-                                   timeout_s=2.0, join_timeout_s=60.0, **options)
+            config = TPConfig(self.world, f"127.0.0.1:{self.port}", self.backend, self.payload,
+                              timeout_s=2.0, join_timeout_s=60.0)
+            comm = make_collective(config, 0, launch.plan_checksum(plan))
             self._master = Master(self.shards / "rank0", comm, self.window)
         return self._master
 
@@ -124,7 +127,7 @@ def sessions(ckpts, tmp_path_factory):
     for name, (ck, world, weights, window, payload, backend) in SESSIONS.items():
         shards = tmp_path_factory.mktemp(f"shards_{name}")
         prepare(ckpts[ck][0], world, weights, shards, progress=False)
-        port = tp_cli.free_port()
+        port = launch.free_port()
         procs = {r: spawn_worker(shards / f"rank{r}", r, port, window, payload, backend) for r in range(1, world)}
         made[name] = Session(shards, world, window, payload, backend, port, procs)
     yield made
@@ -151,6 +154,48 @@ def test_world_size_1_is_the_same_code_path(ckpts, tmp_path, window):
         assert stats[0]["pager_max_resident"] == (2 if window else 6)
 
 
+@pytest.mark.parametrize("window", [1, 2])
+def test_one_device_paged_model_matches_the_unpaged_one(ckpts, tmp_path, window):
+    """Paging alone, no tensor parallelism, no collective: a plain split.llama model whose block
+    weights come from a pager of `window` blocks, run by split.llama's own decode loop."""
+    from edge_runtime.tp.pager import Pager
+    from edge_runtime.tp.parallelize import apply_paging
+    from edge_runtime.tp.prepare import block_order
+    from edge_runtime.tp.streamed_head import attach_head
+    from split.llama import Llama, LlamaConfig, generate, load_llama
+
+    path, _, ref_ids, _ = ckpts["odd"]
+    prepare(path, 1, None, tmp_path, progress=False)  # one rank: a file per block of the whole model
+    rank0 = tmp_path / "rank0"
+    config = LlamaConfig.from_dir(rank0)
+    with torch.device("meta"):
+        paged = Llama(config, with_embed=False, with_head=False)  # no weight memory
+    unpaged = load_llama(path).eval()
+    prompt = torch.tensor([PROMPT])
+    with Pager(rank0, block_order(config.num_hidden_layers), window) as pager:
+        apply_paging(paged, pager)
+        attach_head(paged, rank0, stream=True)  # embeddings and LM head read from their files
+        with torch.inference_mode():
+            got, want = paged(prompt), unpaged(prompt)  # (1, T, vocab)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # the head's float32 reordering only
+        assert list(generate(paged, PROMPT, N_NEW)) == list(generate(unpaged, PROMPT, N_NEW)) == ref_ids
+        stats = pager.stats
+    assert stats.max_resident <= window and stats.loads > 2 * config.num_hidden_layers
+
+
+def test_tensor_parallelism_alone_on_a_loaded_model_at_world_size_1(ckpts):
+    """apply_tp without paging: the weights a loaded model holds are sliced in place (here: all of
+    them), and the allreduces of a LocalCollective return their input."""
+    from edge_runtime.tp.parallelize import apply_tp
+    from edge_runtime.tp.plan import make_plan
+    from split.llama import generate, load_llama
+
+    path, _, ref_ids, _ = ckpts["odd"]
+    model = load_llama(path).eval()
+    apply_tp(model, make_plan(model.config, 1), LocalCollective())
+    assert list(generate(model, PROMPT, N_NEW)) == ref_ids
+
+
 @pytest.mark.parametrize("name", list(SESSIONS))
 def test_generation_matches_transformers(ckpts, sessions, name):
     s = sessions[name]
@@ -171,7 +216,7 @@ def test_generation_matches_transformers(ckpts, sessions, name):
 def test_stop_ids_and_sampling(ckpts, sessions):
     m = sessions["w3"].master
     _, _, ref_ids, _ = ckpts["odd"]
-    assert list(m.generate(PROMPT, N_NEW, stop_ids=[ref_ids[5]])) == ref_ids[:ref_ids.index(ref_ids[5]) + 1]
+    assert list(m.generate(PROMPT, N_NEW, stop=Stop(eos_ids=[ref_ids[5]]))) == ref_ids[:ref_ids.index(ref_ids[5]) + 1]
     assert list(m.generate(PROMPT, 0)) == []
     s = Sampling(temperature=0.8, top_k=20, top_p=0.9, seed=7)
     a, b = list(m.generate(PROMPT, 12, s)), list(m.generate(PROMPT, 12, s))
@@ -234,19 +279,19 @@ def test_cli_generate_fp16_with_curve_keys_and_tokenizer(ckpts, tmp_path, capsys
 
 def test_worker_without_curve_keys_cannot_join(tmp_path):
     tp_cli.main(type("A", (), {"tp_command": "keys", "out": str(tmp_path)})())
-    port = tp_cli.free_port()
+    port = launch.free_port()
     errors = []
 
     def stranger():
         try:
-            make_collective("star", 1, 2, f"127.0.0.1:{port}", join_timeout_s=2.0).close()
+            make_collective(TPConfig(2, f"127.0.0.1:{port}", join_timeout_s=2.0), 1).close()
         except CollectiveError as e:
             errors.append(str(e))
 
     t = threading.Thread(target=stranger)
     t.start()
     with pytest.raises(CollectiveError, match=r"rank\(s\) \[1\] did not join"):
-        make_collective("star", 0, 2, f"127.0.0.1:{port}", curve_keys=tmp_path, join_timeout_s=2.5)
+        make_collective(TPConfig(2, f"127.0.0.1:{port}", curve_keys=tmp_path, join_timeout_s=2.5), 0)
     t.join()
     assert errors and "rank 1" in errors[0]
 
@@ -290,7 +335,7 @@ def test_cli_kills_its_workers_and_fails_when_a_worker_dies(ckpts, tmp_path, cap
     path = ckpts["odd"][0]
     made = []
 
-    class Recorded(tp_cli.LocalWorkers):
+    class Recorded(launch.LocalWorkers):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
@@ -305,7 +350,7 @@ def test_cli_kills_its_workers_and_fails_when_a_worker_dies(ckpts, tmp_path, cap
                 t_kill.append(time.monotonic())
             yield tok
 
-    monkeypatch.setattr(tp_cli, "LocalWorkers", Recorded)
+    monkeypatch.setattr(launch, "LocalWorkers", Recorded)
     monkeypatch.setattr(Master, "generate", killing_generate)
     code = edge_cli.main(["tp", "generate", "--model", str(path), "--world-size", "2", "--prompt-ids",
                           ",".join(map(str, PROMPT)), "--max-new-tokens", str(N_NEW), "--ignore-eos",

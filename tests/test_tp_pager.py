@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from devices.page_cache import drop_page_cache
 from edge_runtime.tp import pager as pager_mod
-from edge_runtime.tp.pager import Pager, PagerError, block_path, drop_page_cache, read_block
+from edge_runtime.tp.pager import Pager, PagerError, block_path, read_block
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 6

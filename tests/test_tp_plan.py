@@ -146,8 +146,8 @@ def test_prepare_writes_exactly_the_layout(qwen_checkpoint, tmp_path):
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     blocks = [f"layer{i:03d}.{k}.safetensors" for i, k in block_order(2)]
     expected = ["plan.json"] + sorted(
-        [f"rank0/{f}" for f in ["plan.json", "config.json", "tokenizer.json", "embed.safetensors",
-                                "head.safetensors", *blocks]]
+        [f"rank0/{f}" for f in ["plan.json", "config.json", "tokenizer.json", "generation_config.json",
+                                "embed.safetensors", "head.safetensors", *blocks]]
         + [f"rank1/{f}" for f in ["plan.json", "config.json", *blocks]])
     assert files == sorted(expected)
     assert ShardPlan.load(out / "rank1") == plan == ShardPlan.load(out)

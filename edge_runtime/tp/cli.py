@@ -15,23 +15,20 @@ stops them. With --peers it binds --master and waits for those already-started w
 Exit status of generate: 0 done, 1 a rank failed (the message names it), 2 bad arguments or files.
 A worker exits 0 after the master's SHUTDOWN, 3 when the master is gone or aborted the request
 (no traceback: it says why on stderr), 1 when it could not join, 2 for bad arguments or files.
+This module is the argument parsing and the printing; launch.py starts the ranks, and one
+TPConfig (config.py) carries the parsed options to them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_CACHE = Path(os.environ.get("EDGEFOLD_CACHE", Path.home() / ".cache" / "edgefold")) / "tp-shards"
+from .launch import DEFAULT_CACHE
 
 
 def add_parser(commands) -> None:
@@ -48,7 +45,7 @@ def add_parser(commands) -> None:
                         "memory bandwidth, since decoding on these devices is memory-bound")
     p.add_argument("--out", required=True)
 
-    def comm(p, worker: bool):
+    def comm(p):  # what every rank of a group is told: TPConfig's fields
         p.add_argument("--window", type=int, default=0, help="blocks resident per rank (0 = all)")
         p.add_argument("--backend", choices=("star", "gloo"), default="star")
         p.add_argument("--payload", choices=("fp32", "fp16", "int8"), default="fp32",
@@ -62,7 +59,7 @@ def add_parser(commands) -> None:
     p.add_argument("--master", required=True, help="HOST:PORT of rank 0")
     p.add_argument("--shards", required=True, help="this rank's folder (or the prepare --out folder)")
     p.add_argument("--world-size", type=int, help="default: from the plan")
-    comm(p, worker=True)
+    comm(p)
 
     p = sub.add_parser("generate", help="generate text across N ranks (starts local workers unless --peers)")
     p.add_argument("--model", help="Hugging Face folder (config.json + *.safetensors)")
@@ -84,7 +81,7 @@ def add_parser(commands) -> None:
     p.add_argument("--master", help="HOST:PORT to bind (default: a free loopback port; with --peers 0.0.0.0:29500)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where prepared shards are cached")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    comm(p, worker=False)
+    comm(p)
 
     p = sub.add_parser("keys", help="make ZeroMQ CURVE key pairs for master and workers")
     p.add_argument("--out", required=True)
@@ -110,6 +107,21 @@ def main(args) -> int:
     raise AssertionError(args.tp_command)
 
 
+def _config(args, world_size: int, master: str):
+    """The parsed options every rank of the group shares."""
+    from .config import TPConfig
+    return TPConfig(world_size=world_size, master=master, backend=args.backend, payload=args.payload,
+                    window=args.window, timeout_s=args.timeout_s, join_timeout_s=args.join_timeout_s,
+                    curve_keys=Path(args.curve_keys) if args.curve_keys else None)
+
+
+def _ids(text: str, field: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{field}: expected comma-separated integers, got {text!r}") from None
+
+
 # --------------------------------------------------------------------------- prepare / worker
 
 def _prepare(args) -> int:
@@ -126,147 +138,35 @@ def _prepare(args) -> int:
     return 0
 
 
-def plan_checksum(plan) -> bytes:
-    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16].encode()
-
-
 def _worker(args) -> int:
-    from .collective import CollectiveError, make_collective
+    from .collective import CollectiveError
     from .engine import run_worker
+    from .launch import join_as_worker, rank_folder
     from .plan import ShardPlan
-    from split.llama import LlamaConfig
 
-    shards = Path(args.shards)
-    if not (shards / "config.json").is_file() and (shards / f"rank{args.rank}").is_dir():
-        shards = shards / f"rank{args.rank}"
-    plan = ShardPlan.load(shards / "plan.json")
-    plan.check(LlamaConfig.from_dir(shards), args.rank)  # before joining: a wrong folder fails here
-    if args.world_size is not None and args.world_size != plan.world_size:
-        raise ValueError(f"--world-size {args.world_size} does not match the plan's world_size {plan.world_size}")
     if args.rank == 0:
         raise ValueError("--rank: workers are ranks 1..N-1 (rank 0 is the master, `tp generate`)")
+    folder = rank_folder(Path(args.shards), args.rank)
+    world_size = args.world_size if args.world_size is not None else ShardPlan.load(folder / "plan.json").world_size
+    config = _config(args, world_size, args.master)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally-blocks close the sockets
     try:
-        collective = make_collective(args.backend, args.rank, plan.world_size, args.master, args.payload,
-                                     args.timeout_s, Path(args.curve_keys) if args.curve_keys else None,
-                                     join_timeout_s=args.join_timeout_s,
-                                     **({"plan_checksum": plan_checksum(plan)} if args.backend == "star" else {}))
+        collective = join_as_worker(folder, args.rank, config)
     except CollectiveError as err:
         print(f"edge-runtime tp worker: {err}", file=sys.stderr)
         return 1
-    return run_worker(shards, collective, args.window, log=lambda m: print(m, file=sys.stderr))
+    return run_worker(folder, collective, config.window, log=lambda m: print(m, file=sys.stderr))
 
 
 # --------------------------------------------------------------------------- generate
 
-def _ids(text: str, field: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{field}: expected comma-separated integers, got {text!r}") from None
-
-
-def free_port() -> int:
-    """A free loopback port whose successor is free too (gloo uses port + 1)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 65534:
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", port + 1))
-                    return port
-                except OSError:
-                    continue
-    raise OSError("no free loopback port pair found")
-
-
-def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True) -> Path:
-    """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<plan hash>."""
-    from split.llama import LlamaConfig
-
-    from .plan import make_plan
-    from .prepare import is_prepared, prepare
-
-    config = LlamaConfig.from_dir(model)
-    plan = make_plan(config, world_size, weights)
-    src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
-    out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}"
-    if is_prepared(out, plan) and _newer_than_checkpoint(out, model):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        prepare(model, world_size, weights, tmp, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _newer_than_checkpoint(out: Path, model: Path) -> bool:
-    stamp = (out / "plan.json").stat().st_mtime
-    return all(p.stat().st_mtime <= stamp for p in model.glob("*.safetensors"))
-
-
-class LocalWorkers:
-    """Workers 1..N-1 as subprocesses on loopback; stop() always ends them (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, shards: Path, world_size: int, master: str, args):
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.logs: dict[int, Path] = {}
-        logdir = Path(tempfile.mkdtemp(prefix="edgefold-tp-workers-"))
-        self.logdir = logdir
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
-        for r in range(1, world_size):
-            cmd = [sys.executable, "-m", "edge_runtime.cli", "tp", "worker", "--rank", str(r), "--master", master,
-                   "--shards", str(shards / f"rank{r}"), "--window", str(args.window), "--backend", args.backend,
-                   "--payload", args.payload, "--timeout-s", str(args.timeout_s),
-                   "--join-timeout-s", str(args.join_timeout_s)]
-            if args.curve_keys:
-                cmd += ["--curve-keys", str(args.curve_keys)]
-            self.logs[r] = logdir / f"rank{r}.log"
-            with open(self.logs[r], "wb") as log:
-                self.procs[r] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                 stdin=subprocess.DEVNULL)
-
-    def describe_failures(self) -> str:
-        notes = []
-        for r, p in self.procs.items():
-            code = p.poll()
-            if code not in (None, 0):
-                tail = self.logs[r].read_text(errors="replace").strip().splitlines()[-3:]
-                notes.append(f"worker rank {r} exited with status {code}" + (f": {' | '.join(tail)}" if tail else ""))
-        return "; ".join(notes)
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        deadline = time.monotonic() + grace_s
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        shutil.rmtree(self.logdir, ignore_errors=True)
-
-
 def _generate(args) -> int:
     import torch
 
-    from split.llama import LlamaConfig
+    from split.llama import LlamaConfig, Sampling, Stop
 
-    from .collective import CollectiveError, make_collective
-    from .engine import Master, Sampling
+    from .collective import CollectiveError
+    from .launch import LocalWorkers, cached_shards, free_port, share_cores, start_master
     from .plan import ShardPlan, parse_weights
 
     if (args.model is None) == (args.shards is None):
@@ -281,36 +181,28 @@ def _generate(args) -> int:
         if args.world_size is not None and args.world_size != world_size:
             raise ValueError(f"--world-size {args.world_size} does not match the prepared plan ({world_size})")
     else:
-        config = LlamaConfig.from_dir(args.model)
         world_size = args.world_size if args.world_size is not None else (len(peers) + 1 if peers else 1)
         weights = parse_weights(args.weights, world_size)
         shards = cached_shards(Path(args.model), world_size, weights, Path(args.cache_dir), progress=not args.json)
     if peers is not None and len(peers) != world_size - 1:
         raise ValueError(f"--peers lists {len(peers)} workers, world size {world_size} needs {world_size - 1}")
     plan = ShardPlan.load(shards / "plan.json")
-    config = LlamaConfig.from_dir(shards / "rank0")
     stop_ids = [] if args.ignore_eos else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids
-                                           else list(config.eos_token_ids))
+                                           else list(LlamaConfig.from_dir(shards / "rank0").eos_token_ids))
+    master_addr = args.master or ("0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}" if world_size > 1 else "")
+    config = _config(args, world_size, master_addr)
 
-    master_addr = args.master or ("0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")
-    workers = None
-    if peers is None and world_size > 1:
-        connect = master_addr.replace("0.0.0.0", "127.0.0.1")
-        workers = LocalWorkers(shards, world_size, connect, args)
+    workers = LocalWorkers(shards, config) if peers is None and world_size > 1 else None
     master, failed = None, True
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if workers is not None and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share this machine's cores
+        share_cores(world_size)
     try:
-        collective = make_collective(args.backend, 0, world_size, master_addr, args.payload, args.timeout_s,
-                                     Path(args.curve_keys) if args.curve_keys else None,
-                                     join_timeout_s=args.join_timeout_s,
-                                     **({"plan_checksum": plan_checksum(plan)} if args.backend == "star" else {}))
-        master = Master(shards / "rank0", collective, args.window)
+        master = start_master(shards, config)
         prompt = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else master.encode(args.prompt)
         t0 = time.perf_counter()
         tokens, shown = [], ""
-        for tok in master.generate(prompt, args.max_new_tokens, sampling, stop_ids):
+        for tok in master.generate(prompt, args.max_new_tokens, sampling, Stop(eos_ids=stop_ids)):
             tokens.append(tok)
             if not args.json:  # decode the whole text so far: tokens that merge (spaces, UTF-8) print right
                 text = master.decode(tokens) if master.tokenizer else " ".join(map(str, tokens)) + " "
@@ -329,19 +221,17 @@ def _generate(args) -> int:
     finally:
         if master is not None:
             master.close()
-        elif "collective" in locals():
-            collective.close()
         if workers is not None:
             workers.stop(grace_s=0.5 if failed else 5.0)
     s = master.last
     lat = s.token_latencies_s
     result = dict(
-        token_ids=s.token_ids, text=master.decode(s.token_ids) if master.tokenizer else None,
-        prompt_ids=prompt, world_size=world_size, window=args.window, backend=args.backend, payload=args.payload,
-        kv_heads=plan.kv_heads, mlp=plan.mlp,
+        token_ids=s.tokens, finish_reason=s.finish_reason, text=master.decode(s.tokens) if master.tokenizer else None,
+        prompt_ids=prompt, world_size=world_size, window=config.window, backend=config.backend,
+        payload=config.payload, kv_heads=plan.kv_heads, mlp=plan.mlp,
         time_to_first_token_s=s.time_to_first_token_s, token_latencies_s=lat,
         mean_token_latency_s=sum(lat) / len(lat) if lat else None, total_s=total,
-        tokens_per_s=len(s.token_ids) / total if total > 0 else None,
+        tokens_per_s=len(s.tokens) / total if total > 0 else None,
         peak_rss_bytes=[r["peak_rss"] for r in ranks], baseline_rss_bytes=[r["baseline_rss"] for r in ranks],
         bytes_sent=[r["bytes_sent"] for r in ranks], bytes_received=[r["bytes_received"] for r in ranks],
         pager=[dict(loads=r["pager_loads"], max_resident=r["pager_max_resident"], load_s=r["pager_load_us"] / 1e6,

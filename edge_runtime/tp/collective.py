@@ -1,23 +1,22 @@
-"""The collective interface the tensor-parallel engine talks to, and the factory for its backends.
+"""The collective interface the tensor-parallel engine talks to, and its one-device case.
 
-    with make_collective("star", rank, world_size, "10.0.0.2:5555") as comm:
-        out = comm.allreduce(partial, layer=i, kind=ATTN)       # (B, T, C) sum over ranks
-        cmd, hidden = comm.broadcast(STEP, hidden, step=pos)    # master sends, workers receive
+    out = comm.allreduce(partial, layer=i, kind=ATTN)       # (B, T, C) summed over ranks
+    cmd, hidden = comm.broadcast(STEP, hidden, step=pos)    # the master sends, workers receive
+    rows = comm.gather(json.dumps(stats).encode())          # the master gets every rank's bytes
 
-Two backends share this interface: `star` (ZeroMQ; the master sums in rank order and sends the
-sum back, one round trip per allreduce; see star.py) and `gloo` (torch.distributed's ring; see
-gloo.py). With world_size 1 both are a no-op that returns its input.
+Backends behind it: star_master.py / star_worker.py (ZeroMQ; the master sums in rank order and
+sends the sum back, one round trip per allreduce) and gloo.py (torch.distributed's ring); build
+one with connect.make_collective(config, rank). LocalCollective is world size 1: every operation
+returns its input, so one device runs the same code with no network.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import torch
 
 ATTN, MLP = 0, 1  # allreduce kinds (they travel in the header so a desync is caught)
-STEP, RESET, SHUTDOWN = 1, 2, 3  # broadcast commands used by the engine
-PAYLOADS = ("fp32", "fp16", "int8")
+STEP, RESET, SHUTDOWN, STATS = 1, 2, 3, 4  # broadcast commands used by the engine
 
 
 class CollectiveError(RuntimeError):
@@ -34,10 +33,6 @@ class Collective(ABC):
     bytes_received: int = 0
     last_step: int = 0  # the `step` field of the last broadcast (positions start of a STEP)
 
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
     @abstractmethod
     def allreduce(self, tensor: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
         """Sum `tensor` over all ranks; every rank gets the same bits. The master adds the
@@ -49,6 +44,11 @@ class Collective(ABC):
         """Master: send (command, tensor, step) to every worker and return (command, tensor).
         Worker: arguments are ignored; block until the master's next broadcast and return it
         (its `step` is in `self.last_step`)."""
+
+    @abstractmethod
+    def gather(self, data: bytes) -> list[bytes] | None:
+        """Every rank calls it with a small payload (JSON text, say). Master: every rank's bytes in
+        rank order, waiting at most its timeout for each worker. Worker: sends, returns None."""
 
     @abstractmethod
     def close(self) -> None:
@@ -74,42 +74,8 @@ class LocalCollective(Collective):
         self.last_step = step
         return command, tensor
 
+    def gather(self, data):
+        return [bytes(data)]
+
     def close(self):
         pass
-
-
-def parse_address(master: str) -> tuple[str, int]:
-    """'host:port' -> (host, port), with a clear error otherwise."""
-    host, sep, port = master.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
-        raise ValueError(f"master: expected HOST:PORT with PORT in 1..65534, got {master!r}")
-    return host.strip("[]"), int(port)
-
-
-def make_collective(backend: str, rank: int, world_size: int, master: str, payload: str = "fp32",
-                    timeout_s: float = 2.0, curve_keys: Path | None = None, **options) -> Collective:
-    """Build and connect a collective. Blocks until every rank has joined (or raises
-    CollectiveError naming the missing ranks after `join_timeout_s`).
-
-    backend: "star" | "gloo"; master: "host:port" of rank 0 (gloo also uses port+1);
-    payload: "fp32" | "fp16" | "int8" (int8: star only); timeout_s: how long the master waits for
-    a worker's partial; curve_keys: folder from `make_keys` (star only).
-    options (star and gloo): join_timeout_s=30.0, idle_timeout_s=None (a worker's wait for the
-    next broadcast; None = as long as the master is alive), work_timeout_s=30.0 (a worker's wait
-    for the sum). Star only: plan_checksum=b"" (workers with a different one are rejected),
-    heartbeat_s=1.0."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-    if payload not in PAYLOADS:
-        raise ValueError(f"payload must be one of {PAYLOADS}, got {payload!r}")
-    if world_size == 1:
-        return LocalCollective()
-    if backend == "star":
-        from .star import StarCollective
-        return StarCollective(rank, world_size, master, payload, timeout_s, curve_keys, **options)
-    if backend == "gloo":
-        if curve_keys is not None:
-            raise ValueError("curve_keys: CURVE encryption is only available with backend 'star'")
-        from .gloo import GlooCollective
-        return GlooCollective(rank, world_size, master, payload, timeout_s, **options)
-    raise ValueError(f"backend must be 'star' or 'gloo', got {backend!r}")

@@ -6,23 +6,18 @@
     pager.release((0, "attn"))      # freed; the loader moves on to the next block of the cycle
     pager.close()
 
-A block is the attention or MLP half of one layer, one safetensors file each
-(`layer{i:03d}.{kind}.safetensors`). `order` is the sequence one forward pass uses; every pass
-repeats it, so it is a cycle and the loader wraps around to the next pass's first blocks. One
-background thread loads blocks in cycle order while fewer than `window` are resident (loaded,
-being loaded and being freed all count), so with window 2 block k+1 loads while block k computes
-and communicates. Window 0 or >= len(order) loads everything once and keeps it. If the consumer
-asks for a block that is neither loaded nor loading (an aborted pass), the unused prefetched
-blocks are dropped and the loader seeks there. A loader error (missing file, corrupt header)
-reaches the acquire() of that block as a PagerError naming the file; acquire() never waits past
-its deadline (TimeoutError naming the file).
+A block is the attention or MLP half of one layer, one safetensors file each, read into owned
+memory by blockfile.py. `order` is the sequence one forward pass uses; every pass repeats it, so
+it is a cycle and the loader wraps around to the next pass's first blocks. One background thread
+loads blocks in cycle order while fewer than `window` are resident (loaded, being loaded and
+being freed all count), so with window 2 block k+1 loads while block k computes and
+communicates. Window 0 or >= len(order) loads everything once and keeps it. If the consumer asks
+for a block that is neither loaded nor loading (an aborted pass), the unused prefetched blocks are
+dropped and the loader seeks there. A loader error (missing file, corrupt header) reaches the
+acquire() of that block as a PagerError naming the file; acquire() never waits past its deadline
+(TimeoutError naming the file). parallelize.apply_paging puts a pager behind a model's layers.
 
-Memory really goes back to the OS. safetensors' `safe_open(...).get_tensor` is zero-copy (0.8:
-tensors are views of its mmap of the file), so touched pages count in RSS as file-backed memory
-and are faulted in lazily by the compute thread rather than by the loader. Instead the header is
-parsed here and the data read with `readinto` into an anonymous mmap owned by the block (with
-MADV_HUGEPAGE: fresh memory faults in ~6x faster); tensors are views of it. The page cache is
-never mapped, so it never counts in RSS. Freeing a block drops the last reference and unmaps it
+Memory really goes back to the OS. Freeing a block drops the last reference and unmaps its buffer
 at once, except that a freed buffer about the size of the next block is reused for it (no page
 faults or zeroing: measured 0.057 ms/MiB against 0.078 fresh with huge pages, 0.48 without).
 malloc_trim(0) then returns heap left by dtype conversions. A block whose tensors are still
@@ -33,11 +28,7 @@ referenced after release() is not reused and stays in memory until they go
 from __future__ import annotations
 
 import collections
-import ctypes
-import json
 import mmap
-import os
-import struct
 import sys
 import threading
 import time
@@ -46,122 +37,7 @@ from pathlib import Path
 
 import torch
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-           "F8_E5M2": getattr(torch, "float8_e5m2", None)}
-_libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the C library Python runs on
-
-
-class PagerError(RuntimeError):
-    """A block could not be loaded (the message names the file), or the pager was misused."""
-
-
-def block_path(folder, block) -> Path:
-    return Path(folder) / f"layer{int(block[0]):03d}.{block[1]}.safetensors"
-
-
-def malloc_trim() -> None:
-    """Give free heap memory back to the OS (glibc only; a no-op elsewhere)."""
-    if _libc is not None and hasattr(_libc, "malloc_trim"):
-        _libc.malloc_trim(0)
-
-
-def drop_page_cache(paths) -> int:
-    """Evict files from the OS page cache (cold-cache benchmarks; no root needed). Returns bytes."""
-    if not hasattr(os, "posix_fadvise"):
-        raise NotImplementedError("dropping the page cache needs os.posix_fadvise (Linux)")
-    total = 0
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            try:
-                os.fdatasync(fd)  # dirty pages cannot be dropped
-            except OSError:
-                pass
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            total += os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-    return total
-
-
-def new_buffer(nbytes: int) -> mmap.mmap:
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if nbytes >= (2 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return buf
-
-
-def read_header(f, path) -> tuple[list[tuple[str, torch.dtype, list[int], int, int]], int]:
-    """Parse the header of safetensors file `f` (opened "rb", positioned at 0), checking every entry
-    against the file size: ([(name, dtype, shape, begin, end)], file offset of the data section).
-    begin/end are byte offsets into the data section."""
-    def corrupt(why):
-        return PagerError(f"{path}: corrupt safetensors file: {why}"[:500])
-    size = os.fstat(f.fileno()).st_size
-    head = f.read(8)
-    (n,) = struct.unpack("<Q", head) if len(head) == 8 else (size,)
-    if n > min(size - 8, 100 << 20):
-        raise corrupt(f"header length {n} does not fit the file ({size} bytes)")
-    try:
-        header = json.loads(f.read(n))
-    except ValueError:
-        header = None
-    if not isinstance(header, dict):
-        raise corrupt("the header is not a JSON object")
-    entries, data_size = [], size - 8 - n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt, shape, (b, e) = _DTYPES[info["dtype"]], [int(s) for s in info["shape"]], info["data_offsets"]
-            ok = dt is not None and type(b) is type(e) is int and 0 <= b <= e <= data_size \
-                and min(shape, default=0) >= 0 and e - b == torch.Size(shape).numel() * dt.itemsize
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise corrupt(f"bad entry {name!r}: {info!r}")
-        entries.append((name, dt, shape, b, e))
-    return entries, 8 + n
-
-
-def read_into(f, buf: memoryview, offset: int, path) -> None:
-    """Fill `buf` from file `f` (unbuffered) starting at byte `offset`; a short file is corrupt."""
-    f.seek(offset)
-    got = 0
-    while got < len(buf):
-        k = f.readinto(buf[got:])
-        if not k:
-            raise PagerError(f"{path}: corrupt safetensors file: truncated: {offset + got} of "
-                             f"{offset + len(buf)} bytes")
-        got += k
-
-
-def read_block(path, dtype: torch.dtype | None = None, alloc=new_buffer):
-    """Read one safetensors file into owned memory: (tensors, buffer they view or None, bytes read).
-    Floating-point tensors become `dtype` (None: as stored); `alloc(n)` gives a buffer of >= n bytes."""
-    with open(path, "rb", buffering=0) as f:
-        entries, start = read_header(f, path)
-        total = max((e for *_, e in entries), default=0)
-        buf = alloc(total) if total else None
-        if buf is not None:
-            with memoryview(buf) as mv:
-                read_into(f, mv[:total], start, path)
-    raw = torch.frombuffer(buf, dtype=torch.uint8, count=total) if buf is not None else None
-    tensors, views = {}, False
-    for name, dt, shape, b, e in entries:
-        t = torch.empty(shape, dtype=dt) if b == e else \
-            (raw[b:e] if b % dt.itemsize == 0 else raw[b:e].clone()).view(dt).view(shape)  # clone: unaligned
-        if dtype is not None and dt.is_floating_point and dt != dtype:
-            t = t.to(dtype)
-        views = views or (b != e and t.data_ptr() == raw.data_ptr() + b)
-        tensors[name] = t
-    return tensors, (buf if views else None), total
-
+from .blockfile import PagerError, block_path, malloc_trim, new_buffer, read_block
 
 @dataclass
 class PagerStats:
@@ -189,7 +65,7 @@ class _Slot:
 
 class Pager:
     def __init__(self, folder: Path, order: list[tuple[int, str]], window: int, dtype=torch.float32,
-                 timeout_s: float = 60.0, reuse_buffers: bool = True):
+                 timeout_s: float = 60.0):
         self.order = [(int(layer), str(kind)) for layer, kind in order]
         self._index = {b: i for i, b in enumerate(self.order)}
         if not self.order or len(self._index) != len(self.order):
@@ -198,7 +74,7 @@ class Pager:
             raise ValueError(f"window must be >= 0 (0 = every block resident), got {window}")
         self.window = len(self.order) if window == 0 else min(int(window), len(self.order))
         self.keep_all = self.window == len(self.order)
-        self.dtype, self.timeout_s, self.reuse_buffers = dtype, float(timeout_s), reuse_buffers
+        self.dtype, self.timeout_s = dtype, float(timeout_s)
         self.paths = [block_path(folder, b) for b in self.order]
         missing = [str(p) for p in self.paths if not p.is_file()]
         if missing:
@@ -365,7 +241,7 @@ class Pager:
             buf, slot.tensors, slot.buf = slot.buf, None, None
             if buf is not None and sys.getrefcount(buf) > 2:  # a tensor still views it
                 self._stats.still_referenced += 1
-            elif buf is not None and self.reuse_buffers:
+            elif buf is not None:
                 self._pool.append(buf)
             del slot, buf  # the last reference: the buffer is unmapped here unless pooled
         del self._pool[:-self.window]

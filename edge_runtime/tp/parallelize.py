@@ -1,21 +1,27 @@
-"""Apply tensor parallelism and weight paging to a plain split.llama `Llama`, beside the model code.
+"""Tensor parallelism and weight paging, each applied to a plain split.llama `Llama` on its own.
 
     with torch.device("meta"):
-        model = Llama(config, with_embed=False, with_head=False)           # no weight memory
-    parallelize(model, plan, rank, pager, collective)
-    attach_head(model, "shards/rank0", stream=True)                   # master: streamed_head.py
-    h = model.forward_layers(h, 0, L, positions=p, cache=cache)        # each layer: 2 allreduces
+        model = Llama(config, with_embed=False, with_head=False)       # no weight memory
+    apply_tp(model, plan, collective)      # this rank's heads and MLP columns; two allreduces per layer
+    apply_paging(model, pager)             # block weights acquired before a block runs, released after
+    attach_head(model, "shards/rank0", stream=True)                     # rank 0: streamed_head.py
+    h = model.forward_layers(h, 0, L, positions=p, cache=cache)
 
-Per rank, attention keeps the query heads of its KV-head groups (q/k/v rows, o_proj columns) and
-the MLP its slice of the intermediate dimension (gate/up rows, down_proj columns); the partial
-outputs of o_proj and down_proj are summed by `collective.allreduce`. The weights of a block
-(attention or MLP of one layer, including the RMSNorm in front of it) are not stored in the
-model: forward pre-hooks acquire them from the pager and bind them to the modules, forward hooks
-unbind and release them (so the pager can load the next block while this rank communicates)
-and then allreduce the output. The norm in front of each block is where the block starts, so
-its pre-hook does the acquiring. World size 1 with every block resident is the same code path.
+apply_tp (the colwise/rowwise split of gpt-fast's tp.py): rank r keeps the query heads of its
+KV-head groups (q/k/v rows, o_proj columns) and its slice of the MLP's intermediate dimension
+(gate/up rows, down_proj columns); forward hooks sum the partial outputs of attention and MLP
+through `collective.allreduce`. It slices whatever weights the model holds: real ones of a loaded
+model, or meta placeholders that then have this rank's shapes. Row-parallel biases stay on rank 0
+only, so the allreduce adds them once. World size 1 leaves every shape as it is.
+
+apply_paging: a block is the attention or the MLP of one layer, with the RMSNorm in front of it
+(one file per block: `tp prepare` writes them, or a one-rank prepare for a single device). Its
+weights are not stored in the model: a forward pre-hook on the norm acquires them from the pager
+and binds them to the modules, a forward hook on the block unbinds and releases them before
+anything else runs after it (the allreduce above included), so the pager loads the next block
+while this rank communicates. Without apply_tp this runs a model larger than memory on one device.
+Apply apply_tp first (either order works).
 """
-
 from __future__ import annotations
 
 import torch
@@ -23,10 +29,58 @@ from torch import nn
 
 from split.llama import Llama
 
-from .collective import ATTN, MLP
+from .collective import ATTN, MLP, Collective
 from .plan import ShardPlan
 
-_KIND = {"attn": ATTN, "mlp": MLP}
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+def _slice(linear: nn.Linear, dim: int, span: tuple[int, int], keep_bias: bool = True) -> None:
+    """Keep rows (dim 0) or columns (dim 1) [a, b) of linear's weight; a row slice cuts the bias too,
+    a column slice keeps the whole bias, or drops it (keep_bias False)."""
+    a, b = span
+    w = linear.weight
+    if w is not None:  # (out, in); None once apply_paging took the weights out of the model
+        linear.weight = nn.Parameter((w[a:b] if dim == 0 else w[:, a:b]).clone(), requires_grad=False)
+    if dim == 0:
+        linear.out_features = b - a
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias[a:b].clone(), requires_grad=False)
+    else:
+        linear.in_features = b - a
+        if not keep_bias:
+            linear.bias = None
+
+
+def apply_tp(model: Llama, plan: ShardPlan, collective: Collective) -> Llama:
+    """Shard `model`'s layers for `collective.rank` of `plan` and sum the partial outputs of every
+    attention and MLP over the ranks. Returns the model (changed in place)."""
+    rank = collective.rank
+    if collective.world_size != plan.world_size:
+        raise ValueError(f"collective has {collective.world_size} ranks, plan needs {plan.world_size}")
+    (qa, qb), (ka, kb) = plan.q_heads(rank), plan.kv_heads[rank]
+    for name, layer in model.layers.items():
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.n_local_heads, attn.n_local_kv_heads = qb - qa, kb - ka
+        _slice(attn.q_proj, 0, plan.q_rows(rank))  # (local heads * head_dim, C)
+        _slice(attn.k_proj, 0, plan.kv_rows(rank))  # (local KV heads * head_dim, C)
+        _slice(attn.v_proj, 0, plan.kv_rows(rank))
+        _slice(attn.o_proj, 1, plan.q_rows(rank), keep_bias=rank == 0)  # (C, local heads * head_dim)
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            _slice(proj, 0, plan.mlp[rank])  # (local columns, C)
+        _slice(mlp.down_proj, 1, plan.mlp[rank], keep_bias=rank == 0)  # (C, local columns)
+
+        def allreduce(i: int, kind: int):
+            return lambda module, args, output: collective.allreduce(output, i, kind)  # (B, T, C) summed
+
+        attn.register_forward_hook(allreduce(int(name), ATTN))
+        mlp.register_forward_hook(allreduce(int(name), MLP))
+    return model
+
+
+# --------------------------------------------------------------------------- paging
+
+_BLOCK = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
 
 
 def _bind(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -43,53 +97,27 @@ def _unbind(layer: nn.Module, keys) -> None:
         layer.get_submodule(path)._parameters[name] = None
 
 
-def _shard_shapes(model: Llama, plan: ShardPlan, rank: int) -> None:
-    """Local head counts (read by Attention.forward) and meta placeholders with the local shapes."""
-    (qa, qb), (ka, kb), (ma, mb) = plan.q_heads(rank), plan.kv_heads[rank], plan.mlp[rank]
-    hd, C = plan.model["head_dim"], plan.model["hidden"]
-    for layer in model.layers.values():
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.n_local_heads, attn.n_local_kv_heads = qb - qa, kb - ka
-        shapes = {attn.q_proj: ((qb - qa) * hd, C), attn.k_proj: ((kb - ka) * hd, C),
-                  attn.v_proj: ((kb - ka) * hd, C), attn.o_proj: (C, (qb - qa) * hd),
-                  mlp.gate_proj: (mb - ma, C), mlp.up_proj: (mb - ma, C), mlp.down_proj: (C, mb - ma)}
-        for lin, (out_f, in_f) in shapes.items():
-            lin.in_features, lin.out_features = in_f, out_f
-            lin.weight = nn.Parameter(torch.empty(out_f, in_f, device="meta"), requires_grad=False)
-            if lin.bias is not None:
-                lin.bias = nn.Parameter(torch.empty(out_f, device="meta"), requires_grad=False)
-        if rank != 0:  # row-parallel biases are added once, by rank 0
-            attn.o_proj.bias = None
-            mlp.down_proj.bias = None
-
-
-def parallelize(model: Llama, plan: ShardPlan, rank: int, pager, collective) -> Llama:
-    """Shard `model`'s layers for `rank` of `plan`, paging block weights through `pager` and summing
-    partial outputs through `collective`. Returns the model (changed in place)."""
-    if collective.world_size != plan.world_size or collective.rank != rank:
-        raise ValueError(f"collective is rank {collective.rank} of {collective.world_size}, "
-                         f"plan needs rank {rank} of {plan.world_size}")
-    _shard_shapes(model, plan, rank)
+def apply_paging(model: Llama, pager) -> Llama:
+    """Take the block weights out of `model`'s layers; each block acquires them from `pager` (keys
+    relative to the layer) when it starts and releases them when it ends. Returns the model."""
     for name, layer in model.layers.items():
         i = int(name)
-        keys: dict[str, list[str]] = {}  # kind -> the keys bound for the current use of the block
+        for kind, (norm, block) in _BLOCK.items():
+            for module in (layer.get_submodule(norm), layer.get_submodule(block)):
+                for sub in module.modules():
+                    for p in list(sub._parameters):
+                        sub._parameters[p] = None  # the pager's tensors are bound in their place
+            bound: list[str] = []  # the keys bound for the current use of the block
 
-        def acquire(kind, i=i, layer=layer, keys=keys):
-            def hook(module, args):
+            def acquire(module, args, i=i, kind=kind, layer=layer, bound=bound):
                 tensors = pager.acquire((i, kind))
-                keys[kind] = list(tensors)
+                bound[:] = tensors
                 _bind(layer, tensors)
-            return hook
 
-        def reduce(kind, i=i, layer=layer, keys=keys):
-            def hook(module, args, output):
-                _unbind(layer, keys.pop(kind))
+            def release(module, args, output, i=i, kind=kind, layer=layer, bound=bound):
+                _unbind(layer, bound)
                 pager.release((i, kind))  # the pager may start on the next block while we communicate
-                return collective.allreduce(output, i, _KIND[kind])
-            return hook
 
-        layer.input_layernorm.register_forward_pre_hook(acquire("attn"))
-        layer.self_attn.register_forward_hook(reduce("attn"))
-        layer.post_attention_layernorm.register_forward_pre_hook(acquire("mlp"))
-        layer.mlp.register_forward_hook(reduce("mlp"))
+            layer.get_submodule(norm).register_forward_pre_hook(acquire)
+            layer.get_submodule(block).register_forward_hook(release, prepend=True)  # before any allreduce
     return model

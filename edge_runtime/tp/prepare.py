@@ -6,7 +6,7 @@
 Layout (a worker needs only its own rank folder):
 
     OUT/plan.json                                written last: its presence means the folder is complete
-    OUT/rank{r}/plan.json, config.json, tokenizer.json (rank 0 only, if the model has one)
+    OUT/rank{r}/plan.json, config.json; tokenizer.json, generation_config.json (rank 0, if the model has them)
     OUT/rank{r}/layer{i:03d}.attn.safetensors    input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (+ biases;
                                                  o_proj.bias on rank 0 only, so the allreduce adds it once)
     OUT/rank{r}/layer{i:03d}.mlp.safetensors     post_attention_layernorm.weight, mlp.{gate,up,down}_proj.weight
@@ -30,13 +30,10 @@ from safetensors.torch import save_file
 
 from split.llama import LlamaConfig, checkpoint_index, hf_name
 
+from .blockfile import block_path
 from .plan import ShardPlan, make_plan
 
 BLOCK_KINDS = ("attn", "mlp")
-
-
-def block_file(rank_dir: Path, layer: int, kind: str) -> Path:
-    return Path(rank_dir) / f"layer{layer:03d}.{kind}.safetensors"
 
 
 def block_order(num_layers: int) -> list[tuple[int, str]]:
@@ -104,8 +101,9 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
     for d in rank_dirs:
         d.mkdir(exist_ok=True)
         shutil.copyfile(model_dir / "config.json", d / "config.json")
-    if (model_dir / "tokenizer.json").is_file():
-        shutil.copyfile(model_dir / "tokenizer.json", rank_dirs[0] / "tokenizer.json")
+    for name in ("tokenizer.json", "generation_config.json"):  # the master's text and stop tokens
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, rank_dirs[0] / name)
 
     bar = tqdm(total=2 * L * world_size + 2, desc=f"prepare {world_size} ranks", unit="block",
                disable=not progress)
@@ -123,7 +121,7 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
             for rank in range(world_size):
                 tensors = {key: _read(files, hf_name(f"layers.{layer}.{key}"), how, span)
                            for key, how, span in block_spec(config, plan, rank, layer, kind)}
-                save_file(tensors, block_file(rank_dirs[rank], layer, kind))
+                save_file(tensors, block_path(rank_dirs[rank], (layer, kind)))
                 bar.update()
     bar.close()
     for d in rank_dirs:

@@ -1,6 +1,6 @@
 """Rank 0's embeddings and LM head, read from its safetensors files instead of kept in memory.
 
-    attach_head(model, "shards/rank0", torch.float32, stream=True)  # what Shard does on rank 0 when paging
+    attach_head(model, "shards/rank0", stream=True)  # what Shard does on rank 0 when paging
     h = model.embed(tokens)   # (B, T) -> (B, T, C): only the rows of `tokens` are read from the file
     logits = model.head(h)    # (B, T, C) -> (B, T, V): the LM head streamed through a ~4 MiB buffer
 
@@ -21,7 +21,7 @@ of 16000 at hidden 1024, fp32, from the page cache; measured 4.4 ms per decode s
 for the resident head's matmul (1 thread, 2-core VM), as each slice is multiplied while it is
 still in cache. With tied embeddings both read the head file's `lm_head.weight` (prepare.py writes
 the embeddings there). Files are opened per call, so nothing stays open between tokens; headers
-are parsed once, by the pager's reader.
+are parsed once, by blockfile.py's reader.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 
 from split.llama import Llama, RMSNorm
 
-from .pager import PagerError, new_buffer, read_block, read_header, read_into
+from .blockfile import PagerError, new_buffer, read_block, read_header, read_into
 
 CHUNK_BYTES = 4 << 20  # one vocab slice of the LM head
 
@@ -126,7 +126,7 @@ class StreamedHead(nn.Module):
         return out.view(*x.shape[:-1], src.rows)
 
 
-def attach_head(model: Llama, rank0_dir, dtype: torch.dtype = torch.float32, stream: bool = False) -> None:
+def attach_head(model: Llama, rank0_dir, stream: bool = False) -> None:
     """Rank 0: give a model built on meta without them the embeddings, the final norm and the LM head.
 
     stream=False (every block resident): the LM head is loaded (a tied embedding shares it); an
@@ -134,7 +134,7 @@ def attach_head(model: Llama, rank0_dir, dtype: torch.dtype = torch.float32, str
     stream=True (paging): the head is a StreamedHead too; only the norm is in memory.
     Modules are made from loaded tensors: initialising an nn.Embedding on meta would pull in
     torch._dynamo (~75 MiB of RSS)."""
-    rank0_dir, cfg = Path(rank0_dir), model.config
+    rank0_dir, cfg, dtype = Path(rank0_dir), model.config, torch.float32  # the engine computes in float32
     shape = (cfg.vocab_size, cfg.hidden_size)
     head_file = rank0_dir / "head.safetensors"
     model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

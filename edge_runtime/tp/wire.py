@@ -3,8 +3,10 @@
 Header (little-endian, 100 bytes, `HEADER`):
     magic b"EFTP" | version u8 | type u8 | rank u16 | world u16 | code u16 | layer i32 |
     step i64 | seq u64 | dtype u8 | ndim u8 | pad 2 | shape 8 x i64
-`code` is the allreduce kind (0 attention, 1 MLP), the broadcast command, or in a HELLO the
-worker's payload dtype. Payload frames by dtype:
+Types: HELLO / WELCOME / REJECT (joining), PARTIAL / SUM (allreduce), BCAST (broadcast), GATHER
+(a worker's bytes for the master), ABORT / BYE (leaving, with a UTF-8 reason). `code` is the
+allreduce kind (0 attention, 1 MLP), the broadcast command, or in a HELLO the worker's payload
+dtype. Payload frames by dtype:
     F32 / F16 / BF16 / I64 / I32 / U8 / I8 / BYTES: one frame, row-major, exactly prod(shape) items
     Q8: int8 values, then fp32 scales, one per row (last dim): x ~= q * scale, scale = absmax / 127
     NONE: no payload frame
@@ -19,7 +21,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-MAGIC, VERSION, MAX_NDIM = b"EFTP", 1, 8
+MAGIC, VERSION, MAX_NDIM = b"EFTP", 2, 8  # version 2: GATHER
 HEADER = struct.Struct("<4sBBHHHiqQBB2x8q")
 
 
@@ -28,7 +30,7 @@ class WireError(ValueError):
 
 
 class Msg(IntEnum):
-    HELLO, WELCOME, REJECT, PARTIAL, SUM, BCAST, ABORT, BYE = range(1, 9)
+    HELLO, WELCOME, REJECT, PARTIAL, SUM, BCAST, ABORT, BYE, GATHER = range(1, 10)
 
 
 class DType(IntEnum):

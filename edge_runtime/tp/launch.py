@@ -1,0 +1,181 @@
+"""Starting the ranks of a tensor-parallel group: a free port, the shard cache, local worker
+processes, a worker's shard folder, and rank 0 (connected and loaded).
+
+    config = TPConfig(world_size=3, master=f"127.0.0.1:{free_port()}", window=2)
+    shards = cached_shards(Path("hf_dir"), 3, [1, 1, 2], DEFAULT_CACHE)   # prepared once per (model, plan)
+    workers = LocalWorkers(shards, config)           # `edge-runtime tp worker` for ranks 1..2, on loopback
+    try:
+        master = start_master(shards, config)        # joins them (engine.Master)
+        ...
+    finally:
+        workers.stop()
+
+    folder = rank_folder(shards, 1)                  # on another device: rank 1 (`edge-runtime tp worker`)
+    run_worker(folder, join_as_worker(folder, 1, config), config.window)
+
+Nothing here imports torch until a master or a worker starts (prepare and the engine do), so the
+CLI and an agent can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import TPConfig
+
+DEFAULT_CACHE = Path(os.environ.get("EDGEFOLD_CACHE", Path.home() / ".cache" / "edgefold")) / "tp-shards"
+
+
+def free_port() -> int:
+    """A free loopback port whose successor is free too (gloo uses port + 1)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65534:
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("127.0.0.1", port + 1))
+                    return port
+                except OSError:
+                    continue
+    raise OSError("no free loopback port pair found")
+
+
+def plan_checksum(plan) -> bytes:
+    """What a star worker shows the master when it joins: ranks of different plans never mix."""
+    return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16].encode()
+
+
+def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True) -> Path:
+    """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>."""
+    from split.llama import LlamaConfig
+
+    from .plan import make_plan
+    from .prepare import is_prepared, prepare
+
+    config = LlamaConfig.from_dir(model)
+    plan = make_plan(config, world_size, weights)
+    src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
+    out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}"
+    if is_prepared(out, plan) and _newer_than_checkpoint(out, model):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        prepare(model, world_size, weights, tmp, progress=progress)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _newer_than_checkpoint(out: Path, model: Path) -> bool:
+    stamp = (out / "plan.json").stat().st_mtime
+    return all(p.stat().st_mtime <= stamp for p in model.glob("*.safetensors"))
+
+
+def rank_folder(shards: Path, rank: int) -> Path:
+    """A worker's folder: `shards` itself, or its rank{r} when given the whole `tp prepare` output."""
+    shards = Path(shards)
+    if not (shards / "config.json").is_file() and (shards / f"rank{rank}").is_dir():
+        return shards / f"rank{rank}"
+    return shards
+
+
+def loopback(master: str) -> str:
+    """The address a worker on this machine dials to reach a master bound to `master`."""
+    return master.replace("0.0.0.0", "127.0.0.1")
+
+
+class LocalWorkers:
+    """Workers 1..N-1 as `edge-runtime tp worker` subprocesses on loopback, dialing config.master;
+    stop() always ends them (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, shards: Path, config: TPConfig):
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+        self.logdir = Path(tempfile.mkdtemp(prefix="edgefold-tp-workers-"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.world_size)))
+        for r in range(1, config.world_size):
+            cmd = [sys.executable, "-m", "edge_runtime.cli", "tp", "worker", "--rank", str(r),
+                   "--master", loopback(config.master), "--shards", str(Path(shards) / f"rank{r}"),
+                   "--window", str(config.window), "--backend", config.backend, "--payload", config.payload,
+                   "--timeout-s", str(config.timeout_s), "--join-timeout-s", str(config.join_timeout_s)]
+            if config.curve_keys is not None:
+                cmd += ["--curve-keys", str(config.curve_keys)]
+            self.logs[r] = self.logdir / f"rank{r}.log"
+            with open(self.logs[r], "wb") as log:
+                self.procs[r] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 stdin=subprocess.DEVNULL)
+
+    def describe_failures(self) -> str:
+        notes = []
+        for r, p in self.procs.items():
+            code = p.poll()
+            if code not in (None, 0):
+                tail = self.logs[r].read_text(errors="replace").strip().splitlines()[-3:]
+                notes.append(f"worker rank {r} exited with status {code}" + (f": {' | '.join(tail)}" if tail else ""))
+        return "; ".join(notes)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        shutil.rmtree(self.logdir, ignore_errors=True)
+
+
+def share_cores(world_size: int) -> None:
+    """Ranks on one machine share its cores: this process takes its part of torch's threads."""
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def start_master(shards: Path, config: TPConfig):
+    """Rank 0 of `shards` (a `tp prepare` output), connected to the group (its workers must join
+    within config.join_timeout_s) and loaded: an engine.Master. Closes what it opened on failure."""
+    from .connect import make_collective
+    from .engine import Master
+    from .plan import ShardPlan
+
+    plan = ShardPlan.load(Path(shards) / "plan.json")
+    if plan.world_size != config.world_size:
+        raise ValueError(f"world_size: the shards were prepared for {plan.world_size} ranks, not {config.world_size}")
+    collective = make_collective(config, 0, plan_checksum(plan))
+    return Master(Path(shards) / "rank0", collective, config.window)  # closes the collective if it fails
+
+
+def join_as_worker(folder: Path, rank: int, config: TPConfig):
+    """Check that `folder` holds rank `rank`'s shards of a plan for config.world_size ranks, then join
+    the group: the worker's collective (CollectiveError when the master is not there in time)."""
+    from split.llama import LlamaConfig
+
+    from .connect import make_collective
+    from .plan import ShardPlan
+
+    plan = ShardPlan.load(Path(folder) / "plan.json")
+    plan.check(LlamaConfig.from_dir(folder), rank)  # before joining: a wrong folder fails here
+    if plan.world_size != config.world_size:
+        raise ValueError(f"world_size {config.world_size} does not match the plan's world_size {plan.world_size}")
+    return make_collective(config, rank, plan_checksum(plan))
