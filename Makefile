@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pyflakes edge_runtime cloud_service split devices edgefold_proto/__init__.py edgefold_proto/tensors.py edgefold_proto/fleet.py scripts examples tests
+	$(BIN)/python -m pyflakes edge_runtime cloud_service split devices $(filter-out %_pb2.py,$(wildcard edgefold_proto/*.py)) scripts examples tests
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 bench-cloud: $(STAMP)
