@@ -145,7 +145,7 @@ class CollabLlm:
             conv.exited[start + i] = self._decide_here(c)
 
     @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens: int, stop_ids=(), on_token=None,
+    def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), on_token=None,
                  conversation: "Conversation | None" = None) -> Result:
         """Greedy generation through the one decode loop (split.llama.generate). Pass a previous
         result's `conversation` to continue it (the next turn: prompt_ids are appended; the cloud
@@ -160,8 +160,7 @@ class CollabLlm:
             self._feed(conv, feed, res.counters)
             return res
         turn = _Turn(self, conv, res)
-        for step, token in enumerate(Generation(turn.step, feed, max_new_tokens, stop=Stop(eos_ids=stop_ids),
-                                                choose=turn.choose)):
+        for step, token in enumerate(Generation(turn.step, feed, max_new_tokens, stop=stop, choose=turn.choose)):
             if on_token is not None:
                 on_token(step, token, res.sources[-1])
         res.seconds_per_token.append(time.perf_counter() - turn.t0)
