@@ -42,6 +42,13 @@ CHECKPOINTS = {
               dict(use_sliding_window=True, sliding_window=5, max_window_layers=1), {}),
     # Mistral: explicit head_dim (not hidden/heads) and a 6-token sliding window on every layer
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(head_dim=8, sliding_window=6), {}),
+    # Qwen3: q_norm/k_norm per head, explicit head_dim 24 (not 64/4), q/k/v/o biases, window 5 on layers >= 1
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, attention_bias=True, use_sliding_window=True,
+                                                      sliding_window=5, max_window_layers=1), {}),
+    # Phi-3: fused qkv_proj and gate_up_proj, RoPE on half of each head, a 6-token window on every layer,
+    # tied embeddings, eos 2 (its default pad/eos ids 32000 lie outside this vocabulary)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(partial_rotary_factor=0.5, sliding_window=6,
+                                                   tie_word_embeddings=True, pad_token_id=0, eos_token_id=2), {}),
 }
 
 
@@ -93,6 +100,17 @@ def test_checkpoint_layouts(checkpoints):
     cfg = LlamaConfig.from_dir(checkpoints("llama3_rope")[0])
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta == 500000.0
     assert LlamaConfig.from_dir(checkpoints("qwen2")[0]).attention_out_bias is False
+    # Phi-3's checkpoint holds fused tensors; the plain model holds q/k/v and gate/up apart
+    phi3_path, phi3 = checkpoints("phi3")
+    names = set(load_file(phi3_path / "model.safetensors"))
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+    model = load_llama(phi3_path)
+    fused = phi3.model.layers[0].self_attn.qkv_proj.weight  # rows: 4 q heads, 2 k heads, 2 v heads of 16
+    a = model.layers["0"].self_attn
+    assert torch.equal(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), fused)
+    assert model.config.rotary_dim == 8 and model.lm_head.weight is model.embed_tokens.weight
+    q3 = load_llama(checkpoints("qwen3")[0]).layers["2"].self_attn
+    assert q3.q_norm.weight.shape == (24,) and q3.o_proj.bias is not None and q3.window == 5
 
 
 @pytest.mark.parametrize("name", ["llama", "tied", "sharded"])
@@ -116,7 +134,7 @@ def test_layer_range_composition(checkpoints, name):
         cloud.embed(x)
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 def test_kv_cache_prefill_decode_matches_full_forward(checkpoints, name):
     path, _ = checkpoints(name)
     L, k = BASE["num_hidden_layers"], 2
@@ -155,7 +173,7 @@ def test_kv_cache_prefill_decode_matches_full_forward(checkpoints, name):
             model(x[:, :1], cache=full_cache)
 
 
-@pytest.mark.parametrize("name", ["llama3_rope", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3_rope", "qwen2", "qwen3", "phi3"])
 def test_greedy_generation_matches_transformers(checkpoints, name):
     path, hf = checkpoints(name)
     model = load_llama(path)
@@ -235,6 +253,16 @@ def hf_dict(**overrides):
     (dict(hidden_act="gelu"), "hidden_act must be 'silu'"),
     (dict(vocab_size=0), "vocab_size must be a positive integer"),
     (dict(hidden_size=None), "hidden_size must be a positive integer"),
+    # Phi-3 LongRoPE (and 'su' / 'yarn', which phi3 reads as longrope) is refused, naming the field
+    (dict(model_type="phi3", rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+     r"rope_scaling.rope_type must be one of \('default',\) for model_type 'phi3', got 'longrope' \(.*LongRoPE"),
+    (dict(model_type="phi3", rope_parameters={"rope_type": "su", "rope_theta": 1e4}), "got 'su'"),
+    (dict(model_type="phi3", rope_scaling=LLAMA3_ROPE), r"for model_type 'phi3', got 'llama3'"),
+    (dict(model_type="phi3", partial_rotary_factor=0.45), r"int\(head_dim \* partial_rotary_factor\) must be even"),
+    (dict(model_type="phi3", partial_rotary_factor=1.5), r"partial_rotary_factor must be a number in \(0, 1\]"),
+    (dict(model_type="qwen3", partial_rotary_factor=0.5), "partial_rotary_factor must be 1.0 for model_type 'qwen3'"),
+    (dict(model_type="qwen3", head_dim=None), "head_dim must be a positive integer for model_type 'qwen3'"),
+    (dict(model_type="qwen3", rope_scaling={"type": "yarn", "factor": 4.0}), "for model_type 'qwen3', got 'yarn'"),
 ])
 def test_bad_config_gives_clear_error(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -254,6 +282,25 @@ def test_config_from_hf_spellings():
     assert LlamaConfig.from_hf(hf_dict(rope_scaling={"type": "default"})).rope_scaling is None
     q = LlamaConfig.from_hf(hf_dict(model_type="qwen2"))
     assert q.attention_bias and not q.attention_out_bias and q.num_key_value_heads == 2
+
+
+def test_family_config_fields():
+    """Each family reads its own fields, with transformers' defaults where config.json leaves them out."""
+    q3 = LlamaConfig.from_hf(hf_dict(model_type="qwen3", mlp_bias=True))
+    assert q3.qk_norm and q3.head_dim == 128 and not (q3.attention_bias or q3.attention_out_bias or q3.mlp_bias)
+    q3 = LlamaConfig.from_hf(hf_dict(model_type="qwen3", head_dim=8, attention_bias=True, use_sliding_window=True,
+                                     sliding_window=4, max_window_layers=2))
+    assert q3.attention_bias and q3.attention_out_bias and [q3.window_for(i) for i in range(3)] == [None, None, 4]
+    assert LlamaConfig.from_hf(hf_dict(model_type="qwen3", sliding_window=4)).window_for(2) is None  # not used
+    p3 = LlamaConfig.from_hf({k: v for k, v in hf_dict(model_type="phi3", attention_bias=True, mlp_bias=True,
+                                                       sliding_window=7).items() if k != "rms_norm_eps"})
+    assert p3.rms_norm_eps == 1e-5 and not (p3.attention_bias or p3.mlp_bias or p3.qk_norm)
+    assert p3.window_for(0) == p3.window_for(2) == 7 and p3.rotary_dim == p3.head_dim == 16
+    new = LlamaConfig.from_hf(hf_dict(model_type="phi3", rope_parameters={"rope_theta": 1e4, "rope_type": "default",
+                                                                         "partial_rotary_factor": 0.5}))
+    assert new.partial_rotary_factor == 0.5 and new.rotary_dim == 8 and new.rope_scaling is None
+    m = LlamaConfig.from_hf(hf_dict(model_type="mistral", attention_bias=True, mlp_bias=True))
+    assert not (m.attention_bias or m.mlp_bias)  # MistralConfig has neither field
 
 
 def test_layer_range_argument_is_checked():
@@ -292,3 +339,27 @@ def test_missing_unexpected_or_misshapen_tensor_gives_clear_error(checkpoints, t
     (no_weights / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         load_llama(no_weights)
+
+
+def test_fused_tensor_of_the_wrong_size_gives_clear_error(checkpoints, tmp_path):
+    """Phi-3: a fused tensor of the wrong size is named with the size config.json implies; a Phi-3
+    folder holding separate q/k/v tensors is not read as if it were fused."""
+    src, _ = checkpoints("phi3")
+    tensors = load_file(src / "model.safetensors")
+    qkv = "model.layers.1.self_attn.qkv_proj.weight"  # (4 + 2 + 2 heads) * 16 rows
+
+    def write(name, ts):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((src / "config.json").read_text())
+        save_file(ts, d / "model.safetensors")
+        return d
+
+    bad = write("bad_qkv", {**tensors, qkv: tensors[qkv][:-16].clone()})
+    with pytest.raises(ValueError, match=r"'model.layers.1.self_attn.qkv_proj.weight' has shape \(112, 64\), "
+                                         r"expected \(128, 64\)"):
+        load_llama(bad)
+    separate = write("separate", {**{k: v for k, v in tensors.items() if "layers.0.self_attn.qkv_proj" not in k},
+                                  "model.layers.0.self_attn.q_proj.weight": tensors[qkv][:64].clone()})
+    with pytest.raises(ValueError, match=r"unexpected tensor.*model.layers.0.self_attn.q_proj.weight"):
+        load_llama(separate)

@@ -10,8 +10,11 @@
 apply_tp (the colwise/rowwise split of gpt-fast's tp.py): rank r keeps the query heads of its
 KV-head groups (q/k/v rows, o_proj columns) and its slice of the MLP's intermediate dimension
 (gate/up rows, down_proj columns); forward hooks sum the partial outputs of attention and MLP
-through `collective.allreduce`. It slices whatever weights the model holds: real ones of a loaded
-model, or meta placeholders that then have this rank's shapes. Row-parallel biases stay on rank 0
+through `collective.allreduce`. Qwen3's q_norm / k_norm normalise one head over head_dim with the
+same weights for every head, so every rank keeps them whole. Phi-3's fused qkv / gate_up tensors
+never reach this file: the model holds q/k/v and gate/up apart (tp prepare slices a rank's rows
+out of the fused checkpoint tensors). apply_tp slices whatever weights the model holds: real ones
+of a loaded model, or meta placeholders that then have this rank's shapes. Row-parallel biases stay on rank 0
 only, so the allreduce adds them once. World size 1 leaves every shape as it is.
 
 apply_paging: a block is the attention or the MLP of one layer, with the RMSNorm in front of it
@@ -75,6 +78,7 @@ def apply_tp(model: Llama, plan: ShardPlan, collective: Collective) -> Llama:
         _slice(attn.k_proj, 0, plan.kv_rows(rank))  # (local KV heads * head_dim, C)
         _slice(attn.v_proj, 0, plan.kv_rows(rank))
         _slice(attn.o_proj, 1, plan.q_rows(rank), keep_bias=rank == 0)  # (C, local heads * head_dim)
+        # attn.q_norm / attn.k_norm (head_dim,), when present: per head, whole on every rank
         for proj in (mlp.gate_proj, mlp.up_proj):
             _slice(proj, 0, plan.mlp[rank])  # (local columns, C)
         _slice(mlp.down_proj, 1, plan.mlp[rank], keep_bias=rank == 0)  # (C, local columns)

@@ -26,9 +26,15 @@ from split.llama import LlamaConfig
 FORMAT_VERSION = 1
 
 
+# LlamaConfig fields added after plans were first written, hashed only when not at these values,
+# so a shard folder prepared before them still matches its model.
+_LATER_FIELDS = {"qk_norm": False, "partial_rotary_factor": 1.0}
+
+
 def config_hash(config: LlamaConfig) -> str:
     """A short stable hash of what config.json means to the model (not of its whitespace)."""
-    d = dataclasses.asdict(config)
+    d = {k: v for k, v in dataclasses.asdict(config).items()
+         if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,4 +1,4 @@
-"""Cut a Hugging Face Llama folder into per-rank, per-layer safetensors shards (`edge-runtime tp prepare`).
+"""Cut a Hugging Face Llama-family folder into per-rank, per-layer safetensors shards (`edge-runtime tp prepare`).
 
     edge-runtime tp prepare --model HF_DIR --world-size 3 --weights 1,1,2 --out shards/
     # or: prepare("HF_DIR", 3, [1, 1, 2], "shards/")
@@ -8,7 +8,8 @@ Layout (a worker needs only its own rank folder):
     OUT/plan.json                                written last: its presence means the folder is complete
     OUT/rank{r}/plan.json, config.json; tokenizer.json, generation_config.json (rank 0, if the model has them)
     OUT/rank{r}/layer{i:03d}.attn.safetensors    input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (+ biases;
-                                                 o_proj.bias on rank 0 only, so the allreduce adds it once)
+                                                 o_proj.bias on rank 0 only, so the allreduce adds it once;
+                                                 + self_attn.{q,k}_norm.weight, whole, on every rank: Qwen3)
     OUT/rank{r}/layer{i:03d}.mlp.safetensors     post_attention_layernorm.weight, mlp.{gate,up,down}_proj.weight
                                                  (+ biases; down_proj.bias on rank 0 only)
     OUT/rank0/embed.safetensors                  embed_tokens.weight
@@ -16,7 +17,9 @@ Layout (a worker needs only its own rank folder):
 
 Rows of q/k/v and gate/up, columns of o and down, are read with safetensors slices straight from
 the memory-mapped checkpoint, one tensor at a time, so memory stays at about one shard block.
-Tensors keep the checkpoint's dtype.
+Where a family fuses tensors (Phi-3's qkv_proj, gate_up_proj) a rank's rows of q, k, v (gate, up)
+are sliced out of the fused tensor the same way (split.llama.hf_source), and the shards hold the
+plain model's names, so workers never know the family. Tensors keep the checkpoint's dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from split.llama import LlamaConfig, checkpoint_index, hf_name
+from split.llama import LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
 
 from .blockfile import block_path
 from .plan import ShardPlan, make_plan
@@ -55,6 +58,8 @@ def block_spec(config: LlamaConfig, plan: ShardPlan, rank: int, layer: int, kind
         spec.append(("self_attn.o_proj.weight", "cols", q))
         if config.attention_out_bias and rank == 0:
             spec.append(("self_attn.o_proj.bias", "full", None))
+        if config.qk_norm:  # over head_dim, the same for every head: each rank keeps all of it
+            spec += [("self_attn.q_norm.weight", "full", None), ("self_attn.k_norm.weight", "full", None)]
     elif kind == "mlp":
         m = plan.mlp[rank]
         spec.append(("post_attention_layernorm.weight", "full", None))
@@ -70,17 +75,15 @@ def block_spec(config: LlamaConfig, plan: ShardPlan, rank: int, layer: int, kind
     return spec
 
 
-def _read(files: dict[str, Path], name: str, how: str = "full", span=None) -> torch.Tensor:
-    if name not in files:
-        raise ValueError(f"checkpoint is missing tensor {name!r}")
-    with safe_open(files[name], framework="pt") as f:  # opened per tensor: nothing stays mapped
-        sl = f.get_slice(name)
-        if how == "full":
-            t = sl[:]
-        elif how == "rows":
-            t = sl[span[0]:span[1]]
-        else:
-            t = sl[:, span[0]:span[1]]
+def _read(files: dict[str, Path], src: Source, how: str = "full", span=None) -> torch.Tensor:
+    if src.name not in files:
+        raise ValueError(f"checkpoint is missing tensor {src.name!r}")
+    with safe_open(files[src.name], framework="pt") as f:  # opened per tensor: nothing stays mapped
+        shape = tuple(f.get_slice(src.name).get_shape())
+        if src.total is not None and shape[0] != src.total:
+            raise ValueError(f"checkpoint tensor {src.name!r} has {shape[0]} rows, expected {src.total} "
+                             f"from config.json")
+        t = read_tensor(f, src, rows=span if how == "rows" else None, cols=span if how == "cols" else None)
     return t.contiguous()
 
 
@@ -105,21 +108,23 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, rank_dirs[0] / name)
 
+    def src(name: str) -> Source:  # where our tensor is in the checkpoint (a fused one's rows for Phi-3)
+        return hf_source(config, name)
+
     bar = tqdm(total=2 * L * world_size + 2, desc=f"prepare {world_size} ranks", unit="block",
                disable=not progress)
-    save_file({"embed_tokens.weight": _read(files, hf_name("embed_tokens.weight"))},
-              rank_dirs[0] / "embed.safetensors")
+    save_file({"embed_tokens.weight": _read(files, src("embed_tokens.weight"))}, rank_dirs[0] / "embed.safetensors")
     bar.update()
-    head_src = hf_name("lm_head.weight")
-    if head_src not in files and config.tie_word_embeddings:
-        head_src = hf_name("embed_tokens.weight")
-    save_file({"norm.weight": _read(files, hf_name("norm.weight")), "lm_head.weight": _read(files, head_src)},
+    head_src = src("lm_head.weight")
+    if head_src.name not in files and config.tie_word_embeddings:
+        head_src = src("embed_tokens.weight")
+    save_file({"norm.weight": _read(files, src("norm.weight")), "lm_head.weight": _read(files, head_src)},
               rank_dirs[0] / "head.safetensors")
     bar.update()
     for layer in range(L):
         for kind in BLOCK_KINDS:
             for rank in range(world_size):
-                tensors = {key: _read(files, hf_name(f"layers.{layer}.{key}"), how, span)
+                tensors = {key: _read(files, src(f"layers.{layer}.{key}"), how, span)
                            for key, how, span in block_spec(config, plan, rank, layer, kind)}
                 save_file(tensors, block_path(rank_dirs[rank], (layer, kind)))
                 bar.update()

@@ -1,4 +1,4 @@
-"""Load a Hugging Face Llama/Mistral/Qwen2 folder into split.llama.Llama, only the parts it holds.
+"""Load a Hugging Face Llama/Mistral/Qwen2/Qwen3/Phi-3 folder into split.llama.Llama, only the parts it holds.
 
     model = load_llama("path/to/hf_folder")                                   # the whole model
     device_part = load_llama(path, layers=range(0, 4), with_head=False)        # embed + layers 0..3
@@ -7,7 +7,9 @@
 The folder holds config.json and either model.safetensors or shards listed in
 model.safetensors.index.json. Tensors are read with safetensors' safe_open (memory-mapped, no
 pickle); shards that hold none of the wanted tensors are never opened. The model is built on the
-meta device first, so no memory is spent on weights that are then overwritten.
+meta device first, so no memory is spent on weights that are then overwritten. Where a family
+fuses tensors (Phi-3's qkv_proj, gate_up_proj) each of our parameters is read as its rows of the
+fused tensor (families.hf_source), never the whole model at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .config import LlamaConfig
+from .families import Source, hf_name, hf_source
 from .model import Llama
 
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,9 +30,19 @@ ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-def hf_name(name: str) -> str:
-    """Our parameter name -> the Hugging Face one: "layers.0.mlp.up_proj.weight" -> "model.layers.0...."."""
-    return name if name.startswith("lm_head.") else "model." + name
+__all__ = ["checkpoint_index", "hf_name", "hf_source", "load_llama", "read_tensor"]
+
+
+def read_tensor(f, src: Source, rows: tuple[int, int] | None = None,
+                cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """Our parameter from an open safetensors file `f` (safe_open): all of it, or only its rows
+    [a, b) / columns [a, b), read as a slice of the checkpoint tensor (of its rows in a fused one)."""
+    if rows is None and cols is None and src.rows is None:
+        return f.get_tensor(src.name)  # on safe_open's device
+    sl = f.get_slice(src.name)
+    r = src.span(*rows) if rows else src.rows
+    r = slice(*r) if r else slice(None)
+    return sl[r, cols[0]:cols[1]] if cols else sl[r]
 
 
 def checkpoint_index(path: str | Path) -> dict[str, Path]:
@@ -56,7 +69,8 @@ def load_llama(path: str | Path, layers=None, with_embed: bool = True, with_head
     config = LlamaConfig.from_dir(path)
     with torch.device("meta"):
         model = Llama(config, layers=layers, with_embed=with_embed, with_head=with_head)
-        all_names = {hf_name(n) for n in Llama(config).state_dict()}  # the whole model, never allocated
+        all_shapes = Llama(config).state_dict()  # the whole model, never allocated
+    all_names = {hf_source(config, n).name for n in all_shapes}
 
     files = checkpoint_index(path)
     unexpected = sorted(n for n in files if n not in all_names and not _IGNORED.search(n))
@@ -66,32 +80,34 @@ def load_llama(path: str | Path, layers=None, with_embed: bool = True, with_head
 
     # Which checkpoint tensor feeds each of our parameters (a tied head may read the embeddings).
     wanted = model.state_dict()  # name -> meta tensor with the expected shape
-    sources: dict[str, str] = {}
+    sources: dict[str, Source] = {}
     for name in wanted:
-        src = hf_name(name)
-        if src not in files and name == "lm_head.weight" and config.tie_word_embeddings:
-            src = "model.embed_tokens.weight"
-        if src not in files:
-            raise ValueError(f"{path}: missing tensor {hf_name(name)!r} in the checkpoint")
+        src = hf_source(config, name)
+        if src.name not in files and name == "lm_head.weight" and config.tie_word_embeddings:
+            src = hf_source(config, "embed_tokens.weight")
+        if src.name not in files:
+            raise ValueError(f"{path}: missing tensor {src.name!r} in the checkpoint")
         sources[name] = src
 
     by_file: dict[Path, list[str]] = {}
     for name, src in sources.items():
-        by_file.setdefault(files[src], []).append(name)
+        by_file.setdefault(files[src.name], []).append(name)
     state: dict[str, torch.Tensor] = {}
-    read: dict[str, torch.Tensor] = {}  # checkpoint name -> tensor, so a tied head reuses the embeddings
+    read: dict[Source, torch.Tensor] = {}  # so a tied head reuses the embeddings
     for file, names in sorted(by_file.items()):
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint shard {file} (listed in the index) does not exist")
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in names:
                 src = sources[name]
-                shape = tuple(f.get_slice(src).get_shape())
-                if shape != tuple(wanted[name].shape):
-                    raise ValueError(f"{path}: tensor {src!r} has shape {shape}, expected "
-                                     f"{tuple(wanted[name].shape)} from config.json")
+                shape, expected = tuple(f.get_slice(src.name).get_shape()), tuple(wanted[name].shape)
+                if src.total is not None:  # rows of a fused tensor: check the whole of it
+                    expected = (src.total, *expected[1:])
+                if shape != expected:
+                    raise ValueError(f"{path}: tensor {src.name!r} has shape {shape}, expected "
+                                     f"{expected} from config.json")
                 if src not in read:
-                    read[src] = f.get_tensor(src).to(dtype)
+                    read[src] = read_tensor(f, src).to(device=device, dtype=dtype)
                 state[name] = read[src]
 
     model.load_state_dict(state, strict=True, assign=True)

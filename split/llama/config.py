@@ -2,11 +2,12 @@
 
     cfg = LlamaConfig.from_dir("path/to/hf_folder")      # or LlamaConfig.from_hf(json_dict)
 
-Covers model_type "llama", "mistral" and "qwen2" (same block; Qwen2 adds q/k/v biases, Mistral and
-Qwen2 may use a sliding attention window). Both the transformers-4 spelling (`rope_theta` +
-`rope_scaling`) and the transformers-5 one (`rope_parameters` holding `rope_theta` and
-`rope_type`) are accepted. Anything else fails here, with the field and the expected value named,
-rather than silently producing wrong logits later.
+Covers model_type "llama", "mistral", "qwen2", "qwen3" and "phi3": one block, with the differences
+(biases, sliding windows, Qwen3's q/k norms, Phi-3's partial rotary embedding and fused tensors)
+read per family in families.py. Both the transformers-4 spelling (`rope_theta` + `rope_scaling`)
+and the transformers-5 one (`rope_parameters` holding `rope_theta` and `rope_type`) are accepted.
+Anything else fails here, with the field and the expected value named, rather than silently
+producing wrong logits later.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+from .families import SUPPORTED_MODEL_TYPES, config_fields, family
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")  # of all families; FAMILIES[model_type].rope_types per family
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -44,6 +46,8 @@ class LlamaConfig:
     layer_types: tuple[str, ...] | None = None  # per layer "full_attention" / "sliding_attention"
     model_type: str = "llama"
     eos_token_ids: tuple[int, ...] = ()
+    qk_norm: bool = False  # RMSNorm over head_dim on each query and key head before RoPE (Qwen3)
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim * factor) dims of a head (Phi-3)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -60,8 +64,18 @@ class LlamaConfig:
                     f"({self.num_attention_heads}) when head_dim is not given")
             self.head_dim = self.hidden_size // self.num_attention_heads
         _check_positive_int("head_dim", self.head_dim)
-        if self.head_dim % 2:
+        fam = family(self.model_type)  # names the supported model types if it is none of them
+        prf = self.partial_rotary_factor
+        if prf != 1.0 and not fam.partial_rotary:
+            raise ValueError(f"partial_rotary_factor must be 1.0 for model_type {self.model_type!r} "
+                             f"(rotary embedding on the whole head), got {prf!r}")
+        if isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1:
+            raise ValueError(f"partial_rotary_factor must be a number in (0, 1], got {prf!r}")
+        if self.head_dim % 2 and prf == 1.0:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ValueError(f"int(head_dim * partial_rotary_factor) must be even and positive for rotary "
+                             f"embeddings, got int({self.head_dim} * {prf}) = {self.rotary_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -70,8 +84,6 @@ class LlamaConfig:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta!r}")
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
         if self.sliding_window is not None:
             _check_positive_int("sliding_window", self.sliding_window)
         if self.layer_types is not None:
@@ -83,7 +95,12 @@ class LlamaConfig:
             if bad:
                 raise ValueError(f"layer_types entries must be 'full_attention' or "
                                  f"'sliding_attention', got {bad}")
-        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings, self.model_type)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE turns (the first ones); the rest pass through."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def window_for(self, layer: int) -> int | None:
         """Sliding-window size for global layer index `layer`, or None for full causal attention."""
@@ -133,20 +150,9 @@ class LlamaConfig:
         rope = dict(rope)
         rope_theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if (rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor must be 1.0 (rotary embedding on the whole head)")
+        partial_rotary_factor = rope.pop("partial_rotary_factor", None) or d.get("partial_rotary_factor") or 1.0
         rope_scaling = None if rope_type == "default" else rope
 
-        sliding_window, layer_types = None, None
-        if model_type == "mistral":
-            sliding_window = d.get("sliding_window")
-        elif model_type == "qwen2" and d.get("use_sliding_window", False):
-            sliding_window = d.get("sliding_window")
-            layer_types = d.get("layer_types") or [
-                "sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
-                for i in range(d["num_hidden_layers"])]
-
-        qwen2 = model_type == "qwen2"
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -154,20 +160,13 @@ class LlamaConfig:
             num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=d["num_attention_heads"],
             num_key_value_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v biases and no o_proj bias; Mistral has none.
-            attention_bias=True if qwen2 else d.get("attention_bias", False),
-            attention_out_bias=False if qwen2 else d.get("attention_bias", False),
-            mlp_bias=d.get("mlp_bias", False),
-            sliding_window=sliding_window,
-            layer_types=layer_types,
             model_type=model_type,
             eos_token_ids=_eos_ids(d.get("eos_token_id")),
+            partial_rotary_factor=partial_rotary_factor,
+            **config_fields(d),  # biases, windows, head_dim, norms: what this family reads (families.py)
         )
 
 
@@ -184,7 +183,7 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _normalize_rope_scaling(rs: dict | None, max_position_embeddings: int) -> dict | None:
+def _normalize_rope_scaling(rs: dict | None, max_position_embeddings: int, model_type: str = "llama") -> dict | None:
     """None for plain RoPE, else a dict with "rope_type" set (accepting the older key "type")."""
     if rs is None:
         return None
@@ -193,8 +192,10 @@ def _normalize_rope_scaling(rs: dict | None, max_position_embeddings: int) -> di
     rs = dict(rs)
     rope_type = rs.pop("type", None)
     rope_type = rs.setdefault("rope_type", rope_type or "default")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope_scaling.rope_type must be one of {SUPPORTED_ROPE_TYPES}, got {rope_type!r}")
+    fam = family(model_type)
+    if rope_type not in fam.rope_types:
+        raise ValueError(f"rope_scaling.rope_type must be one of {fam.rope_types} for model_type {model_type!r}, "
+                         f"got {rope_type!r}" + (f" ({fam.rope_note})" if fam.rope_note else ""))
     if rope_type == "default":
         return None
     # As in transformers: without original_max_position_embeddings, llama3 uses max_position_embeddings.

@@ -1,4 +1,4 @@
-"""A plain Llama-family decoder (Llama 2/3, Mistral, Qwen2) that can run any range of its layers.
+"""A plain Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3) that can run any range of its layers.
 
     from split.llama import load_llama, KVCache
     model = load_llama("path/to/hf_folder")                      # all layers, embeddings, head
@@ -10,11 +10,13 @@
     h = model.forward_layers(h, k, L, positions=0)
     logits = model.head(h)
 
-Module and parameter names follow Hugging Face (`layers.{i}.self_attn.q_proj.weight`, ...), so a
-checkpoint maps 1:1 (checkpoint.py adds the "model." prefix). `layers` is an nn.ModuleDict keyed by
-the global layer index, so a process that holds only layers [a, b) still names them a..b-1.
+Module and parameter names follow Hugging Face's Llama (`layers.{i}.self_attn.q_proj.weight`, ...);
+families.py says where each lives in another family's checkpoint (Phi-3 fuses q/k/v and gate/up)
+and which config fields a family reads, so no family is named here. `layers` is an nn.ModuleDict
+keyed by the global layer index, so a process that holds only layers [a, b) still names them a..b-1.
 Tensor parallelism (edge_runtime/tp/) shards q/k/v/o and gate/up/down by replacing weights and
-setting Attention.n_local_heads / n_local_kv_heads; nothing here knows about it.
+setting Attention.n_local_heads / n_local_kv_heads (q_norm / k_norm act on one head: every rank keeps
+them whole); nothing here knows about it.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,) float32, incl. Llama-3 scaling, computed as transformers does."""
-    dim = config.head_dim
+    """Inverse frequencies (rotary_dim/2,) float32, incl. Llama-3 scaling, computed as transformers does.
+    rotary_dim is head_dim unless a partial_rotary_factor turns only the first dims of each head."""
+    dim = config.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim  # cpu even under meta
     inv_freq = 1.0 / (config.rope_theta ** exponents)
     rs = config.rope_scaling
@@ -72,18 +75,21 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.inv_freq = rope_inv_freq(config)  # (head_dim/2,) float32
+        self.inv_freq = rope_inv_freq(config)  # (rotary_dim/2,) float32
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, rotary_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, rotary_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, n_head, T, head_dim); cos, sin: (T, head_dim)
+    # x: (B, n_head, T, head_dim); cos, sin: (T, rotary_dim), rotary_dim <= head_dim
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:  # partial rotary: the first rot dims turn, the rest pass through
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -111,12 +117,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, config.num_key_value_heads * hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(C, config.num_key_value_heads * hd, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, C, bias=config.attention_out_bias)
+        # qk_norm: an RMSNorm over head_dim on each query / key head, the same weights for every head
+        self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, positions, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_head, head_dim)
         k = self.k_proj(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, n_kv_head, head_dim)
         v = self.v_proj(x).view(B, T, self.n_local_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head on its own
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head | n_kv_head, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
@@ -194,7 +205,7 @@ class Llama(nn.Module):
         if positions.shape != (T,):
             raise ValueError(f"positions must have shape ({T},) to match hidden (B, {T}, C), "
                              f"got {tuple(positions.shape)}")
-        cos, sin = self.rope(positions, hidden.dtype)  # (T, head_dim) each
+        cos, sin = self.rope(positions, hidden.dtype)  # (T, rotary_dim) each
         for i in range(start, end):
             hidden = self.layers[str(i)](hidden, cos, sin, positions, cache)
         return hidden
