@@ -5,6 +5,7 @@
 
 import json
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -189,3 +190,42 @@ def test_prepare_row_parallel_biases_only_on_rank0(tmp_path):
     assert "self_attn.o_proj.bias" in a0 and "self_attn.o_proj.bias" not in a1
     assert "mlp.down_proj.bias" in m0 and "mlp.down_proj.bias" not in m1
     assert "mlp.gate_proj.bias" in m1 and m1["mlp.gate_proj.bias"].shape == (20,)
+
+
+def test_prepare_leaves_no_partial_folder_and_names_what_is_wrong(qwen_checkpoint, tmp_path):
+    """A checkpoint whose index names a tensor its files lack, or whose tensor has the wrong shape,
+    fails naming the tensor, and neither `out` nor a half-written folder is left behind; a
+    finished folder is replaced by a new prepare; a folder of something else is refused."""
+    src, _ = qwen_checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    victim = "model.layers.1.mlp.up_proj.weight"
+    index["weight_map"][victim + "_missing"] = index["weight_map"].pop(victim)
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "shards"
+    with pytest.raises(ValueError, match=victim):
+        prepare(broken, 2, None, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no out, no .shards.partial-*
+
+    wrong = tmp_path / "wrong"  # a tensor of another shape than config.json says
+    shutil.copytree(src, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' in .* has shape \[100, 48\], "
+                                         r"expected \[96, 48\]"):
+        prepare(wrong, 2, None, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "wrong"]
+
+    plan = prepare(src, 2, None, out, progress=False)
+    (out / "rank1" / "stale.txt").write_text("from an earlier run")
+    assert prepare(src, 3, None, out, progress=False).world_size == 3 != plan.world_size
+    assert not (out / "rank1" / "stale.txt").exists() and (out / "rank2" / "plan.json").is_file()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ValueError, match="not a shard folder"):
+        prepare(src, 2, None, other, progress=False)
+    assert sorted(p.name for p in other.iterdir()) == ["cat.jpg"]

@@ -66,18 +66,8 @@ def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progre
     plan = make_plan(config, world_size, weights)
     src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
     out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}"
-    if is_prepared(out, plan) and _newer_than_checkpoint(out, model):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        prepare(model, world_size, weights, tmp, progress=progress)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    if not (is_prepared(out, plan) and _newer_than_checkpoint(out, model)):
+        prepare(model, world_size, weights, out, progress=progress)  # written aside, renamed when complete
     return out
 
 

@@ -5,7 +5,7 @@
 
 Layout (a worker needs only its own rank folder):
 
-    OUT/plan.json                                written last: its presence means the folder is complete
+    OUT/plan.json                                the folder is written as .OUT.partial-* and renamed when complete
     OUT/rank{r}/plan.json, config.json; tokenizer.json, generation_config.json (rank 0, if the model has them)
     OUT/rank{r}/layer{i:03d}.attn.safetensors    input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (+ biases;
                                                  o_proj.bias on rank 0 only, so the allreduce adds it once;
@@ -25,13 +25,14 @@ plain model's names, so workers never know the family. Tensors keep the checkpoi
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from split.llama import LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
+from split.llama import Llama, LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
 
 from .blockfile import block_path
 from .plan import ShardPlan, make_plan
@@ -75,56 +76,85 @@ def block_spec(config: LlamaConfig, plan: ShardPlan, rank: int, layer: int, kind
     return spec
 
 
-def _read(files: dict[str, Path], src: Source, how: str = "full", span=None) -> torch.Tensor:
+def _read(files: dict[str, Path], src: Source, shape: tuple[int, ...], how: str = "full", span=None) -> torch.Tensor:
+    """Our tensor of `shape` (the model's, from config.json) from the checkpoint: whole, or the
+    rows / columns [a, b) of it. A missing tensor or one of another shape is a ValueError naming it."""
     if src.name not in files:
         raise ValueError(f"checkpoint is missing tensor {src.name!r}")
+    want = (src.total, *shape[1:]) if src.total is not None else tuple(shape)  # a fused tensor: all its rows
     with safe_open(files[src.name], framework="pt") as f:  # opened per tensor: nothing stays mapped
-        shape = tuple(f.get_slice(src.name).get_shape())
-        if src.total is not None and shape[0] != src.total:
-            raise ValueError(f"checkpoint tensor {src.name!r} has {shape[0]} rows, expected {src.total} "
-                             f"from config.json")
+        got = tuple(f.get_slice(src.name).get_shape())
+        if got != want:
+            raise ValueError(f"checkpoint tensor {src.name!r} in {files[src.name].name} has shape {list(got)}, "
+                             f"expected {list(want)} from config.json")
         t = read_tensor(f, src, rows=span if how == "rows" else None, cols=span if how == "cols" else None)
     return t.contiguous()
 
 
 def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None, out: str | Path,
             progress: bool = True) -> ShardPlan:
-    """Write the shard folder for a `world_size`-way split; returns the plan."""
-    from tqdm import tqdm
-
+    """Write the shard folder for a `world_size`-way split; returns the plan. The folder is written
+    under a temporary name beside `out` and renamed at the end, so a failure (a bad checkpoint, a
+    full disk) leaves no partial folder; an earlier shard folder at `out` is replaced."""
     model_dir, out = Path(model_dir), Path(out)
     config = LlamaConfig.from_dir(model_dir)
     plan = make_plan(config, world_size, weights)
     files = checkpoint_index(model_dir)
-    L = config.num_hidden_layers
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "plan.json").exists():
-        (out / "plan.json").unlink()  # rewritten last: a half-written folder never looks complete
+    if out.exists() and not _replaceable(out):
+        raise ValueError(f"--out: {out} exists and is not a shard folder (no plan.json); give a new or empty folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o755)  # as a folder made by mkdir would be (mkdtemp makes it private)
+    try:
+        _write(model_dir, config, plan, files, tmp, progress)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return plan
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or one `prepare` wrote (plan.json, or only rank folders of an older, interrupted run)."""
+    entries = list(out.iterdir()) if out.is_dir() else None
+    return entries is not None and ((out / "plan.json").is_file()
+                                    or all(e.is_dir() and e.name.startswith("rank") for e in entries))
+
+
+def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, out: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    world_size, L = plan.world_size, config.num_hidden_layers
     rank_dirs = [out / f"rank{r}" for r in range(world_size)]
     for d in rank_dirs:
-        d.mkdir(exist_ok=True)
+        d.mkdir()
         shutil.copyfile(model_dir / "config.json", d / "config.json")
     for name in ("tokenizer.json", "generation_config.json"):  # the master's text and stop tokens
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, rank_dirs[0] / name)
 
-    def src(name: str) -> Source:  # where our tensor is in the checkpoint (a fused one's rows for Phi-3)
-        return hf_source(config, name)
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in Llama(config).named_parameters(remove_duplicate=False)}
+
+    def read(name: str, how: str = "full", span=None, source: Source | None = None) -> torch.Tensor:
+        """Our tensor `name` (a fused one's rows for Phi-3: split.llama.hf_source)."""
+        return _read(files, source or hf_source(config, name), shapes[name], how, span)
 
     bar = tqdm(total=2 * L * world_size + 2, desc=f"prepare {world_size} ranks", unit="block",
                disable=not progress)
-    save_file({"embed_tokens.weight": _read(files, src("embed_tokens.weight"))}, rank_dirs[0] / "embed.safetensors")
+    save_file({"embed_tokens.weight": read("embed_tokens.weight")}, rank_dirs[0] / "embed.safetensors")
     bar.update()
-    head_src = src("lm_head.weight")
+    head_src = hf_source(config, "lm_head.weight")
     if head_src.name not in files and config.tie_word_embeddings:
-        head_src = src("embed_tokens.weight")
-    save_file({"norm.weight": _read(files, src("norm.weight")), "lm_head.weight": _read(files, head_src)},
+        head_src = hf_source(config, "embed_tokens.weight")
+    save_file({"norm.weight": read("norm.weight"), "lm_head.weight": read("lm_head.weight", source=head_src)},
               rank_dirs[0] / "head.safetensors")
     bar.update()
     for layer in range(L):
         for kind in BLOCK_KINDS:
             for rank in range(world_size):
-                tensors = {key: _read(files, src(f"layers.{layer}.{key}"), how, span)
+                tensors = {key: read(f"layers.{layer}.{key}", how, span)
                            for key, how, span in block_spec(config, plan, rank, layer, kind)}
                 save_file(tensors, block_path(rank_dirs[rank], (layer, kind)))
                 bar.update()
@@ -132,7 +162,6 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
     for d in rank_dirs:
         plan.save(d / "plan.json")
     plan.save(out / "plan.json")
-    return plan
 
 
 def is_prepared(out: str | Path, plan: ShardPlan) -> bool:
