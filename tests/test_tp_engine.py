@@ -68,13 +68,18 @@ def ckpts(tmp_path_factory):
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path, safe_serialization=True)
         _write_tokenizer(path, 256)
-        prompt = torch.tensor([PROMPT])
-        with torch.no_grad():  # eos_token_id=[]: never stop early
-            ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N_NEW,
-                              do_sample=False, eos_token_id=[], pad_token_id=0)[0, len(PROMPT):].tolist()
-            logits = hf(torch.tensor([PROMPT + ids])).logits[0]  # (T + N, vocab), teacher-forced
-        out[name] = (path, hf, ids, logits)
+        out[name] = (path, hf, *reference(hf, N_NEW))
     return out
+
+
+@torch.no_grad()
+def reference(hf, n_new: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy ids after PROMPT (never stopping early) and its teacher-forced logits
+    over prompt + ids, (T + N, vocab)."""
+    prompt = torch.tensor([PROMPT])
+    ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                      do_sample=False, eos_token_id=[], pad_token_id=0)[0, len(PROMPT):].tolist()
+    return ids, hf(torch.tensor([PROMPT + ids])).logits[0]
 
 
 def spawn_worker(shards: Path, rank: int, port: int, window=0, payload="fp32", backend="star", *extra):

@@ -35,7 +35,7 @@ from edge_runtime.tp.engine import Master  # noqa: E402
 from edge_runtime.tp.plan import ShardPlan  # noqa: E402
 from edge_runtime.tp.prepare import prepare  # noqa: E402
 from split.llama import LlamaConfig  # noqa: E402
-from test_tp_engine import PROMPT, Session, spawn_worker  # noqa: E402
+from test_tp_engine import PROMPT, Session, reference, spawn_worker  # noqa: E402
 
 N_NEW = 16
 ATOL = 1e-4
@@ -65,12 +65,7 @@ def ckpts(tmp_path_factory):
         randomize_norms_and_biases(hf)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path, safe_serialization=True)
-        prompt = torch.tensor([PROMPT])
-        with torch.no_grad():  # eos_token_id=[]: never stop early
-            ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N_NEW,
-                              do_sample=False, eos_token_id=[], pad_token_id=0)[0, len(PROMPT):].tolist()
-            logits = hf(torch.tensor([PROMPT + ids])).logits[0]  # (T + N, vocab), teacher-forced
-        out[name] = (path, hf, ids, logits)
+        out[name] = (path, hf, *reference(hf, N_NEW))
     return out
 
 
