@@ -44,9 +44,12 @@ def add_parser(commands) -> None:
                    help="device profiles (names or .toml paths), one per rank: shares proportional to their "
                         "memory bandwidth, since decoding on these devices is memory-bound")
     p.add_argument("--out", required=True)
+    p.add_argument("--max-rank-memory", metavar="SIZE", help="e.g. 512MiB: each rank's window is the largest "
+                   "that fits (budget.py); a plan that cannot fit is refused with the figures")
 
     def comm(p):  # what every rank of a group is told: TPConfig's fields
-        p.add_argument("--window", type=int, default=0, help="blocks resident per rank (0 = all)")
+        p.add_argument("--window", type=int, default=None,
+                       help="blocks resident per rank (0 = all; default: the plan's, all without a budget)")
         p.add_argument("--backend", choices=("star", "gloo"), default="star")
         p.add_argument("--payload", choices=("fp32", "fp16", "int8"), default="fp32",
                        help="allreduce payload precision (must match on every rank)")
@@ -80,6 +83,8 @@ def add_parser(commands) -> None:
                                    "default: start them here on loopback")
     p.add_argument("--master", help="HOST:PORT to bind (default: a free loopback port; with --peers 0.0.0.0:29500)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where prepared shards are cached")
+    p.add_argument("--max-rank-memory", metavar="SIZE", help="with --model: prepare for this budget per rank "
+                   "(as tp prepare does); --json then reports each rank's peak against it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     comm(p)
 
@@ -124,7 +129,13 @@ def _ids(text: str, field: str) -> list[int]:
 
 # --------------------------------------------------------------------------- prepare / worker
 
+def _budget(args) -> int | None:
+    from .budget import parse_bytes
+    return parse_bytes(args.max_rank_memory) if args.max_rank_memory else None
+
+
 def _prepare(args) -> int:
+    from .budget import plan_windows
     from .plan import parse_weights
     from .prepare import prepare
 
@@ -133,8 +144,9 @@ def _prepare(args) -> int:
         weights = share_weights([p.strip() for p in args.weights_from.split(",")], world_size=args.world_size)
     else:
         weights = parse_weights(args.weights, args.world_size)
-    plan = prepare(args.model, args.world_size, weights, args.out)
-    print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp}))
+    plan = prepare(args.model, args.world_size, weights, args.out, max_rank_memory=_budget(args))
+    print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp,
+                      "windows": plan_windows(plan), "max_rank_memory": plan.extra.get("max_rank_memory")}))
     return 0
 
 
@@ -165,6 +177,7 @@ def _generate(args) -> int:
 
     from split.llama import LlamaConfig, Sampling, Stop
 
+    from .budget import plan_windows
     from .collective import CollectiveError
     from .launch import LocalWorkers, cached_shards, free_port, share_cores, start_master
     from .plan import ShardPlan, parse_weights
@@ -176,6 +189,8 @@ def _generate(args) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     peers = [p for p in (args.peers or "").split(",") if p.strip()] if args.peers is not None else None
     if args.shards:
+        if args.max_rank_memory:
+            raise ValueError("--max-rank-memory goes with --model (a prepared folder has its budget: tp prepare)")
         shards = Path(args.shards)
         world_size = ShardPlan.load(shards / "plan.json").world_size
         if args.world_size is not None and args.world_size != world_size:
@@ -183,7 +198,8 @@ def _generate(args) -> int:
     else:
         world_size = args.world_size if args.world_size is not None else (len(peers) + 1 if peers else 1)
         weights = parse_weights(args.weights, world_size)
-        shards = cached_shards(Path(args.model), world_size, weights, Path(args.cache_dir), progress=not args.json)
+        shards = cached_shards(Path(args.model), world_size, weights, Path(args.cache_dir), not args.json,
+                               _budget(args))
     if peers is not None and len(peers) != world_size - 1:
         raise ValueError(f"--peers lists {len(peers)} workers, world size {world_size} needs {world_size - 1}")
     plan = ShardPlan.load(shards / "plan.json")
@@ -227,7 +243,8 @@ def _generate(args) -> int:
     lat = s.token_latencies_s
     result = dict(
         token_ids=s.tokens, finish_reason=s.finish_reason, text=master.decode(s.tokens) if master.tokenizer else None,
-        prompt_ids=prompt, world_size=world_size, window=config.window, backend=config.backend,
+        prompt_ids=prompt, world_size=world_size, backend=config.backend,
+        windows=plan_windows(plan) if config.window is None else [config.window] * world_size,
         payload=config.payload, kv_heads=plan.kv_heads, mlp=plan.mlp,
         time_to_first_token_s=s.time_to_first_token_s, token_latencies_s=lat,
         mean_token_latency_s=sum(lat) / len(lat) if lat else None, total_s=total,
@@ -237,6 +254,11 @@ def _generate(args) -> int:
         pager=[dict(loads=r["pager_loads"], max_resident=r["pager_max_resident"], load_s=r["pager_load_us"] / 1e6,
                     wait_s=r["pager_wait_us"] / 1e6, bytes_loaded=r["pager_bytes_loaded"]) for r in ranks],
         torch_threads=torch.get_num_threads())
+    result["window"] = result["windows"][0]
+    budget = plan.extra.get("max_rank_memory")
+    if budget is not None:  # each rank's peak against the budget it was prepared for
+        result["max_rank_memory_bytes"] = budget
+        result["within_budget"] = [r["peak_rss"] - r["baseline_rss"] <= budget for r in ranks]
     if args.json:
         print(json.dumps(result))
     else:

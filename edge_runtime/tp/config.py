@@ -25,7 +25,7 @@ class TPConfig:
     master: str = ""  # HOST:PORT rank 0 binds and workers dial (gloo also uses PORT + 1); unused at world size 1
     backend: str = "star"  # "star" (ZeroMQ, star_master.py / star_worker.py) or "gloo" (torch.distributed)
     payload: str = "fp32"  # allreduce payload precision: "fp32", "fp16" or "int8" (int8: star only)
-    window: int = 0  # weight blocks resident per rank (0 = all)
+    window: int | None = None  # weight blocks resident per rank (0 = all; None = each rank's from the plan)
     timeout_s: float = 2.0  # how long the master waits for a worker's partial
     join_timeout_s: float = 60.0  # how long every rank waits for the group to form
     curve_keys: Path | None = None  # folder from `tp keys`: encrypted, authenticated links (star only)
@@ -41,7 +41,8 @@ class TPConfig:
             raise ValueError("payload: the gloo backend supports 'fp32' or 'fp16', got 'int8'")
         if self.backend == "gloo" and self.curve_keys is not None:
             raise ValueError("curve_keys: CURVE encryption is only available with backend 'star'")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 0):
             raise ValueError(f"window must be an integer >= 0 (0 = every block resident), got {self.window!r}")
         for name in ("timeout_s", "join_timeout_s"):
             if not getattr(self, name) > 0:

@@ -28,6 +28,7 @@ import torch
 from devices.telemetry import ResidentSet
 from split.llama import Generation, KVCache, Llama, LlamaConfig, Sampling, Stop
 
+from .budget import plan_windows
 from .collective import RESET, SHUTDOWN, STATS, STEP, Collective, CollectiveError
 from .pager import Pager
 from .parallelize import apply_paging, apply_tp
@@ -42,7 +43,7 @@ STATS_FIELDS = ("peak_rss", "baseline_rss", "bytes_sent", "bytes_received", "pag
 class Shard:
     """What every rank holds: its slice of the layers (weights paged), its KV cache, its pager."""
 
-    def __init__(self, rank_dir: str | Path, collective: Collective, window: int = 0):
+    def __init__(self, rank_dir: str | Path, collective: Collective, window: int | None = None):
         self.dir = Path(rank_dir)
         self.rank = collective.rank
         self.config = LlamaConfig.from_dir(self.dir)
@@ -55,7 +56,8 @@ class Shard:
         self.collective = collective
         with torch.device("meta"):
             self.model = Llama(self.config, with_embed=False, with_head=False)  # layers only, no memory
-        self.pager = Pager(self.dir, block_order(self.config.num_hidden_layers), window)
+        self.window = plan_windows(self.plan)[self.rank] if window is None else window  # None: the plan's
+        self.pager = Pager(self.dir, block_order(self.config.num_hidden_layers), self.window)
         try:
             apply_tp(self.model, self.plan, collective)
             apply_paging(self.model, self.pager)
@@ -98,7 +100,7 @@ def stats_rows(blobs: list[bytes]) -> list[dict]:
     return rows
 
 
-def run_worker(rank_dir: str | Path, collective: Collective, window: int = 0, log=print) -> int:
+def run_worker(rank_dir: str | Path, collective: Collective, window: int | None = None, log=print) -> int:
     """Serve the master until SHUTDOWN (returns 0) or until it is gone or aborts (returns 3)."""
     try:
         shard = Shard(rank_dir, collective, window)
@@ -129,7 +131,7 @@ def run_worker(rank_dir: str | Path, collective: Collective, window: int = 0, lo
 class Master:
     """Rank 0: the tokenizer, the embeddings and the head, and the decode loop over every rank."""
 
-    def __init__(self, rank_dir: str | Path, collective: Collective, window: int = 0):
+    def __init__(self, rank_dir: str | Path, collective: Collective, window: int | None = None):
         if collective.rank != 0:
             raise ValueError(f"the master is rank 0, the collective is rank {collective.rank}")
         self.collective = collective

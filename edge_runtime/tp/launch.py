@@ -55,19 +55,21 @@ def plan_checksum(plan) -> bytes:
     return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16].encode()
 
 
-def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True) -> Path:
+def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True,
+                  max_rank_memory: int | None = None) -> Path:
     """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>."""
     from split.llama import LlamaConfig
 
+    from .budget import apply_budget
     from .plan import make_plan
     from .prepare import is_prepared, prepare
 
     config = LlamaConfig.from_dir(model)
-    plan = make_plan(config, world_size, weights)
+    plan = apply_budget(make_plan(config, world_size, weights), config, max_rank_memory)
     src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
     out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}"
     if not (is_prepared(out, plan) and _newer_than_checkpoint(out, model)):
-        prepare(model, world_size, weights, out, progress=progress)  # written aside, renamed when complete
+        prepare(model, world_size, weights, out, progress, max_rank_memory)  # written aside, renamed when complete
     return out
 
 
@@ -102,7 +104,8 @@ class LocalWorkers:
         for r in range(1, config.world_size):
             cmd = [sys.executable, "-m", "edge_runtime.cli", "tp", "worker", "--rank", str(r),
                    "--master", loopback(config.master), "--shards", str(Path(shards) / f"rank{r}"),
-                   "--window", str(config.window), "--backend", config.backend, "--payload", config.payload,
+                   *(["--window", str(config.window)] if config.window is not None else []),
+                   "--backend", config.backend, "--payload", config.payload,
                    "--timeout-s", str(config.timeout_s), "--join-timeout-s", str(config.join_timeout_s)]
             if config.curve_keys is not None:
                 cmd += ["--curve-keys", str(config.curve_keys)]

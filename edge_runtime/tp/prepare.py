@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from split.llama import Llama, LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
 
 from .blockfile import block_path
+from .budget import apply_budget
 from .plan import ShardPlan, make_plan
 
 BLOCK_KINDS = ("attn", "mlp")
@@ -92,13 +93,14 @@ def _read(files: dict[str, Path], src: Source, shape: tuple[int, ...], how: str 
 
 
 def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None, out: str | Path,
-            progress: bool = True) -> ShardPlan:
+            progress: bool = True, max_rank_memory: int | None = None) -> ShardPlan:
     """Write the shard folder for a `world_size`-way split; returns the plan. The folder is written
     under a temporary name beside `out` and renamed at the end, so a failure (a bad checkpoint, a
-    full disk) leaves no partial folder; an earlier shard folder at `out` is replaced."""
+    full disk) leaves no partial folder; an earlier shard folder at `out` is replaced. With
+    `max_rank_memory` (bytes) the plan records the window each rank can afford (budget.py)."""
     model_dir, out = Path(model_dir), Path(out)
     config = LlamaConfig.from_dir(model_dir)
-    plan = make_plan(config, world_size, weights)
+    plan = apply_budget(make_plan(config, world_size, weights), config, max_rank_memory)
     files = checkpoint_index(model_dir)
     if out.exists() and not _replaceable(out):
         raise ValueError(f"--out: {out} exists and is not a shard folder (no plan.json); give a new or empty folder")
