@@ -39,7 +39,8 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),
                  metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens
     tp           peers = ["host:port", ...] (default: start the other ranks here), master = "host:port",
-                 window, payload = "fp32" | "fp16" | "int8", timeout_s, join_timeout_s, max_new_tokens
+                 window (default: the plan's, from tp prepare --max-rank-memory),
+                 payload = "fp32" | "fp16" | "int8", timeout_s, join_timeout_s, max_new_tokens
 """
 import re
 from dataclasses import dataclass, field

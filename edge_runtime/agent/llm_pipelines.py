@@ -87,7 +87,8 @@ class TensorParallelPipeline(Pipeline):
         super().__init__(name, "tp", "edgefold_tp")
         self.world_size = ShardPlan.load(folder / "plan.json").world_size
         peers = options.get("peers")
-        config = TPConfig(world_size=self.world_size, window=int(options.get("window", 0)),
+        window = options.get("window")  # absent: each rank's from the plan (all resident without a budget)
+        config = TPConfig(world_size=self.world_size, window=None if window is None else int(window),
                           master=str(options.get("master", "0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")),
                           payload=str(options.get("payload", "fp32")), timeout_s=float(options.get("timeout_s", 5.0)),
                           join_timeout_s=float(options.get("join_timeout_s", 60.0)))
