@@ -336,3 +336,14 @@ def test_peak_rss_small_window_below_all_resident(tmp_path):
     assert small["max_resident"] <= 2 and full["max_resident"] == 2 * layers
     assert full["peak_rss_above"] >= 0.9 * 2 * layers * 4 * 2**20  # everything really was resident
     assert small["peak_rss_above"] < full["peak_rss_above"]
+
+
+def test_a_process_that_exits_without_close_exits_cleanly(tmp_path):
+    """The loader thread is closed at exit: frozen mid-read in interpreter teardown, it made torch
+    abort the process ("terminate called without an active exception", exit status 134)."""
+    make_blocks(tmp_path, layers=12, hidden=384, inter=1024)
+    code = ("import sys; from pathlib import Path; from edge_runtime.tp.pager import Pager; "
+            f"p = Pager(Path({str(tmp_path)!r}), [(i, k) for i in range(12) for k in ('attn', 'mlp')], 0)")
+    for _ in range(5):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-500:]

@@ -27,11 +27,13 @@ referenced after release() is not reused and stays in memory until they go
 
 from __future__ import annotations
 
+import atexit
 import collections
 import mmap
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +91,9 @@ class Pager:
         self._events = collections.deque(maxlen=10000)  # (what, block), for tests and debugging
         self._thread = threading.Thread(target=self._run, name="edgefold-pager", daemon=True)
         self._thread.start()
+        # A process that exits without close() would freeze the loader mid-read in interpreter
+        # teardown, and torch then aborts the process ("terminate called without an active exception").
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # ---- the consumer (one thread: the forward pass) ----
     def acquire(self, block, timeout_s: float | None = None) -> dict[str, torch.Tensor]:
@@ -279,3 +284,9 @@ class Pager:
                     self._stats.bytes_loaded += slot.nbytes
                 self._events.append(("loaded" if slot.error is None else "error", self.order[i]))
             self._cond.notify_all()
+
+
+def _close_at_exit(pager_ref) -> None:
+    pager = pager_ref()
+    if pager is not None:
+        pager.close()
