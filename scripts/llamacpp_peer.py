@@ -55,6 +55,23 @@ from llamacpp_build import (BENCH, CMAKE_ARGS, KINDS, MARKER, N_FIXED, ROOT, SHA
                             ensure_venv, in_venv, log, tensor_types, to_gguf, venv_python)
 
 
+# The end of both child scripts: a warm-up generation (touches the mmapped weights), `repeats`
+# measured ones, one JSON line. Each child defines a, generate(n_new) -> (ttft, steps, tokens),
+# load_s and versions before it.
+MEASURE = """
+generate(min(a["n_new"], 8))
+runs = [generate(a["n_new"]) for _ in range(a["repeats"])]
+steps = [s for r in runs for s in r[1]]
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps(dict(
+    ttft_ms=1e3 * statistics.median(r[0] for r in runs), ttft_ms_all=[round(1e3 * r[0], 2) for r in runs],
+    ms_per_token=1e3 * statistics.median(steps), ms_per_token_mean=1e3 * statistics.mean(steps),
+    ms_per_token_p90=1e3 * sorted(steps)[int(0.9 * (len(steps) - 1))], decode_steps=len(steps),
+    tokens=runs[-1][2], same_tokens_every_run=all(r[2] == runs[0][2] for r in runs),
+    load_s=load_s, peak_rss_mib=int(status["VmHWM"].split()[0]) / 1024,
+    **versions)))
+"""
+
 RUN_LLAMACPP = """
 import json, statistics, sys, time
 import numpy as np
@@ -85,19 +102,9 @@ def generate(n_new):
         steps.append(now - t)
     return ttft, steps, tokens
 
-generate(min(a["n_new"], 8))                      # warm-up: touches the mmapped weights
-runs = [generate(a["n_new"]) for _ in range(a["repeats"])]
-steps = [s for r in runs for s in r[1]]
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-print(json.dumps(dict(
-    ttft_ms=1e3 * statistics.median(r[0] for r in runs), ttft_ms_all=[round(1e3 * r[0], 2) for r in runs],
-    ms_per_token=1e3 * statistics.median(steps), ms_per_token_mean=1e3 * statistics.mean(steps),
-    ms_per_token_p90=1e3 * sorted(steps)[int(0.9 * (len(steps) - 1))], decode_steps=len(steps),
-    tokens=runs[-1][2], same_tokens_every_run=all(r[2] == runs[0][2] for r in runs),
-    load_s=load_s, peak_rss_mib=int(status["VmHWM"].split()[0]) / 1024,
-    system_info=llama_cpp.llama_print_system_info().decode().strip(),
-    llama_cpp_python=llama_cpp.__version__)))
-"""
+versions = dict(system_info=llama_cpp.llama_print_system_info().decode().strip(),
+                llama_cpp_python=llama_cpp.__version__)
+""" + MEASURE
 
 RUN_TRANSFORMERS = """
 import json, statistics, sys, time
@@ -127,18 +134,8 @@ def generate(n_new):
     times = clock.times[1:]                          # the first put() is the prompt
     return times[0] - t, [b - a for a, b in zip(times, times[1:])], out[0, prompt.shape[1]:].tolist()
 
-generate(min(a["n_new"], 8))
-runs = [generate(a["n_new"]) for _ in range(a["repeats"])]
-steps = [s for r in runs for s in r[1]]
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-print(json.dumps(dict(
-    ttft_ms=1e3 * statistics.median(r[0] for r in runs), ttft_ms_all=[round(1e3 * r[0], 2) for r in runs],
-    ms_per_token=1e3 * statistics.median(steps), ms_per_token_mean=1e3 * statistics.mean(steps),
-    ms_per_token_p90=1e3 * sorted(steps)[int(0.9 * (len(steps) - 1))], decode_steps=len(steps),
-    tokens=runs[-1][2], same_tokens_every_run=all(r[2] == runs[0][2] for r in runs),
-    load_s=load_s, peak_rss_mib=int(status["VmHWM"].split()[0]) / 1024,
-    torch=torch.__version__, transformers=transformers.__version__)))
-"""
+versions = dict(torch=torch.__version__, transformers=transformers.__version__)
+""" + MEASURE
 
 
 def run_llamacpp(gguf: Path, prompt_ids: list[int], n_new: int = 32, threads: int = 2, repeats: int = 3,
