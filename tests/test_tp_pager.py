@@ -148,15 +148,21 @@ def test_released_tensors_still_held_are_not_overwritten(blocks):
 
 
 def test_dtype_conversion(tmp_path):
-    want = {"a": torch.randn(5, 3).half(), "b": torch.randn(4).bfloat16(), "ids": torch.arange(6),
-            "flag": torch.tensor([True, False]), "empty": torch.empty(0, 3)}
+    """Float weights and biases become the pager's dtype; quantization scales keep theirs; every
+    tensor starts 64-byte aligned in the block's buffer (the int8 kernel needs it)."""
+    want = {"x.weight": torch.randn(5, 3).half(), "x.bias": torch.randn(4).bfloat16(), "ids": torch.arange(6),
+            "flag": torch.tensor([True, False]), "empty": torch.empty(0, 3), "x.scales": torch.randn(3).bfloat16(),
+            "odd": torch.arange(7, dtype=torch.int8)}
     order = [(0, "attn"), (0, "mlp")]
     for b in order:
         save_file(want, str(block_path(tmp_path, b)))
     with Pager(tmp_path, order, 1) as pager:
         got = pager.acquire(order[0])
-        assert got["a"].dtype == got["b"].dtype == torch.float32 and got["ids"].dtype == torch.int64
-        assert torch.equal(got["a"], want["a"].float()) and torch.equal(got["b"], want["b"].float())
+        assert got["x.weight"].dtype == got["x.bias"].dtype == torch.float32 and got["ids"].dtype == torch.int64
+        assert torch.equal(got["x.weight"], want["x.weight"].float())
+        assert torch.equal(got["x.bias"], want["x.bias"].float())
+        assert got["x.scales"].dtype == torch.bfloat16 and torch.equal(got["x.scales"], want["x.scales"])
+        assert all(t.data_ptr() % 64 == 0 for k, t in got.items() if t.numel() and t.dtype != torch.float32)
         assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["flag"], want["flag"])
         assert got["empty"].shape == (0, 3)
     with Pager(tmp_path, order, 0, dtype=None) as pager:

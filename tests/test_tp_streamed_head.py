@@ -121,10 +121,11 @@ def test_master_with_window_streams_and_matches_transformers(tmp_path, monkeypat
         with Master(tmp_path / "shards" / "rank0", LocalCollective(), window) as m:
             streamed = isinstance(m.model.lm_head, StreamedHead)
             assert streamed == (window == 2)
-            assert isinstance(m.model.embed_tokens, StreamedEmbedding) == (streamed or not tied)
+            assert isinstance(m.model.embed_tokens, StreamedEmbedding)  # rows read from their file, always
             if streamed:
                 assert m.model.lm_head.chunk_rows == 32
                 assert (m.model.embed_tokens.source is m.model.lm_head.source) == tied  # one source when tied
+            assert (m.model.embed_tokens.source.name == "lm_head.weight") == tied
             got[window] = (m.prefill_logits(prompt), list(m.generate(prompt, 12)))
     assert got[2][1] == got[0][1] == ref_ids.tolist()
     assert (got[2][0] - ref_logits).abs().max() < 1e-4

@@ -104,25 +104,36 @@ def read_into(f, buf: memoryview, offset: int, path) -> None:
         got += k
 
 
+ALIGN = 64  # every tensor of a block starts at a multiple of this in its buffer (the int8 kernel needs it)
+
+
+def _converts(name: str, dt: torch.dtype, dtype: torch.dtype | None) -> bool:
+    """Float weights and biases become the compute dtype; quantization scales and zeros keep theirs."""
+    return dtype is not None and dt.is_floating_point and dt != dtype and name.rsplit(".", 1)[-1] in ("weight", "bias")
+
+
 def read_block(path, dtype: torch.dtype | None = None, alloc=new_buffer):
     """Read one safetensors file into owned memory: (tensors, buffer they view or None, bytes read).
-    Floating-point tensors become `dtype` (None: as stored); `alloc(n)` gives a buffer of >= n bytes."""
+    Each tensor is placed at a 64-byte aligned offset of the buffer. Floating-point weights and biases
+    become `dtype` (None: as stored); `alloc(n)` gives a buffer of >= n bytes."""
     with open(path, "rb", buffering=0) as f:
         entries, start = read_header(f, path)
-        total = max((e for *_, e in entries), default=0)
+        placed, total = [], 0
+        for entry in sorted(entries, key=lambda e: e[3]):  # file order: sequential reads
+            placed.append((entry, total))
+            total += -(-(entry[4] - entry[3]) // ALIGN) * ALIGN
         buf = alloc(total) if total else None
         if buf is not None:
             with memoryview(buf) as mv:
-                read_into(f, mv[:total], start, path)
+                for (name, dt, shape, b, e), at in placed:
+                    read_into(f, mv[at:at + e - b], start + b, path)
     raw = torch.frombuffer(buf, dtype=torch.uint8, count=total) if buf is not None else None
-    tensors, views = {}, False
-    for name, dt, shape, b, e in entries:
-        t = torch.empty(shape, dtype=dt) if b == e else \
-            (raw[b:e] if b % dt.itemsize == 0 else raw[b:e].clone()).view(dt).view(shape)  # clone: unaligned
-        if dtype is not None and dt.is_floating_point and dt != dtype:
+    tensors, views, nbytes = {}, False, 0
+    for (name, dt, shape, b, e), at in placed:
+        t = torch.empty(shape, dtype=dt) if b == e else raw[at:at + e - b].view(dt).view(shape)
+        if _converts(name, dt, dtype):
             t = t.to(dtype)
-        views = views or (b != e and t.data_ptr() == raw.data_ptr() + b)
+        views = views or (b != e and t.data_ptr() == raw.data_ptr() + at)
         tensors[name] = t
-    return tensors, (buf if views else None), total
-
-
+        nbytes += e - b
+    return tensors, (buf if views else None), nbytes

@@ -2,9 +2,11 @@
 
     edge-runtime tp prepare --model HF_DIR --world-size 3 --weights 1,1,2 --out shards/
     edge-runtime tp prepare --model HF_DIR --world-size 2 --weights-from raspberry-pi-4,my-board.toml --out shards/
+    edge-runtime tp prepare --model HF_DIR --world-size 4 --quantize int4 --group-size 32 --max-rank-memory 512MiB --out shards/
     edge-runtime tp worker --rank 1 --master 10.0.0.2:29500 --shards shards/rank1 --window 2
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt "Hello" --max-new-tokens 32 --window 2
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt-ids 1,2,3 --max-new-tokens 32 --json
+    edge-runtime tp generate --model HF_DIR --quantize int8 --prompt "Hello"          # one device, int8 weights
     edge-runtime tp generate --model HF_DIR --world-size 3 --peers 10.0.0.3,10.0.0.4 --master 0.0.0.0:29500 ...
     edge-runtime tp keys --out keys/
 
@@ -46,6 +48,7 @@ def add_parser(commands) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-rank-memory", metavar="SIZE", help="e.g. 512MiB: each rank's window is the largest "
                    "that fits (budget.py); a plan that cannot fit is refused with the figures")
+    weight_format(p)
 
     def comm(p):  # what every rank of a group is told: TPConfig's fields
         p.add_argument("--window", type=int, default=None,
@@ -56,6 +59,8 @@ def add_parser(commands) -> None:
         p.add_argument("--curve-keys", help="folder from `tp keys`: encrypt and authenticate peers (star)")
         p.add_argument("--timeout-s", type=float, default=2.0, help="how long the master waits for a partial")
         p.add_argument("--join-timeout-s", type=float, default=60.0)
+        p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                       help="compute dtype of the float (unquantized) weights; int8/int4 always use bf16 kernels")
 
     p = sub.add_parser("worker", help="serve one rank's shards to a master")
     p.add_argument("--rank", type=int, required=True)
@@ -86,10 +91,23 @@ def add_parser(commands) -> None:
     p.add_argument("--max-rank-memory", metavar="SIZE", help="with --model: prepare for this budget per rank "
                    "(as tp prepare does); --json then reports each rank's peak against it")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    weight_format(p)
     comm(p)
 
     p = sub.add_parser("keys", help="make ZeroMQ CURVE key pairs for master and workers")
     p.add_argument("--out", required=True)
+
+
+def weight_format(p) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4"), help="store the weights int8 (per output channel) or "
+                   "int4 (per group of input columns); embeddings and LM head as int8 rows (default: as the checkpoint)")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
+
+
+def _quantize(args):
+    """--quantize / --group-size as a split.llama.quantize handler (None: float weights)."""
+    from split.llama.quantize import handler
+    return handler(args.quantize, args.group_size) if args.quantize else None
 
 
 def main(args) -> int:
@@ -116,7 +134,7 @@ def _config(args, world_size: int, master: str):
     """The parsed options every rank of the group shares."""
     from .config import TPConfig
     return TPConfig(world_size=world_size, master=master, backend=args.backend, payload=args.payload,
-                    window=args.window, timeout_s=args.timeout_s, join_timeout_s=args.join_timeout_s,
+                    window=args.window, timeout_s=args.timeout_s, join_timeout_s=args.join_timeout_s, dtype=args.dtype,
                     curve_keys=Path(args.curve_keys) if args.curve_keys else None)
 
 
@@ -144,9 +162,10 @@ def _prepare(args) -> int:
         weights = share_weights([p.strip() for p in args.weights_from.split(",")], world_size=args.world_size)
     else:
         weights = parse_weights(args.weights, args.world_size)
-    plan = prepare(args.model, args.world_size, weights, args.out, max_rank_memory=_budget(args))
-    print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp,
-                      "windows": plan_windows(plan), "max_rank_memory": plan.extra.get("max_rank_memory")}))
+    plan = prepare(args.model, args.world_size, weights, args.out, max_rank_memory=_budget(args),
+                   quantize=_quantize(args))
+    print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp, "windows": plan_windows(plan),
+                      "max_rank_memory": plan.extra.get("max_rank_memory"), "quantize": plan.extra.get("quantize")}))
     return 0
 
 
@@ -167,7 +186,8 @@ def _worker(args) -> int:
     except CollectiveError as err:
         print(f"edge-runtime tp worker: {err}", file=sys.stderr)
         return 1
-    return run_worker(folder, collective, config.window, log=lambda m: print(m, file=sys.stderr))
+    return run_worker(folder, collective, config.window, log=lambda m: print(m, file=sys.stderr),
+                      dtype=config.torch_dtype)
 
 
 # --------------------------------------------------------------------------- generate
@@ -189,8 +209,9 @@ def _generate(args) -> int:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     peers = [p for p in (args.peers or "").split(",") if p.strip()] if args.peers is not None else None
     if args.shards:
-        if args.max_rank_memory:
-            raise ValueError("--max-rank-memory goes with --model (a prepared folder has its budget: tp prepare)")
+        if args.max_rank_memory or args.quantize:
+            raise ValueError("--max-rank-memory and --quantize go with --model (a prepared folder has its budget "
+                             "and weight format: tp prepare)")
         shards = Path(args.shards)
         world_size = ShardPlan.load(shards / "plan.json").world_size
         if args.world_size is not None and args.world_size != world_size:
@@ -199,7 +220,7 @@ def _generate(args) -> int:
         world_size = args.world_size if args.world_size is not None else (len(peers) + 1 if peers else 1)
         weights = parse_weights(args.weights, world_size)
         shards = cached_shards(Path(args.model), world_size, weights, Path(args.cache_dir), not args.json,
-                               _budget(args))
+                               _budget(args), _quantize(args))
     if peers is not None and len(peers) != world_size - 1:
         raise ValueError(f"--peers lists {len(peers)} workers, world size {world_size} needs {world_size - 1}")
     plan = ShardPlan.load(shards / "plan.json")
@@ -245,7 +266,8 @@ def _generate(args) -> int:
         token_ids=s.tokens, finish_reason=s.finish_reason, text=master.decode(s.tokens) if master.tokenizer else None,
         prompt_ids=prompt, world_size=world_size, backend=config.backend,
         windows=plan_windows(plan) if config.window is None else [config.window] * world_size,
-        payload=config.payload, kv_heads=plan.kv_heads, mlp=plan.mlp,
+        payload=config.payload, kv_heads=plan.kv_heads, mlp=plan.mlp, dtype=config.dtype,
+        quantize=plan.extra.get("quantize"),
         time_to_first_token_s=s.time_to_first_token_s, token_latencies_s=lat,
         mean_token_latency_s=sum(lat) / len(lat) if lat else None, total_s=total,
         tokens_per_s=len(s.tokens) / total if total > 0 else None,

@@ -17,6 +17,7 @@ from devices.address import parse_address
 
 BACKENDS = ("star", "gloo")
 PAYLOADS = ("fp32", "fp16", "int8")
+DTYPES = ("fp32", "bf16")  # the compute dtype of the float (unquantized) weights
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class TPConfig:
     timeout_s: float = 2.0  # how long the master waits for a worker's partial
     join_timeout_s: float = 60.0  # how long every rank waits for the group to form
     curve_keys: Path | None = None  # folder from `tp keys`: encrypted, authenticated links (star only)
+    dtype: str = "fp32"  # float weights held and multiplied in "fp32" or "bf16" (quantized ones: bf16 kernels)
 
     def __post_init__(self):
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
@@ -41,6 +43,8 @@ class TPConfig:
             raise ValueError("payload: the gloo backend supports 'fp32' or 'fp16', got 'int8'")
         if self.backend == "gloo" and self.curve_keys is not None:
             raise ValueError("curve_keys: CURVE encryption is only available with backend 'star'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 0):
             raise ValueError(f"window must be an integer >= 0 (0 = every block resident), got {self.window!r}")
@@ -53,6 +57,11 @@ class TPConfig:
             raise ValueError(f"master: world size {self.world_size} needs the HOST:PORT of rank 0")
         if self.curve_keys is not None:
             object.__setattr__(self, "curve_keys", Path(self.curve_keys))
+
+    @property
+    def torch_dtype(self):
+        import torch
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[self.dtype]
 
     @property
     def address(self) -> tuple[str, int]:

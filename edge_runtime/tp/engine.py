@@ -27,9 +27,11 @@ import torch
 
 from devices.telemetry import ResidentSet
 from split.llama import Generation, KVCache, Llama, LlamaConfig, Sampling, Stop
+from split.llama.quantize import handler_from_dict, kernel_state, weight_shells
 
 from .budget import plan_windows
 from .collective import RESET, SHUTDOWN, STATS, STEP, Collective, CollectiveError
+from .kernel_layout import kernel_folder
 from .pager import Pager
 from .parallelize import apply_paging, apply_tp
 from .plan import ShardPlan
@@ -41,9 +43,12 @@ STATS_FIELDS = ("peak_rss", "baseline_rss", "bytes_sent", "bytes_received", "pag
 
 
 class Shard:
-    """What every rank holds: its slice of the layers (weights paged), its KV cache, its pager."""
+    """What every rank holds: its slice of the layers (weights paged), its KV cache, its pager.
+    Weights are held as stored: int8 / int4 when the plan says so (quantized kernels with bf16
+    activations), else float in `dtype`; norms, the residual stream and the allreduce stay float32."""
 
-    def __init__(self, rank_dir: str | Path, collective: Collective, window: int | None = None):
+    def __init__(self, rank_dir: str | Path, collective: Collective, window: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         self.dir = Path(rank_dir)
         self.rank = collective.rank
         self.config = LlamaConfig.from_dir(self.dir)
@@ -57,12 +62,16 @@ class Shard:
         with torch.device("meta"):
             self.model = Llama(self.config, with_embed=False, with_head=False)  # layers only, no memory
         self.window = plan_windows(self.plan)[self.rank] if window is None else window  # None: the plan's
-        self.pager = Pager(self.dir, block_order(self.config.num_hidden_layers), self.window)
+        self.format = handler_from_dict(self.plan.extra.get("quantize"))  # None: float weights
+        order = block_order(self.config.num_hidden_layers)
+        self.pager = Pager(kernel_folder(self.dir, order), order, self.window, dtype=dtype,
+                           transform=kernel_state if self.format is not None else None)
         try:
             apply_tp(self.model, self.plan, collective)
+            weight_shells(self.model, self.format, dtype)
             apply_paging(self.model, self.pager)
             if self.rank == 0:  # embeddings, final norm, LM head: streamed from the files whenever blocks are paged
-                attach_head(self.model, self.dir, stream=not self.pager.keep_all)
+                attach_head(self.model, self.dir, stream=not self.pager.keep_all, dtype=dtype)
         except BaseException:
             self.pager.close()
             raise
@@ -100,10 +109,11 @@ def stats_rows(blobs: list[bytes]) -> list[dict]:
     return rows
 
 
-def run_worker(rank_dir: str | Path, collective: Collective, window: int | None = None, log=print) -> int:
+def run_worker(rank_dir: str | Path, collective: Collective, window: int | None = None, log=print,
+               dtype: torch.dtype = torch.float32) -> int:
     """Serve the master until SHUTDOWN (returns 0) or until it is gone or aborts (returns 3)."""
     try:
-        shard = Shard(rank_dir, collective, window)
+        shard = Shard(rank_dir, collective, window, dtype)
     except BaseException:
         collective.close()  # the master learns at once that this rank is gone
         raise
@@ -131,12 +141,13 @@ def run_worker(rank_dir: str | Path, collective: Collective, window: int | None 
 class Master:
     """Rank 0: the tokenizer, the embeddings and the head, and the decode loop over every rank."""
 
-    def __init__(self, rank_dir: str | Path, collective: Collective, window: int | None = None):
+    def __init__(self, rank_dir: str | Path, collective: Collective, window: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         if collective.rank != 0:
             raise ValueError(f"the master is rank 0, the collective is rank {collective.rank}")
         self.collective = collective
         try:
-            self.shard = Shard(rank_dir, collective, window)
+            self.shard = Shard(rank_dir, collective, window, dtype)
         except BaseException:
             collective.close()  # the workers learn at once that there is no master
             raise

@@ -56,20 +56,19 @@ def plan_checksum(plan) -> bytes:
 
 
 def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True,
-                  max_rank_memory: int | None = None) -> Path:
-    """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>."""
+                  max_rank_memory: int | None = None, quantize=None) -> Path:
+    """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>;
+    the plan holds the weight format (`quantize`, a split.llama.quantize handler) and the budget."""
     from split.llama import LlamaConfig
 
-    from .budget import apply_budget
-    from .plan import make_plan
-    from .prepare import is_prepared, prepare
+    from .prepare import is_prepared, make_format_plan, prepare
 
     config = LlamaConfig.from_dir(model)
-    plan = apply_budget(make_plan(config, world_size, weights), config, max_rank_memory)
+    plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
     src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
     out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}"
     if not (is_prepared(out, plan) and _newer_than_checkpoint(out, model)):
-        prepare(model, world_size, weights, out, progress, max_rank_memory)  # written aside, renamed when complete
+        prepare(model, world_size, weights, out, progress, max_rank_memory, quantize)  # written aside, renamed when complete
     return out
 
 
@@ -105,7 +104,7 @@ class LocalWorkers:
             cmd = [sys.executable, "-m", "edge_runtime.cli", "tp", "worker", "--rank", str(r),
                    "--master", loopback(config.master), "--shards", str(Path(shards) / f"rank{r}"),
                    *(["--window", str(config.window)] if config.window is not None else []),
-                   "--backend", config.backend, "--payload", config.payload,
+                   "--backend", config.backend, "--payload", config.payload, "--dtype", config.dtype,
                    "--timeout-s", str(config.timeout_s), "--join-timeout-s", str(config.join_timeout_s)]
             if config.curve_keys is not None:
                 cmd += ["--curve-keys", str(config.curve_keys)]
@@ -156,7 +155,7 @@ def start_master(shards: Path, config: TPConfig):
     if plan.world_size != config.world_size:
         raise ValueError(f"world_size: the shards were prepared for {plan.world_size} ranks, not {config.world_size}")
     collective = make_collective(config, 0, plan_checksum(plan))
-    return Master(Path(shards) / "rank0", collective, config.window)  # closes the collective if it fails
+    return Master(Path(shards) / "rank0", collective, config.window, config.torch_dtype)  # closes the collective if it fails
 
 
 def join_as_worker(folder: Path, rank: int, config: TPConfig):

@@ -7,7 +7,8 @@
     pager.close()
 
 A block is the attention or MLP half of one layer, one safetensors file each, read into owned
-memory by blockfile.py. `order` is the sequence one forward pass uses; every pass repeats it, so
+memory by blockfile.py (then passed through `transform`, if given, in the loader thread: the
+quantized weights' kernel form). `order` is the sequence one forward pass uses; every pass repeats it, so
 it is a cycle and the loader wraps around to the next pass's first blocks. One background thread
 loads blocks in cycle order while fewer than `window` are resident (loaded, being loaded and
 being freed all count), so with window 2 block k+1 loads while block k computes and
@@ -67,7 +68,7 @@ class _Slot:
 
 class Pager:
     def __init__(self, folder: Path, order: list[tuple[int, str]], window: int, dtype=torch.float32,
-                 timeout_s: float = 60.0):
+                 timeout_s: float = 60.0, transform=None):
         self.order = [(int(layer), str(kind)) for layer, kind in order]
         self._index = {b: i for i, b in enumerate(self.order)}
         if not self.order or len(self._index) != len(self.order):
@@ -77,6 +78,7 @@ class Pager:
         self.window = len(self.order) if window == 0 else min(int(window), len(self.order))
         self.keep_all = self.window == len(self.order)
         self.dtype, self.timeout_s = dtype, float(timeout_s)
+        self.transform = transform  # tensors -> tensors, in the loader thread (quantize.kernel_state)
         self.paths = [block_path(folder, b) for b in self.order]
         missing = [str(p) for p in self.paths if not p.is_file()]
         if missing:
@@ -269,7 +271,10 @@ class Pager:
     def _load(self, i: int, epoch: int) -> None:
         t0 = time.monotonic()
         try:
-            slot = _Slot(*read_block(self.paths[i], self.dtype, self._alloc))
+            tensors, buf, nbytes = read_block(self.paths[i], self.dtype, self._alloc)
+            if self.transform is not None:
+                tensors = self.transform(tensors)
+            slot = _Slot(tensors, buf, nbytes)
         except Exception as exc:  # handed to acquire(), which names the file
             slot = _Slot(error=exc)
         with self._cond:

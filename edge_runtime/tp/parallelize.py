@@ -97,17 +97,25 @@ _BLOCK = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attention_laye
 
 
 def _bind(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Point the layer's parameters (keys like "self_attn.q_proj.weight") at the block's tensors."""
+    """Point the layer's parameters (keys like "self_attn.q_proj.weight") at the block's tensors; a
+    quantized module (split.llama.quantize) holds its kernel tensors as buffers instead."""
     for key, t in tensors.items():
         path, _, name = key.rpartition(".")
-        layer.get_submodule(path)._parameters[name] = nn.Parameter(t, requires_grad=False)
+        module = layer.get_submodule(path)
+        if name in module._buffers:
+            module._buffers[name] = t
+        elif name in module._parameters:
+            module._parameters[name] = nn.Parameter(t, requires_grad=False)
+        else:
+            raise ValueError(f"block tensor {key!r} has no place in the model (a shard of another format?)")
 
 
 def _unbind(layer: nn.Module, keys) -> None:
     """Drop the layer's references to a block so releasing it really frees the memory."""
     for key in keys:
         path, _, name = key.rpartition(".")
-        layer.get_submodule(path)._parameters[name] = None
+        module = layer.get_submodule(path)
+        (module._buffers if name in module._buffers else module._parameters)[name] = None
 
 
 def apply_paging(model: Llama, pager) -> Llama:
@@ -118,8 +126,9 @@ def apply_paging(model: Llama, pager) -> Llama:
         for kind, (norm, block) in _BLOCK.items():
             for module in (layer.get_submodule(norm), layer.get_submodule(block)):
                 for sub in module.modules():
-                    for p in list(sub._parameters):
-                        sub._parameters[p] = None  # the pager's tensors are bound in their place
+                    for table in (sub._parameters, sub._buffers):
+                        for p in list(table):
+                            table[p] = None  # the pager's tensors are bound in their place
             bound: list[str] = []  # the keys bound for the current use of the block
 
             def acquire(module, args, i=i, kind=kind, layer=layer, bound=bound):

@@ -186,8 +186,20 @@ class ShardPlan:
             raise ValueError(f"rank must be in [0, {W}) for this plan, got {rank}")
 
 
-def make_plan(config: LlamaConfig, world_size: int, weights: list[float] | None = None) -> ShardPlan:
-    """Plan a `world_size`-way split of `config`, shares proportional to `weights` (default equal)."""
+def _units(total: int, weights: list[float], unit: int) -> list[int]:
+    """apportion() in whole units of `unit`, the remainder (total % unit) to the last rank."""
+    if total // unit < len(weights):
+        raise ValueError(f"cannot split {total} MLP columns in units of {unit} over {len(weights)} ranks")
+    sizes = [n * unit for n in apportion(total // unit, weights)]
+    sizes[-1] += total % unit
+    return sizes
+
+
+def make_plan(config: LlamaConfig, world_size: int, weights: list[float] | None = None,
+              mlp_unit: int = 1) -> ShardPlan:
+    """Plan a `world_size`-way split of `config`, shares proportional to `weights` (default equal).
+    The MLP is split in whole units of `mlp_unit` columns (quantized weights: whole int4 groups, or
+    the int8 kernel's multiple of 16), the last rank taking any remainder."""
     kv = config.num_key_value_heads
     if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size <= kv:
         raise ValueError(f"world_size must be an integer from 1 to num_key_value_heads={kv} "
@@ -199,7 +211,7 @@ def make_plan(config: LlamaConfig, world_size: int, weights: list[float] | None 
         raise ValueError(f"weights must all be positive finite numbers, got {weights}")
     plan = ShardPlan(world_size=world_size, weights=weights,
                      kv_heads=_ranges(apportion(kv, weights)),
-                     mlp=_ranges(apportion(config.intermediate_size, weights)),
+                     mlp=_ranges(_units(config.intermediate_size, weights, mlp_unit)),
                      model=model_identity(config))
     plan.check(config)
     return plan

@@ -20,6 +20,14 @@ the memory-mapped checkpoint, one tensor at a time, so memory stays at about one
 Where a family fuses tensors (Phi-3's qkv_proj, gate_up_proj) a rank's rows of q, k, v (gate, up)
 are sliced out of the fused tensor the same way (split.llama.hf_source), and the shards hold the
 plain model's names, so workers never know the family. Tensors keep the checkpoint's dtype.
+
+With `quantize` (split.llama.quantize's Int8 or Int4: `tp prepare --quantize int8|int4
+--group-size G`) every projection is stored quantized (`<name>.weight` int8 / packed uint8,
+`<name>.scales`, int4 also `<name>.zeros`) and the embeddings and LM head as int8 rows with one
+scale each (llama.cpp likewise keeps its q4_0 output layer at higher precision). A weight is
+quantized whole, a row chunk at a time, before it is sliced per rank, so a rank's slice holds
+exactly the values one device would. The MLP is split in whole groups (plan.make_plan's
+mlp_unit) and every slice is checked against the kernels' shape rules before anything is written.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from split.llama import Llama, LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
+from split.llama.quantize import Int4, Int8, quantize_rows
 
 from .blockfile import block_path
 from .budget import apply_budget
@@ -92,15 +101,39 @@ def _read(files: dict[str, Path], src: Source, shape: tuple[int, ...], how: str 
     return t.contiguous()
 
 
+def make_format_plan(config: LlamaConfig, world_size: int, weights: list[float] | None,
+                     quantize: Int8 | Int4 | None = None, max_rank_memory: int | None = None) -> ShardPlan:
+    """The plan `prepare` writes: the split (in whole quantization units), the weight format and, with
+    a budget, each rank's window. Every slice is checked against the format's shape rules."""
+    plan = make_plan(config, world_size, weights, mlp_unit=quantize.unit if quantize is not None else 1)
+    if quantize is not None:
+        plan.extra["quantize"] = quantize.to_dict()
+        Int8().check("lm_head.weight (and embed_tokens.weight: int8 rows)", config.vocab_size, config.hidden_size)
+        with torch.device("meta"):
+            layer0 = Llama(config, layers=range(0, 1), with_embed=False, with_head=False).layers["0"]
+        for rank in range(world_size):
+            for layer, kind in block_order(1):
+                for key, how, span in block_spec(config, plan, rank, layer, kind):
+                    if key.endswith("_proj.weight"):
+                        lin = layer0.get_submodule(key[:-len(".weight")])
+                        n_out, n_in = lin.out_features, lin.in_features
+                        if how != "full":
+                            n_out, n_in = (span[1] - span[0], n_in) if how == "rows" else (n_out, span[1] - span[0])
+                        quantize.check(f"rank {rank}: layers.*.{key}", n_out, n_in)
+    return apply_budget(plan, config, max_rank_memory)
+
+
 def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None, out: str | Path,
-            progress: bool = True, max_rank_memory: int | None = None) -> ShardPlan:
+            progress: bool = True, max_rank_memory: int | None = None,
+            quantize: Int8 | Int4 | None = None) -> ShardPlan:
     """Write the shard folder for a `world_size`-way split; returns the plan. The folder is written
     under a temporary name beside `out` and renamed at the end, so a failure (a bad checkpoint, a
     full disk) leaves no partial folder; an earlier shard folder at `out` is replaced. With
-    `max_rank_memory` (bytes) the plan records the window each rank can afford (budget.py)."""
+    `max_rank_memory` (bytes) the plan records the window each rank can afford (budget.py); with
+    `quantize` the weights are stored int8 / int4 (see the module docstring)."""
     model_dir, out = Path(model_dir), Path(out)
     config = LlamaConfig.from_dir(model_dir)
-    plan = apply_budget(make_plan(config, world_size, weights), config, max_rank_memory)
+    plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
     files = checkpoint_index(model_dir)
     if out.exists() and not _replaceable(out):
         raise ValueError(f"--out: {out} exists and is not a shard folder (no plan.json); give a new or empty folder")
@@ -108,7 +141,7 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
-        _write(model_dir, config, plan, files, tmp, progress)
+        _write(model_dir, config, plan, files, tmp, progress, quantize)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -124,7 +157,8 @@ def _replaceable(out: Path) -> bool:
                                     or all(e.is_dir() and e.name.startswith("rank") for e in entries))
 
 
-def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, out: Path, progress: bool) -> None:
+def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, out: Path, progress: bool,
+           quantize: Int8 | Int4 | None) -> None:
     from tqdm import tqdm
 
     world_size, L = plan.world_size, config.num_hidden_layers
@@ -143,21 +177,40 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
         """Our tensor `name` (a fused one's rows for Phi-3: split.llama.hf_source)."""
         return _read(files, source or hf_source(config, name), shapes[name], how, span)
 
+    def stored(name: str, fmt, source: Source | None = None) -> dict[str, torch.Tensor]:
+        """Our weight `name` as stored: as read, or quantized a row chunk at a time by `fmt`."""
+        if fmt is None:
+            return {"weight": read(name, source=source)}
+        return quantize_rows(fmt, lambda a, b: read(name, "rows", (a, b), source), shapes[name][0])
+
+    def prefixed(prefix: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": v for k, v in t.items()}
+
+    table = Int8() if quantize is not None else None  # embeddings and LM head: int8 rows
     bar = tqdm(total=2 * L * world_size + 2, desc=f"prepare {world_size} ranks", unit="block",
                disable=not progress)
-    save_file({"embed_tokens.weight": read("embed_tokens.weight")}, rank_dirs[0] / "embed.safetensors")
+    save_file(prefixed("embed_tokens", stored("embed_tokens.weight", table)), rank_dirs[0] / "embed.safetensors")
     bar.update()
     head_src = hf_source(config, "lm_head.weight")
     if head_src.name not in files and config.tie_word_embeddings:
         head_src = hf_source(config, "embed_tokens.weight")
-    save_file({"norm.weight": read("norm.weight"), "lm_head.weight": read("lm_head.weight", source=head_src)},
+    save_file({"norm.weight": read("norm.weight"), **prefixed("lm_head", stored("lm_head.weight", table, head_src))},
               rank_dirs[0] / "head.safetensors")
     bar.update()
     for layer in range(L):
         for kind in BLOCK_KINDS:
+            whole: dict[str, dict] = {}  # this block's quantized projections, whole, sliced per rank below
             for rank in range(world_size):
-                tensors = {key: read(f"layers.{layer}.{key}", how, span)
-                           for key, how, span in block_spec(config, plan, rank, layer, kind)}
+                tensors = {}
+                for key, how, span in block_spec(config, plan, rank, layer, kind):
+                    name = f"layers.{layer}.{key}"
+                    if quantize is None or not key.endswith("_proj.weight"):
+                        tensors[key] = read(name, how, span)
+                        continue
+                    if name not in whole:
+                        whole[name] = stored(name, quantize)
+                    part = whole[name] if how == "full" else quantize.narrow(whole[name], 1 if how == "cols" else 0, *span)
+                    tensors.update(prefixed(key[:-len(".weight")], part))
                 save_file(tensors, block_path(rank_dirs[rank], (layer, kind)))
                 bar.update()
     bar.close()

@@ -37,6 +37,7 @@ no weight is ever dequantized on the hot path. The modules hold only the kernel'
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .model import Llama
@@ -70,6 +71,20 @@ class Int8:
     """Symmetric int8, one scale per output channel."""
 
     name = "int8"
+    unit = INT8_IN_MULTIPLE  # a row-parallel slice of the input must be whole multiples of this
+
+    def to_dict(self) -> dict:
+        return {"scheme": "int8"}
+
+    def stored_bytes(self, n_out: int, n_in: int) -> int:
+        return n_out * n_in + 2 * n_out  # int8 weight, bf16 scales
+
+    def shell(self, n_out: int, n_in: int, bias: bool, compute_dtype=torch.bfloat16) -> "WeightOnlyInt8Linear":
+        """The module with meta placeholders, for a pager to bind kernel_state() tensors into."""
+        meta = dict(device="meta")
+        return WeightOnlyInt8Linear(torch.empty(n_out, n_in, dtype=torch.int8, **meta),
+                                    torch.empty(n_out, dtype=compute_dtype, **meta),
+                                    torch.empty(n_out, **meta) if bias else None)
 
     def check(self, name: str, n_out: int, n_in: int) -> None:
         if n_in % INT8_IN_MULTIPLE:
@@ -91,6 +106,13 @@ class Int8:
     def kernel_tensors(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         return _aligned(t["weight"]), _aligned(t["scales"].to(dtype))
 
+    def narrow(self, t: dict[str, torch.Tensor], dim: int, a: int, b: int) -> dict[str, torch.Tensor]:
+        """Output rows (dim 0) or input columns (dim 1) [a, b) of stored tensors; a column slice keeps
+        every row's scale (computed over the whole row)."""
+        if dim == 0:
+            return {k: v[a:b].contiguous() for k, v in t.items()}
+        return {"weight": t["weight"][:, a:b].contiguous(), "scales": t["scales"]}
+
     def module(self, t, bias=None, compute_dtype=torch.bfloat16) -> "WeightOnlyInt8Linear":
         return WeightOnlyInt8Linear(*self.kernel_tensors(t, _check_compute(compute_dtype)), bias=bias)
 
@@ -103,6 +125,20 @@ class Int4:
             raise ValueError(f"int4 group_size must be one of {GROUP_SIZES} (the CPU kernel's), got {group_size}")
         self.group_size = group_size
         self.name = f"int4-g{group_size}"
+        self.unit = group_size  # a row-parallel slice of the input must be whole groups
+
+    def to_dict(self) -> dict:
+        return {"scheme": "int4", "group_size": self.group_size}
+
+    def stored_bytes(self, n_out: int, n_in: int) -> int:
+        return n_out * n_in // 2 + 4 * n_out * (n_in // self.group_size)  # nibbles, bf16 scales and zeros
+
+    def shell(self, n_out: int, n_in: int, bias: bool, compute_dtype=torch.bfloat16) -> "WeightOnlyInt4Linear":
+        """The module with meta placeholders, for a pager to bind kernel_state() tensors into."""
+        meta = dict(device="meta")
+        return WeightOnlyInt4Linear(torch.empty(n_out, n_in // 2, dtype=torch.uint8, **meta),
+                                    torch.empty(n_in // self.group_size, n_out, 2, dtype=compute_dtype, **meta),
+                                    n_in, n_out, self.group_size, torch.empty(n_out, **meta) if bias else None)
 
     def check(self, name: str, n_out: int, n_in: int) -> None:
         if n_in % self.group_size:
@@ -145,10 +181,27 @@ class Int4:
         scales_and_zeros = torch.stack((t["scales"], t["zeros"]), dim=-1).transpose(0, 1).to(dtype).contiguous()
         return packed, scales_and_zeros
 
+    def narrow(self, t: dict[str, torch.Tensor], dim: int, a: int, b: int) -> dict[str, torch.Tensor]:
+        """Output rows (dim 0) or input columns (dim 1) [a, b) of stored tensors; columns in whole groups."""
+        if dim == 0:
+            return {k: v[a:b].contiguous() for k, v in t.items()}
+        g = self.group_size
+        if a % g or b % g:
+            raise ValueError(f"int4 column slice [{a}, {b}) is not in whole groups of {g}")
+        return {"weight": t["weight"][:, a // 2:b // 2].contiguous(), "scales": t["scales"][:, a // g:b // g].contiguous(),
+                "zeros": t["zeros"][:, a // g:b // g].contiguous()}
+
     def module(self, t, bias=None, compute_dtype=torch.bfloat16) -> "WeightOnlyInt4Linear":
         n_out, n_in = self.shapes(t)
         return WeightOnlyInt4Linear(*self.kernel_tensors(t, _check_compute(compute_dtype)), n_in, n_out,
                                     self.group_size, bias=bias)
+
+
+def quantize_rows(h: "Int8 | Int4", read_rows, n_out: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
+    """h.quantize of a weight read `chunk` output rows at a time (read_rows(a, b) -> rows [a, b)):
+    the same tensors (both schemes are row-local) with only one chunk in float32 at a time."""
+    parts = [h.quantize(read_rows(a, min(a + chunk, n_out))) for a in range(0, n_out, chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def handler(scheme: str, group_size: int = 32) -> Int8 | Int4:
@@ -158,6 +211,15 @@ def handler(scheme: str, group_size: int = 32) -> Int8 | Int4:
     if scheme == "int4":
         return Int4(group_size)
     raise ValueError(f"scheme must be 'int8' or 'int4', got {scheme!r}")
+
+
+def handler_from_dict(d: dict | None) -> Int8 | Int4 | None:
+    """What to_dict() wrote (a plan's "quantize" entry) back to its handler; None stays None."""
+    if d is None:
+        return None
+    if not isinstance(d, dict) or d.get("scheme") not in ("int8", "int4"):
+        raise ValueError(f"quantize must be {{'scheme': 'int8'}} or {{'scheme': 'int4', 'group_size': G}}, got {d!r}")
+    return handler(d["scheme"], int(d.get("group_size", 32)))
 
 
 def handler_of(name: str, t: dict[str, torch.Tensor]) -> Int8 | Int4:
@@ -302,3 +364,46 @@ def load_quantized(model: Llama, state: dict[str, torch.Tensor], compute_dtype: 
         model.tie_weights()
     return model
 
+
+
+# --------------------------------------------------------------------------- paged weights
+
+def kernel_state(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A block's stored tensors -> what the quantized modules bind: for int8 `<name>.weight` (64-byte
+    aligned) and `<name>.scales` (compute dtype), for int4 `<name>.weight` in the kernel's packed layout
+    and `<name>.scales_and_zeros`. Tensors already in that form, and all others, pass unchanged."""
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".scales")]:
+        name = key[:-len(".scales")]
+        t = {k: out.pop(f"{name}.{k}") for k in ("weight", "scales", "zeros") if f"{name}.{k}" in out}
+        if "weight" not in t:
+            raise ValueError(f"{name}: {name}.scales is stored but {name}.weight is missing")
+        h = handler_of(name, t)
+        h.check(f"{name}.weight", *h.shapes(t))
+        weight, scales = h.kernel_tensors(t, compute_dtype)
+        out[f"{name}.weight"] = weight
+        out[f"{name}.{'scales' if isinstance(h, Int8) else 'scales_and_zeros'}"] = scales
+    return out
+
+
+class CastLinear(nn.Linear):
+    """nn.Linear whose weight is held in a narrower float dtype (bf16): the activation is cast to it for
+    the matmul and the result back, so norms, the residual stream and the allreduce stay float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        w, b = self.weight, self.bias
+        return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype)).to(x.dtype)
+
+
+def weight_shells(model: Llama, h: Int8 | Int4 | None, float_dtype: torch.dtype = torch.float32) -> Llama:
+    """Swap the layers' nn.Linear modules (as sliced, on meta) for modules of the stored format, with
+    meta placeholders a pager binds into: quantized ones for `h`, CastLinear for float weights held
+    in bf16/fp16, nothing for float32. The LM head is not touched. Returns `model`."""
+    for name, lin in linears(model):
+        if h is not None:
+            h.check(f"{name}.weight", lin.out_features, lin.in_features)
+            _set_module(model, name, h.shell(lin.out_features, lin.in_features, lin.bias is not None))
+        elif float_dtype != torch.float32:
+            _set_module(model, name, CastLinear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                                device="meta", dtype=float_dtype))
+    return model
