@@ -307,3 +307,71 @@ def test_end_frees_the_cloud_session(llm):
     again = e.generate([3], 4, conversation=conv)   # continuing anyway resends everything, same tokens
     want = list(generate(load_llama(llm[0]), PROMPT + first.tokens + [3], 4))
     assert again.tokens == want and again.counters.resends == 0
+
+
+# --- the device half from the tensor-parallel side's int8 / int4 blocks (issue 12) ---------------
+@pytest.fixture(scope="module")
+def qcache(tmp_path_factory):
+    return tmp_path_factory.mktemp("tp-shards")
+
+
+@torch.no_grad()
+def quantized_reference(model_dir, scheme):
+    """Layers [0, K) quantized in this process, with the same int8 embedding rows."""
+    from split.llama.quantize import Int8, quantize_model
+    model = quantize_model(load_llama(model_dir, layers=range(K), with_head=False), scheme, 32)
+    model.embed_tokens.weight.data = Int8().dequantize(Int8().quantize(model.embed_tokens.weight))
+    return model
+
+
+@torch.no_grad()
+def prompt_states(model_dir):
+    """The float model's layer-K states of the prompt."""
+    model = load_llama(model_dir, layers=range(K), with_head=False)
+    return model.forward_layers(model.embed(torch.tensor([PROMPT])), 0, K, 0)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@torch.no_grad()
+def test_quantized_device_half_is_the_model_quantized_in_process(llm, qcache, scheme):
+    from edge_runtime.tp.streamed_head import StreamedEmbedding
+    e = CollabLlm(llm[0], mode="standalone", quantize=scheme, group_size=32, cache_dir=qcache)
+    assert isinstance(e.model.embed_tokens, StreamedEmbedding)
+    assert not any(isinstance(m, torch.nn.Linear) for m in e.model.modules())  # no float projection
+    ref, head = quantized_reference(llm[0], scheme), load_exit_heads(llm[0])[K]
+    tokens = torch.tensor([PROMPT])
+    h = e.model.forward_layers(e.model.embed(tokens), 0, K, 0)
+    want = ref.forward_layers(ref.embed(tokens), 0, K, 0)
+    assert torch.equal(h, want) and torch.equal(e.head(h), head(want))   # bitwise: the same kernels on the same bytes
+    assert not torch.equal(h, prompt_states(llm[0]))                       # quantized, not the float model
+    toks = list(PROMPT)                                # generation (KV cache) = recomputing the prefix each step
+    for _ in range(N_NEW):
+        toks.append(int(head(ref.forward_layers(ref.embed(torch.tensor([toks])), 0, K, 0))[0, -1].argmax()))
+    assert e.generate(PROMPT, N_NEW).tokens == toks[len(PROMPT):]
+    stamps = {p: p.stat().st_mtime_ns for p in qcache.glob("*/plan.json")}
+    assert stamps
+    CollabLlm(llm[0], mode="standalone", quantize=scheme, cache_dir=qcache)
+    assert {p: p.stat().st_mtime_ns for p in qcache.glob("*/plan.json")} == stamps   # prepared once, cached
+
+
+def test_cli_collaborative_generation_with_an_int4_device_half(llm, qcache, tmp_path):
+    import os
+    import subprocess
+    import sys
+    model_dir, _, proc = llm
+    confs = CollabLlm(model_dir, mode="standalone", quantize="int4", cache_dir=qcache).generate(PROMPT, N_NEW).confidences
+    env = dict(os.environ, EDGEFOLD_CACHE=str(tmp_path))      # the tp CLI's cache: $EDGEFOLD_CACHE/tp-shards
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "generate", "--model", str(model_dir), "--cloud", proc.address,
+           "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(N_NEW), "--json"]
+    out = subprocess.run(cmd + ["--quantize", "int4", "--group-size", "32", "--threshold", str(float(np.median(confs)))],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert len(row["tokens"]) == N_NEW and {"edge", "cloud"} <= set(row["sources"]) and not row["degraded"]
+    assert len(list((tmp_path / "tp-shards").iterdir())) == 1
+    bad = subprocess.run(cmd + ["--quantize", "int3"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        CollabLlm(model_dir, mode="standalone", quantize="fp4")
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        CollabLlm(model_dir, mode="standalone", quantize="int4", group_size=48, cache_dir=qcache)

@@ -37,10 +37,12 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     adaptive     switch = { confidence = 0.9, max_jump = 0.015, hold = 2 } (over adaptive.json's),
                  deadline_s (the cloud's copy of the big model)
     collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),
-                 metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens
+                 metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens,
+                 quantize = "int8" | "int4" (the device half from tp prepare's blocks), group_size = 32
     tp           peers = ["host:port", ...] (default: start the other ranks here), master = "host:port",
                  window (default: the plan's, from tp prepare --max-rank-memory),
-                 payload = "fp32" | "fp16" | "int8", timeout_s, join_timeout_s, max_new_tokens
+                 payload = "fp32" | "fp16" | "int8", dtype = "fp32" | "bf16" (float weights; the weight
+                 format itself is the prepared folder's), timeout_s, join_timeout_s, max_new_tokens
 """
 import re
 from dataclasses import dataclass, field

@@ -27,6 +27,7 @@ class CollabPipeline(Pipeline):
         deadline_s = float(options.get("deadline_s", 5.0))
         self.llm = CollabLlm(folder, self.mode, None, threshold, metric,
                              cloud_model=str(options.get("cloud_model", "llm")), timeout_s=deadline_s,
+                             quantize=options.get("quantize"), group_size=int(options.get("group_size", 32)),
                              client=ctx.client(deadline_s) if self.mode != "standalone" and ctx.cloud else None)
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json")) \
             if (folder / "tokenizer.json").is_file() else None
@@ -91,7 +92,8 @@ class TensorParallelPipeline(Pipeline):
         config = TPConfig(world_size=self.world_size, window=None if window is None else int(window),
                           master=str(options.get("master", "0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")),
                           payload=str(options.get("payload", "fp32")), timeout_s=float(options.get("timeout_s", 5.0)),
-                          join_timeout_s=float(options.get("join_timeout_s", 60.0)))
+                          join_timeout_s=float(options.get("join_timeout_s", 60.0)),
+                          dtype=str(options.get("dtype", "fp32")))
         self.workers = None
         if not peers and self.world_size > 1:
             self.workers = LocalWorkers(folder, config)

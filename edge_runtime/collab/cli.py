@@ -4,13 +4,17 @@
         --threshold 0.6 --prompt "ROMEO:" --max-new-tokens 48 [--catch-up propagated] [--json]
     edge-runtime generate --model runs/ee_lm --mode standalone --prompt "ROMEO:"
     edge-runtime generate --model runs/ee_lm --mode cloud-only --cloud 127.0.0.1:8001 --prompt "ROMEO:"
+    edge-runtime generate --model runs/ee_lm --cloud 127.0.0.1:8001 --quantize int4 --group-size 32 --prompt "ROMEO:"
     edge-runtime calibrate --model runs/ee_lm --eval-text val.txt --max-ppl-increase 0.02
 
 The cloud serves the `llm_continuation` backend: --cloud-model (layers [k, L), default "llm"; a
 model with catch_up = "propagated" is typically named "llm_prop") and --cloud-full-model (k = 0,
 for cloud-only; default "llm_full"). Without --threshold, generate uses the one `calibrate` wrote
-into the model's exits.json. Exit status: 0 done (also when degraded: see "degraded" in --json),
-1 the cloud refused a request, 2 bad arguments or files. torch is imported only inside run().
+into the model's exits.json. --quantize runs the device half (embeddings + layers [0, k)) from int8 /
+int4 blocks prepared once into the `tp` cache (${EDGEFOLD_CACHE:-~/.cache/edgefold}/tp-shards;
+collab/quantized.py); the exit head stays float. Exit status: 0 done (also when degraded: see
+"degraded" in --json), 1 the cloud refused a request, 2 bad arguments or files. torch is imported
+only inside run().
 """
 import json
 import sys
@@ -29,6 +33,8 @@ def add_parser(commands) -> None:
     g.add_argument("--wire", choices=("int8", "fp16", "fp32"), default="int8")
     g.add_argument("--timeout-s", type=float, default=5.0)
     g.add_argument("--max-kept-states", type=int, default=4096, help="memory cap on unacknowledged states")
+    g.add_argument("--quantize", choices=("int8", "int4"), help="device half from int8 / int4 blocks (default: float)")
+    g.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128 or 256)")
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text (needs tokenizer.json in --model)")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids")
@@ -101,7 +107,7 @@ def _generate(args) -> int:
     edge = CollabLlm(args.model, mode=args.mode, cloud=args.cloud, threshold=threshold, metric=args.metric,
                      exit_layer=args.exit_layer, cloud_model=args.cloud_model,
                      cloud_full_model=args.cloud_full_model, wire=args.wire, timeout_s=args.timeout_s,
-                     max_kept_states=args.max_kept_states)
+                     max_kept_states=args.max_kept_states, quantize=args.quantize, group_size=args.group_size)
     try:
         stream = not args.json and tok is not None
 

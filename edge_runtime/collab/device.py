@@ -5,7 +5,14 @@ exit head is confident enough it emits the token here; otherwise it sends the cl
 hidden state the cloud has not seen yet and takes the cloud's token (cloud_service backend
 `llm_continuation`, which keeps the session's KV cache).
 
+Loading: embeddings + layers [0, k) come from the HF folder in float32 (load_llama), or with
+quantize="int8" | "int4" from the tensor-parallel side's quantized blocks (`tp prepare --world-size 1
+--quantize ...`, prepared once into the tp cache): int8 / int4 projections on torch's weight-only
+kernels and int8 embedding rows read per token (collab/quantized.py). The exit head (trained
+separately, exit_heads.safetensors beside the model) is always float32.
+
     edge = CollabLlm("runs/ee_lm", mode="collaborative", cloud="127.0.0.1:8001", threshold=0.6)
+    edge = CollabLlm("runs/ee_lm", cloud="127.0.0.1:8001", threshold=0.6, quantize="int4", group_size=32)
     result = edge.generate(prompt_ids, max_new_tokens=32)     # tokens, per-token source, counters
     more = edge.generate(next_turn_ids, 32, conversation=result.conversation)   # same cloud session
 
@@ -30,6 +37,7 @@ import torch
 
 from edge_runtime.client.oip_client import OipClient, build_request, decode_response
 from edge_runtime.collab.conversation import Conversation, Counters, Result
+from edge_runtime.collab.quantized import load_device_half
 from split.codec import encode
 from split.llama import Generation, KVCache, Stop, load_llama
 from split.llama.exits import confidence, load_exit_heads, read_exits_json
@@ -44,7 +52,8 @@ class CollabLlm:
                  threshold: float = 0.5, metric: str = "max_prob", exit_layer: int | None = None,
                  cloud_model: str = "llm", cloud_full_model: str = "llm_full", wire: str = "int8",
                  timeout_s: float = 5.0, max_kept_states: int = 4096, backoff_s: float = 0.5,
-                 max_backoff_s: float = 8.0, client: OipClient | None = None):
+                 max_backoff_s: float = 8.0, client: OipClient | None = None, quantize: str | None = None,
+                 group_size: int = 32, cache_dir: str | Path | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if wire not in WIRES:
@@ -56,7 +65,10 @@ class CollabLlm:
         self.model_dir, self.mode, self.threshold, self.metric = Path(model_dir), mode, threshold, metric
         exits = read_exits_json(self.model_dir)["exit_layers"]
         self.k = exit_layer if exit_layer is not None else max(exits)
-        self.model = load_llama(self.model_dir, layers=range(0, self.k), with_head=False)
+        if quantize is None:
+            self.model = load_llama(self.model_dir, layers=range(0, self.k), with_head=False)
+        else:   # cache_dir: where the quantized blocks are prepared (default: the tp CLI's cache)
+            self.model = load_device_half(self.model_dir, self.k, quantize, group_size, cache_dir)
         self.head = load_exit_heads(self.model_dir, [self.k])[self.k]
         self.cloud_model = cloud_full_model if mode == "cloud-only" else cloud_model
         self.wire, self.timeout_s, self.max_kept = wire, timeout_s, max_kept_states

@@ -5,10 +5,12 @@
 
 A rank holds, above the process it runs in (the "baseline" that `tp generate --json` reports):
   * `window` weight blocks (the attention or the MLP of one layer, its rows and columns of the
-    plan) in the compute dtype (float32), or all of them when the window is 0;
+    plan), or all of them when the window is 0: float weights counted as float32 (the largest
+    compute dtype), int8 / int4 ones as stored (the plan's "quantize": weights, scales, zeros);
   * its KV cache: 2 x layers x its KV heads x head_dim x `context` tokens, float32;
-  * rank 0 also the embeddings and the LM head: streamed from their files through a 4 MiB buffer
-    when it has a window, resident (vocab x hidden each, one when tied) when it has none;
+  * rank 0 also the LM head: streamed from its file through a 4 MiB buffer when it has a window,
+    resident (vocab x hidden, float32 or int8 rows with their scales) when it has none; the
+    embeddings are always read row by row from their file;
   * OVERHEAD for activations, logits, the loader's spare buffer and allocator slack.
 The window picked is the largest that fits (all resident when everything does); a budget that
 not even one block fits is refused with the figures. A plan's windows and budget are kept in
@@ -19,6 +21,7 @@ from __future__ import annotations
 import re
 
 from split.llama import LlamaConfig
+from split.llama.quantize import handler_from_dict
 
 from .plan import ShardPlan
 
@@ -40,15 +43,20 @@ def parse_bytes(text: str, what: str = "--max-rank-memory") -> int:
 
 
 def block_bytes(config: LlamaConfig, plan: ShardPlan, rank: int) -> list[int]:
-    """Float32 bytes of each of `rank`'s blocks, in forward order (attention, MLP; layer by layer)."""
+    """Bytes of each of `rank`'s blocks in memory, in forward order (attention, MLP; layer by layer)."""
     hd, C = config.head_dim, config.hidden_size
     (qa, qb), (ka, kb), (ma, mb) = plan.q_heads(rank), plan.kv_heads[rank], plan.mlp[rank]
     q, kv, m = (qb - qa) * hd, (kb - ka) * hd, mb - ma
-    attn = C + 2 * q * C + 2 * kv * C  # input norm, q and o, k and v
-    attn += (q + 2 * kv) * config.attention_bias + C * (config.attention_out_bias and rank == 0)
-    attn += 2 * hd * config.qk_norm
-    mlp = C + 3 * m * C + (2 * m + C * (rank == 0)) * config.mlp_bias
-    return [FLOAT32 * attn, FLOAT32 * mlp] * config.num_hidden_layers
+    fmt = handler_from_dict(plan.extra.get("quantize"))
+
+    def weights(*shapes) -> int:  # (out, in) of projections
+        return sum(FLOAT32 * o * i if fmt is None else fmt.stored_bytes(o, i) for o, i in shapes)
+
+    attn = weights((q, C), (C, q), (kv, C), (kv, C))  # q, o, k, v
+    attn += FLOAT32 * (C + (q + 2 * kv) * config.attention_bias + C * (config.attention_out_bias and rank == 0)
+                       + 2 * hd * config.qk_norm)  # input norm, biases, q/k norms
+    mlp = weights((m, C), (m, C), (C, m)) + FLOAT32 * (C + (2 * m + C * (rank == 0)) * config.mlp_bias)
+    return [attn, mlp] * config.num_hidden_layers
 
 
 def rank_memory(config: LlamaConfig, plan: ShardPlan, rank: int, window: int, context: int = CONTEXT) -> int:
@@ -59,8 +67,9 @@ def rank_memory(config: LlamaConfig, plan: ShardPlan, rank: int, window: int, co
     kv_cache = 2 * config.num_hidden_layers * (kb - ka) * config.head_dim * context * FLOAT32
     head = 0
     if rank == 0:
-        table = config.vocab_size * config.hidden_size * FLOAT32
-        head = STREAM_CHUNK if 0 < window < len(blocks) else table * (1 if config.tie_word_embeddings else 2)
+        V, C = config.vocab_size, config.hidden_size
+        table = V * C * FLOAT32 if "quantize" not in plan.extra else V * C + 2 * V  # int8 rows and scales
+        head = STREAM_CHUNK if 0 < window < len(blocks) else table
     return resident + kv_cache + head + OVERHEAD
 
 
