@@ -199,9 +199,16 @@ class Int4:
 
 def quantize_rows(h: "Int8 | Int4", read_rows, n_out: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
     """h.quantize of a weight read `chunk` output rows at a time (read_rows(a, b) -> rows [a, b)):
-    the same tensors (both schemes are row-local) with only one chunk in float32 at a time."""
-    parts = [h.quantize(read_rows(a, min(a + chunk, n_out))) for a in range(0, n_out, chunk)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    the same tensors (both schemes are row-local), written into their final place chunk by chunk, so
+    only one chunk is ever in float32."""
+    out: dict[str, torch.Tensor] = {}
+    for a in range(0, n_out, chunk):
+        b = min(a + chunk, n_out)
+        for k, v in h.quantize(read_rows(a, b)).items():
+            if k not in out:
+                out[k] = torch.empty(n_out, *v.shape[1:], dtype=v.dtype)
+            out[k][a:b] = v
+    return out
 
 
 def handler(scheme: str, group_size: int = 32) -> Int8 | Int4:
