@@ -118,9 +118,10 @@ def emit(row: dict, out) -> dict:
 
 # --- shards -------------------------------------------------------------------------------------------------
 def ensure_shards(hf_dir: Path, shape: str, fmt: str, world: int, group_size: int) -> Path:
-    """.cache/bench_llm/formats/<shape>-<store>-w<world>, prepared once by `tp prepare`."""
+    """.cache/bench_llm/formats/<shape>-<store>-w<world> (int4 at another group size than 32: <store>-g<G>),
+    prepared once by `tp prepare`."""
     store = STORE[fmt]
-    out = SHARDS / f"{shape}-{store}-w{world}"
+    out = SHARDS / f"{shape}-{store}{f'-g{group_size}' if store == 'int4' and group_size != 32 else ''}-w{world}"
     if (out / "plan.json").is_file():
         return out
     cmd = [sys.executable, "-m", "edge_runtime.cli", "tp", "prepare", "--model", str(hf_dir),

@@ -81,6 +81,8 @@ class Shard:
         except BaseException:
             self.close()
             raise
+        if self.pager.keep_all:  # every block resident: load them now, not inside the first request
+            self.pager.wait_idle(self.pager.timeout_s * len(order))
         self.model.eval()
         self.cache = KVCache()
         self.L = self.config.num_hidden_layers
