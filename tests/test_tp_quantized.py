@@ -213,3 +213,29 @@ def test_cli_generate_quantized_across_two_ranks(ckpt, references, tmp_path, cap
     shards = next(tmp_path.iterdir())
     assert ShardPlan.load(shards / "plan.json").extra["quantize"]["scheme"] == "int4"
 
+
+
+def test_phi3_fused_tensors_are_quantized_per_projection(tmp_path):
+    """Phi-3's fused qkv_proj / gate_up_proj: tp prepare quantizes the q, k, v (gate, up) rows it cuts
+    out of them, so the blocks equal the one-device model quantized after loading (bitwise)."""
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
+                                  partial_rotary_factor=0.5, tie_word_embeddings=True, pad_token_id=0,
+                                  bos_token_id=1, eos_token_id=2)
+    hf = transformers.Phi3ForCausalLM(cfg).eval()
+    randomize_norms_and_biases(hf)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = quantized_reference(tmp_path / "hf", "int4")
+    with torch.inference_mode():
+        ref_ids = list(generate(model, PROMPT, N_NEW))
+        ref_logits = model(torch.tensor([PROMPT]))[0]
+    prepare(tmp_path / "hf", 2, None, tmp_path / "shards", progress=False, quantize=handler("int4", 32))
+    prepare(tmp_path / "hf", 1, None, tmp_path / "one", progress=False, quantize=handler("int4", 32))
+    with Master(tmp_path / "one" / "rank0", LocalCollective(), 2) as m:
+        assert list(m.generate(PROMPT, N_NEW)) == ref_ids
+        assert torch.equal(m.prefill_logits(PROMPT), ref_logits)
+    whole = quantized_state_dict(load_llama(tmp_path / "hf"), "int4", 32)
+    (ka, kb) = ShardPlan.load(tmp_path / "shards" / "plan.json").kv_rows(1)
+    attn = load_file(tmp_path / "shards" / "rank1" / "layer000.attn.safetensors")
+    assert torch.equal(attn["self_attn.k_proj.weight"], whole["layers.0.self_attn.k_proj.weight"][ka:kb])
