@@ -6,6 +6,7 @@
     agent/      the deploy agent (`edge-runtime agent`): pulls its models, serves them, heartbeats
     tp/         tensor-parallel LLM inference across peer devices (`edge-runtime tp`)
     collab/     the collaborative LLM's device side (`edge-runtime generate|calibrate`)
+    llm_api/    the OpenAI API's text layer: chat templates, incremental detokenizing, requests (issue 13)
 
 `edge-runtime probe` is devices/probe_cli.py, beside the probe it runs.
 """
