@@ -9,5 +9,5 @@
     pipeline.py          what a pipeline is: Pipeline, TensorInfo, Context, PipelineInputError
     pipeline_factory.py  open_pipeline: the kind an agent.toml [[pipeline]] names -> its pipeline
     vision_pipelines.py  the kinds local, early-exit, split, adaptive (ONNX Runtime)
-    llm_pipelines.py     the kinds collab-llm and tp (torch, imported when opened)
+    llm_pipelines.py     the kinds llm, collab-llm and tp, one token stream each (torch, imported when opened)
 """

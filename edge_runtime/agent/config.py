@@ -24,7 +24,7 @@
 
     [[pipeline]]
     name = "digits"                     # the model name apps use
-    kind = "split"                      # local | early-exit | split | adaptive | collab-llm | tp
+    kind = "split"                      # local | early-exit | split | adaptive | llm | collab-llm | tp
     model = "digits-device"             # pulled from the cloud's repository (or path = "local/folder")
     placement = "auto"                  # split: a placement string or "auto" (the planner picks)
     deadline_s = 0.3
@@ -36,6 +36,9 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     split        the same, plus placement, deadline_s, accuracy_floor (for "auto")
     adaptive     switch = { confidence = 0.9, max_jump = 0.015, hold = 2 } (over adaptive.json's),
                  deadline_s (the cloud's copy of the big model)
+    llm          a Llama-family HF checkpoint on this device alone: quantize = "int8" | "int4",
+                 group_size = 32, window (blocks resident; 0 or absent: all), dtype = "fp32" | "bf16",
+                 max_new_tokens, cache_dir (where its blocks are prepared; default: the tp CLI's cache)
     collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),
                  metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens,
                  quantize = "int8" | "int4" (the device half from tp prepare's blocks), group_size = 32
@@ -53,7 +56,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-KINDS = ("local", "early-exit", "split", "adaptive", "collab-llm", "tp")
+KINDS = ("local", "early-exit", "split", "adaptive", "llm", "collab-llm", "tp")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -11,10 +11,13 @@ Kinds:
               planner, re-run when the policy changes objective or the link's RTT changes)
 - adaptive    a small and a big model switched per frame on temporal consistency and confidence,
               escalating to the cloud's copy of the big model when the link is good
+- llm         a Llama-family checkpoint on this device alone (the tp engine at world size 1: paging,
+              int8 / int4 weights)
 - collab-llm  the collaborative LLM (edge layers + exit head; the cloud finishes the rest)
 - tp          rank 0 of a tensor-parallel group (workers started here or already running on peers)
 The kinds live in vision_pipelines.py (local, early-exit, split, adaptive) and llm_pipelines.py
-(collab-llm, tp); torch is imported only when one of the two LLM kinds is opened.
+(llm, collab-llm, tp; each also streams tokens: LlmPipeline.stream); torch is imported only when
+one of the LLM kinds is opened.
 """
 from pathlib import Path
 
@@ -30,6 +33,8 @@ def open_pipeline(spec, folder: Path, ctx: Context) -> Pipeline:
         return vision_pipelines.VisionPipeline(spec.name, spec.kind, folder, spec.options, ctx)
     if spec.kind == "adaptive":
         return vision_pipelines.AdaptivePipeline(spec.name, folder, spec.options, ctx)
+    if spec.kind == "llm":
+        return llm_pipelines.LocalLlmPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "collab-llm":
         return llm_pipelines.CollabPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "tp":

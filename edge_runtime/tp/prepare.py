@@ -6,7 +6,8 @@
 Layout (a worker needs only its own rank folder):
 
     OUT/plan.json                                the folder is written as .OUT.partial-* and renamed when complete
-    OUT/rank{r}/plan.json, config.json; tokenizer.json, generation_config.json (rank 0, if the model has them)
+    OUT/rank{r}/plan.json, config.json; tokenizer.json, generation_config.json, tokenizer_config.json,
+                                                 special_tokens_map.json, chat_template.jinja (rank 0, those the model has)
     OUT/rank{r}/layer{i:03d}.attn.safetensors    input_layernorm.weight, self_attn.{q,k,v,o}_proj.weight (+ biases;
                                                  o_proj.bias on rank 0 only, so the allreduce adds it once;
                                                  + self_attn.{q,k}_norm.weight, whole, on every rank: Qwen3)
@@ -166,7 +167,8 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
     for d in rank_dirs:
         d.mkdir()
         shutil.copyfile(model_dir / "config.json", d / "config.json")
-    for name in ("tokenizer.json", "generation_config.json"):  # the master's text and stop tokens
+    for name in ("tokenizer.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja"):  # the master's text, stop tokens and chat template
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, rank_dirs[0] / name)
 
