@@ -357,31 +357,21 @@ class CollabPipeline(LlmPipeline):
         return super().infer(inputs, params, stop_ids)
 
     def _run(self, p: Progress, max_new_tokens: int, sampling, stop):
-        """CollabLlm.generate, token by token: the same turn (its step and chooser) in the one decode
-        loop, then the conversation is ended (one request, one conversation: the cloud frees it)."""
-        import torch
-
-        from edge_runtime.collab.conversation import Conversation, Counters, Result
-        from edge_runtime.collab.device import _Turn
-        from split.llama import Generation
-        llm = self.llm
-        conv = Conversation(next(llm._sequence_ids), backoff=llm.backoff_s)
-        res = Result([], [], [], Counters(), conversation=conv)
-        p.sources = res.sources
-        turn = _Turn(llm, conv, res)
-        gen = Generation(torch.inference_mode()(turn.step), p.prompt_ids, max_new_tokens, stop=stop,
-                         choose=torch.inference_mode()(turn.choose))
-        p.seconds = gen.seconds
+        """One CollabLlm turn, token by token; then the conversation is ended (one request, one
+        conversation: the cloud frees it)."""
+        turn = self.llm.turn(p.prompt_ids, max_new_tokens, stop)
+        res = turn.result
+        p.sources, p.seconds = res.sources, turn.generation.seconds
         try:
-            for tok in gen:
-                p.device_tokens, p.finish_reason = res.counters.edge_tokens, gen.finish_reason
+            for tok in turn:
+                p.device_tokens, p.finish_reason = res.counters.edge_tokens, turn.finish_reason
                 yield tok
-            p.finish_reason = gen.finish_reason
+            p.finish_reason = turn.finish_reason
         finally:
             p.device_tokens = res.counters.edge_tokens
             self.counters["offloaded"] += res.sources.count("cloud")
             self.counters["degraded"] += res.sources.count("degraded")
-            llm.end(conv)
+            self.llm.end(res.conversation)
 
     def close(self) -> None:
         self.llm.close()

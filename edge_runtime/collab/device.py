@@ -156,28 +156,28 @@ class CollabLlm:
         for i, c in enumerate(conf.tolist()):
             conv.exited[start + i] = self._decide_here(c)
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), on_token=None,
-                 conversation: "Conversation | None" = None) -> Result:
-        """Greedy generation through the one decode loop (split.llama.generate). Pass a previous
-        result's `conversation` to continue it (the next turn: prompt_ids are appended; the cloud
-        session and its KV cache are reused). on_token(step, token, source) is called after each token."""
+    def turn(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop(),
+             conversation: "Conversation | None" = None) -> "Turn":
+        """One turn, not yet run: iterate it for token ids as they are decided (`turn.result` fills as
+        it goes: tokens, sources, counters; `turn.finish_reason` when it ends). Pass a previous
+        result's `conversation` to continue it (prompt_ids are appended; the cloud session and its KV
+        cache are reused)."""
         feed = [int(t) for t in prompt_ids]
         conv = conversation or Conversation(next(self._sequence_ids), backoff=self.backoff_s)
         feed, conv.unfed = conv.unfed + feed, []
         if not feed:
             raise ValueError("prompt_ids must hold at least one token")
-        res = Result([], [], [], Counters(), conversation=conv)
-        if max_new_tokens == 0:
-            self._feed(conv, feed, res.counters)
-            return res
-        turn = _Turn(self, conv, res)
-        for step, token in enumerate(Generation(turn.step, feed, max_new_tokens, stop=stop, choose=turn.choose)):
+        return Turn(self, conv, feed, max_new_tokens, stop)
+
+    def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), on_token=None,
+                 conversation: "Conversation | None" = None) -> Result:
+        """Greedy generation of one turn to its end (see turn()). on_token(step, token, source) is
+        called after each token."""
+        turn = self.turn(prompt_ids, max_new_tokens, stop, conversation)
+        for step, token in enumerate(turn):
             if on_token is not None:
-                on_token(step, token, res.sources[-1])
-        res.seconds_per_token.append(time.perf_counter() - turn.t0)
-        conv.unfed = res.tokens[-1:]            # fed at the start of the next turn
-        return res
+                on_token(step, token, turn.result.sources[-1])
+        return turn.result
 
     def _choose(self, conv: "Conversation", res: Result) -> int:
         """The next token: the exit head's when it is confident enough, else the cloud's; decided
@@ -279,23 +279,41 @@ class CollabLlm:
         return np.stack([kept[p] for p in range(start, n)])
 
 
-class _Turn:
-    """One generate() call as the decode loop's step and chooser. A token's time runs from the
-    start of its choice to the end of feeding it (the last token: to the end of its choice)."""
+class Turn:
+    """One turn through the one decode loop (split.llama.Generation): the edge layers are its step,
+    the exit head or the cloud its chooser. Iterate it once for token ids. A token's time runs from
+    the start of its choice to the end of feeding it (the last token: to the end of its choice)."""
 
-    def __init__(self, llm: CollabLlm, conv: Conversation, res: Result):
-        self.llm, self.conv, self.res, self.t0 = llm, conv, res, None
+    def __init__(self, llm: CollabLlm, conv: Conversation, feed: list[int], max_new_tokens: int, stop: Stop):
+        self.llm, self.conv, self.feed, self.t0 = llm, conv, feed, None
+        self.result = Result([], [], [], Counters(), conversation=conv)
+        self.generation = Generation(self._step, feed, max_new_tokens, stop=stop, choose=self._choose)
 
-    def step(self, ids: list[int], start: int) -> None:
+    @property
+    def finish_reason(self) -> str | None:
+        return self.generation.finish_reason
+
+    def __iter__(self):
+        if self.generation.max_new_tokens == 0:  # the prompt only: fed now, the cloud sees it next turn
+            with torch.inference_mode():
+                self.llm._feed(self.conv, self.feed, self.result.counters)
+            return
+        yield from self.generation
+        self.result.seconds_per_token.append(time.perf_counter() - self.t0)
+        self.conv.unfed = self.result.tokens[-1:]  # fed at the start of the next turn
+
+    @torch.inference_mode()
+    def _step(self, ids: list[int], start: int) -> None:
         """Feed ids to the edge layers after what the conversation holds. The decision reads the
         layer-k state the feed leaves in the conversation, so there are no logits to return."""
-        self.llm._feed(self.conv, ids, self.res.counters)
+        self.llm._feed(self.conv, ids, self.result.counters)
         if start == 0 and self.llm.mode == "collaborative":
             self.llm._flag_confident(self.conv, len(ids))
 
-    def choose(self, _logits, _history) -> int:
+    @torch.inference_mode()
+    def _choose(self, _logits, _history) -> int:
         now = time.perf_counter()
         if self.t0 is not None:
-            self.res.seconds_per_token.append(now - self.t0)
+            self.result.seconds_per_token.append(now - self.t0)
         self.t0 = now
-        return self.llm._choose(self.conv, self.res)
+        return self.llm._choose(self.conv, self.result)
