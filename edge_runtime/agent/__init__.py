@@ -10,4 +10,6 @@
     pipeline_factory.py  open_pipeline: the kind an agent.toml [[pipeline]] names -> its pipeline
     vision_pipelines.py  the kinds local, early-exit, split, adaptive (ONNX Runtime)
     llm_pipelines.py     the kinds llm, collab-llm and tp, one token stream each (torch, imported when opened)
+    http_api.py          the OpenAI-compatible HTTP endpoint ([serve] http_port; Starlette on uvicorn)
+    http_stream.py       one generation over HTTP (detokenized, stop strings, SSE chunks) and its metrics
 """

@@ -2,8 +2,9 @@
 
     edge-runtime agent --config agent.toml
 
-It serves local apps through the Open Inference Protocol on [serve] port at once (before any model
-is loaded), then, on one supervisor thread:
+It serves local apps through the Open Inference Protocol on [serve] port, and with [serve] http_port
+its LLM pipelines through an OpenAI-compatible HTTP API (http_api.py), at once (before any model
+is loaded; [serve] token_file then guards both), then, on one supervisor thread:
 1. opens each pipeline from what is already on the device (a pulled model or a local path), so a
    device whose cloud is down still serves what it has;
 2. every heartbeat_s: reads telemetry (devices.telemetry), sends a heartbeat with every sample the
@@ -14,7 +15,8 @@ is loaded), then, on one supervisor thread:
    model serving;
 4. feeds battery, temperature and link quality to the offload policy and the pipelines.
 While the cloud is down it retries with exponential backoff (1 s .. 30 s). SIGTERM or Ctrl-C:
-no new calls, in-flight ones finish (up to --grace-s), pipelines close, exit status 0.
+no new calls, in-flight ones (HTTP streams included) finish (up to --grace-s), pipelines close,
+exit status 0.
 """
 import logging
 import signal
@@ -27,7 +29,7 @@ import grpc
 
 from devices.profiles import Link, load_profile
 from devices.telemetry import read_telemetry
-from edge_runtime.agent.config import AgentConfig
+from edge_runtime.agent.config import AgentConfig, AgentConfigError
 from edge_runtime.agent.model_store import ModelIntegrityError, ModelStore
 from edge_runtime.agent.oip_server import LocalOipServer
 from edge_runtime.agent.pipeline import Context
@@ -39,6 +41,17 @@ log = logging.getLogger("edge_runtime.agent")
 MAX_SAMPLES = 1024
 MAX_BACKOFF_S = 30.0
 RETIRE_AFTER_S = 30.0       # a replaced pipeline is closed this long after the swap (in-flight calls end)
+
+
+def read_serve_token(path: Path) -> str:
+    """[serve] token_file's bearer token (surrounding whitespace stripped)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise AgentConfigError(f"[serve] token_file {path}: cannot read: {err}") from None
+    if not token:
+        raise AgentConfigError(f"[serve] token_file {path}: the file is empty")
+    return token
 
 
 class Agent:
@@ -64,7 +77,16 @@ class Agent:
         self.reachable, self.rtt_ms = False, None
         self.decision = Decision(bool(cloud.address), "latency", "start" if cloud.address else "no cloud configured")
         self.started = time.monotonic()
-        self.server = LocalOipServer(self, config.host, config.port)
+        serve_token = read_serve_token(config.token_file) if config.token_file else None
+        if serve_token is None and config.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("[serve] host %s reaches beyond this device and no token_file guards it: anyone who can "
+                        "reach it may call the agent's models", config.host)
+        self.server = LocalOipServer(self, config.host, config.port, token=serve_token)
+        self.http = None
+        if config.http_port is not None:
+            from edge_runtime.agent.http_api import HttpApi
+            self.http = HttpApi(self, config.host, config.http_port, serve_token, config.max_queue)
+        self.http_port = None
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="agent-supervisor", daemon=True)
         self._retired: list = []
@@ -72,11 +94,21 @@ class Agent:
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> int:
         port = self.server.start()
+        if self.http is not None:
+            try:
+                self.http_port = self.http.start()
+            except BaseException:
+                self.server.stop(0)
+                raise
         self._supervisor.start()
         return port
 
     def stop(self, grace_s: float = 10.0) -> None:
+        if self.http is not None:
+            self.http.begin_stop(grace_s)        # both ports drain at once
         self.server.stop(grace_s)                # in-flight requests finish first
+        if self.http is not None:
+            self.http.wait_stopped(grace_s + 5.0)
         self._stop.set()
         self._supervisor.join(timeout=grace_s + self.config.cloud.timeout_s)
         for pipe in list(self.pipelines.values()) + [p for _, p in self._retired]:
@@ -244,6 +276,9 @@ def serve_until_signalled(config: AgentConfig, grace_s: float = 10.0) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     port = agent.start()
+    if agent.http_port is not None:
+        print(f"agent {config.device_id} serving http://{config.host}:{agent.http_port}/v1 (OpenAI-compatible)",
+              flush=True)
     print(f"agent {config.device_id} serving grpc://{config.host}:{port} "
           f"({len(config.pipelines)} pipelines; cloud {config.cloud.address or 'none'})", flush=True)
     while not stop.wait(0.5):

@@ -16,6 +16,9 @@
     [serve]                             # local apps call this with the Open Inference Protocol
     host = "127.0.0.1"
     port = 8011
+    http_port = 8080                    # optional: the OpenAI-compatible HTTP API (absent: none)
+    token_file = "serve-token.txt"      # optional: a bearer token both ports then require
+    max_queue = 8                       # HTTP requests per LLM pipeline, waiting + running (over: 429)
 
     [policy]                            # how device state moves work between device and cloud
     low_battery = 0.2                   # below (0..1, on battery): plan for energy, not latency
@@ -46,6 +49,7 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
                  window (default: the plan's, from tp prepare --max-rank-memory),
                  payload = "fp32" | "fp16" | "int8", dtype = "fp32" | "bf16" (float weights; the weight
                  format itself is the prepared folder's), timeout_s, join_timeout_s, max_new_tokens
+    llm, collab-llm and tp also take max_queue (over [serve]'s, for this pipeline's HTTP requests)
 """
 import re
 from dataclasses import dataclass, field
@@ -103,6 +107,9 @@ class AgentConfig:
     cloud: CloudConfig
     policy: PolicyConfig
     pipelines: tuple[PipelineConfig, ...]
+    http_port: int | None = None        # the OpenAI-compatible HTTP API on [serve] host (None: off)
+    token_file: Path | None = None      # [serve]: the bearer token of both local ports (None: open)
+    max_queue: int = 8                  # [serve]: HTTP requests per LLM pipeline, waiting + running
 
 
 def _get(table: dict, key: str, kind, where: str, default=None, required: bool = False):
@@ -122,6 +129,12 @@ def _get(table: dict, key: str, kind, where: str, default=None, required: bool =
 def _positive(value: float, where: str, key: str) -> float:
     if value <= 0:
         raise AgentConfigError(f"{where}: '{key}' must be > 0, got {value}")
+    return value
+
+
+def _queue(value: int, where: str) -> int:
+    if value < 1:
+        raise AgentConfigError(f"{where}: 'max_queue' must be >= 1, got {value}")
     return value
 
 
@@ -154,6 +167,11 @@ def load_agent_config(path) -> AgentConfig:
     port = _get(s, "port", int, w, 8011)
     if not 0 <= port < 65536:
         raise AgentConfigError(f"{w}: 'port' must be 0..65535, got {port}")
+    http_port = _get(s, "http_port", int, w)
+    if http_port is not None and not 0 <= http_port < 65536:
+        raise AgentConfigError(f"{w}: 'http_port' must be 0..65535, got {http_port}")
+    token_file = base / _get(s, "token_file", str, w) if "token_file" in s else None
+    max_queue = _queue(_get(s, "max_queue", int, w, 8), w)
 
     p = data.get("policy", {})
     w = f"{path} [policy]"
@@ -176,6 +194,8 @@ def load_agent_config(path) -> AgentConfig:
         if model is not None and cloud.address is None:
             raise AgentConfigError(f"{w}: 'model' is pulled from the cloud, but [cloud] has no 'address'")
         options = {k: v for k, v in entry.items() if k not in ("name", "kind", "model", "version", "path")}
+        if "max_queue" in options:
+            _queue(_get(options, "max_queue", int, w), w)
         pipelines.append(PipelineConfig(name, kind, model, str(_get(entry, "version", (str, int), w, "")),
                                         base / local if local else None, options))
     if not pipelines:
@@ -184,4 +204,5 @@ def load_agent_config(path) -> AgentConfig:
     return AgentConfig(path, device_id, _get(data, "profile", str, str(path), "raspberry-pi-4"),
                        base / _get(data, "state_dir", str, str(path), "agent-state"),
                        _get(data, "link", str, str(path), "wifi"),
-                       _get(s, "host", str, f"{path} [serve]", "127.0.0.1"), port, cloud, policy, tuple(pipelines))
+                       _get(s, "host", str, f"{path} [serve]", "127.0.0.1"), port, cloud, policy, tuple(pipelines),
+                       http_port, token_file, max_queue)

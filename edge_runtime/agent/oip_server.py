@@ -6,10 +6,16 @@ UNIMPLEMENTED: the agent's models come from agent.toml and the cloud.
 
     server = LocalOipServer(agent, "127.0.0.1", 8011); port = server.start(); ...; server.stop(grace_s=5)
 
+With a token ([serve] token_file), every RPC but gRPC health and reflection needs the metadata
+`authorization: Bearer <token>` (compared in constant time), else UNAUTHENTICATED, as the cloud's
+port does (cloud_service/auth.py; the layering keeps the device from importing it).
+
 A synchronous gRPC server: handlers (edgefold_proto.serving's table, status codes and tensor
 decoding, as in the cloud) run on its thread pool and call the pipeline directly, which costs
 less per call than handing work from an event loop to a thread.
 """
+import hmac
+import threading
 import time
 from concurrent import futures
 
@@ -23,16 +29,68 @@ from edgefold_proto.serving import (InvalidArgument, NotFound, Unavailable, Unim
 from edgefold_proto.version import __version__ as AGENT_VERSION
 
 SERVER_NAME = "edgefold-agent"
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+DRAIN_S = 0.2       # how long a refused stream's requests are read before the refusal
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """UNAUTHENTICATED for every call without `authorization: Bearer <token>` (health and
+    reflection stay open)."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, metadata) -> bool:
+        presented = b""
+        for key, value in metadata or ():
+            if key == "authorization":
+                presented = value.encode() if isinstance(value, str) else value
+        return hmac.compare_digest(presented, self._expected)  # constant time
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES) or self._authorized(details.invocation_metadata):
+            return handler
+        return _denying(handler)
+
+
+def _deny(request, context):
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong 'authorization: Bearer <token>' metadata")
+
+
+def _denying(handler):
+    """A handler of the same kind as `handler` that refuses the call."""
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        def deny_stream(request_iterator, context):
+            # read what the client sends first (bounded): ending a stream while its requests are still
+            # arriving makes the client's gRPC core report INTERNAL, not UNAUTHENTICATED
+            reader = threading.Thread(target=lambda: [None for _ in request_iterator], daemon=True)
+            reader.start()
+            reader.join(DRAIN_S)
+            _deny(None, context)
+            yield  # pragma: no cover - makes this a generator
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
+    if handler.response_streaming:
+        def deny_server_stream(request, context):
+            _deny(request, context)
+            yield  # pragma: no cover
+        return grpc.unary_stream_rpc_method_handler(deny_server_stream, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_deny, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(_deny, **kwargs)
 
 
 class LocalOipServer:
-    def __init__(self, agent, host: str, port: int, max_workers: int = 8, max_message_bytes: int = 64 << 20):
+    def __init__(self, agent, host: str, port: int, max_workers: int = 8, max_message_bytes: int = 64 << 20,
+                 token: str | None = None):
         self.agent = agent
         self.address = f"{host}:{port}"
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="oip"),
                                    options=[("grpc.max_receive_message_length", max_message_bytes),
                                             ("grpc.max_send_message_length", max_message_bytes),
-                                            ("grpc.so_reuseport", 0)])
+                                            ("grpc.so_reuseport", 0)],
+                                   interceptors=[BearerTokenInterceptor(token)] if token else None)
         self._server.add_generic_rpc_handlers((rpc_handler(METHODS, self),))
         self.port = None
 
