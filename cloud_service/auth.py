@@ -1,35 +1,21 @@
 """Bearer-token authentication for every inference RPC; health and reflection stay open
 so load balancers and probes work without the secret."""
 import asyncio
-import hmac
 
 import grpc
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-DRAIN_S = 0.2       # how long a refused stream's requests are read before the refusal
+from edgefold_proto.auth import DRAIN_S, BearerToken, read_token
 
-
-def read_token(path) -> str:
-    token = open(path, encoding="utf-8").read().strip()
-    if not token:
-        raise ValueError(f"--token-file {path}: the file is empty")
-    return token
+__all__ = ["BearerTokenInterceptor", "read_token"]
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, metadata) -> bool:
-        presented = b""
-        for key, value in metadata or ():
-            if key == "authorization":
-                presented = value.encode() if isinstance(value, str) else value
-        return hmac.compare_digest(presented, self._expected)  # constant time
+        self._token = BearerToken(token)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES) or self._authorized(details.invocation_metadata):
+        if handler is None or self._token.allows(details.method, details.invocation_metadata):
             return handler
         return _denying(handler)
 

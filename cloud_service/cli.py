@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     try:
         options = ServerOptions(
             repository=args.repository, host=args.host, port=args.port, metrics_port=args.metrics_port,
-            token=read_token(args.token_file) if args.token_file else None,
+            token=read_token(args.token_file, "--token-file") if args.token_file else None,
             tls_cert=args.tls_cert.read_bytes() if args.tls_cert else None,
             tls_key=args.tls_key.read_bytes() if args.tls_key else None,
             max_message_bytes=int(args.max_message_mb * (1 << 20)), grace_s=args.grace_s)

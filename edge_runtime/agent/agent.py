@@ -35,6 +35,7 @@ from edge_runtime.agent.oip_server import LocalOipServer
 from edge_runtime.agent.pipeline import Context
 from edge_runtime.agent.pipeline_factory import open_pipeline
 from edge_runtime.agent.policy import Decision, decide, device_state, link_quality
+from edgefold_proto.auth import read_token
 from edgefold_proto.version import __version__
 
 log = logging.getLogger("edge_runtime.agent")
@@ -46,12 +47,11 @@ RETIRE_AFTER_S = 30.0       # a replaced pipeline is closed this long after the 
 def read_serve_token(path: Path) -> str:
     """[serve] token_file's bearer token (surrounding whitespace stripped)."""
     try:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        return read_token(path, "[serve] token_file")
     except OSError as err:
         raise AgentConfigError(f"[serve] token_file {path}: cannot read: {err}") from None
-    if not token:
-        raise AgentConfigError(f"[serve] token_file {path}: the file is empty")
-    return token
+    except ValueError as err:
+        raise AgentConfigError(str(err)) from None
 
 
 class Agent:

@@ -41,7 +41,6 @@ running then are cancelled and their generations closed.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import socket
@@ -64,6 +63,7 @@ from edge_runtime.agent.pipeline import PipelineInputError
 from edge_runtime.llm_api import (
     ApiError, ChatRequest, ChatTemplate, ChatTemplateError, CompletionRequest, NoChatTemplate, StopStrings,
 )
+from edgefold_proto.auth import BearerToken
 
 log = logging.getLogger("edge_runtime.agent.http")
 LLM_KINDS = ("llm", "tp", "collab-llm")
@@ -82,12 +82,12 @@ class _BearerToken:
 
     def __init__(self, app, token: str, metrics: LlmMetrics, open_paths: tuple[str, ...] = ("/health",)):
         self.app, self.metrics, self.open_paths = app, metrics, open_paths
-        self._expected = f"Bearer {token}".encode()
+        self._token = BearerToken(token)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
             presented = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(presented, self._expected):
+            if not self._token.matches(presented):
                 err = ApiError("missing or wrong API key: send 'Authorization: Bearer <token>' (the agent's "
                                "[serve] token_file)", None, status=401, code="invalid_api_key")
                 self.metrics.request("", 401)

@@ -14,7 +14,6 @@ A synchronous gRPC server: handlers (edgefold_proto.serving's table, status code
 decoding, as in the cloud) run on its thread pool and call the pipeline directly, which costs
 less per call than handing work from an event loop to a thread.
 """
-import hmac
 import threading
 import time
 from concurrent import futures
@@ -23,33 +22,23 @@ import grpc
 
 from edge_runtime.agent.pipeline import PipelineInputError
 from edgefold_proto import METHODS, pb
+from edgefold_proto.auth import DRAIN_S, BearerToken
 from edgefold_proto.serving import (InvalidArgument, NotFound, Unavailable, Unimplemented, decode_inputs,
                                     encode_response, parameters, parse_message, requested_outputs, rpc_handler,
                                     stream_error)
 from edgefold_proto.version import __version__ as AGENT_VERSION
 
 SERVER_NAME = "edgefold-agent"
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-DRAIN_S = 0.2       # how long a refused stream's requests are read before the refusal
-
-
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """UNAUTHENTICATED for every call without `authorization: Bearer <token>` (health and
     reflection stay open)."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-    def _authorized(self, metadata) -> bool:
-        presented = b""
-        for key, value in metadata or ():
-            if key == "authorization":
-                presented = value.encode() if isinstance(value, str) else value
-        return hmac.compare_digest(presented, self._expected)  # constant time
+        self._token = BearerToken(token)
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES) or self._authorized(details.invocation_metadata):
+        if handler is None or self._token.allows(details.method, details.invocation_metadata):
             return handler
         return _denying(handler)
 
