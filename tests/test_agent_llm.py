@@ -245,3 +245,21 @@ def test_agent_toml_accepts_the_llm_kind(tmp_path):
     assert (spec.kind, spec.path, spec.options) == ("llm", tmp_path / "ckpt", {"quantize": "int4", "window": 2})
     with pytest.raises(ValueError, match="quantize"):
         open_pipeline(PipelineConfig("x", "llm", path=tmp_path, options={"quantize": "int3"}), tmp_path, CTX)
+
+
+def test_close_lets_the_stream_in_flight_finish(ckpt, cache):
+    """A replaced pipeline is closed while a client still streams from it: close() waits for that
+    generation to end (up to close_wait_s), so the client gets every token."""
+    spec = PipelineConfig("tiny", "llm", path=ckpt[0], options={"cache_dir": str(cache)})
+    pipe = open_pipeline(spec, ckpt[0], CTX)
+    stream = pipe.stream(PROMPT, N, None, ())
+    assert next(stream) == ckpt[1][0]
+    closer = threading.Thread(target=pipe.close, daemon=True)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # waiting for the stream
+    assert [ckpt[1][0], *stream] == ckpt[1] and stream.finish_reason == "length"
+    closer.join(30)
+    assert not closer.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        list(pipe.stream(PROMPT, 2, None, ()))

@@ -33,6 +33,7 @@ from edge_runtime.agent.pipeline import Context, Pipeline, PipelineInputError, T
 from edge_runtime.agent.policy import Decision
 
 MAX_NEW_TOKENS = 4096      # the most an OIP request's max_new_tokens parameter may ask for
+CLOSE_WAIT_S = 30.0        # close() lets the generation in flight end first, waiting up to this long
 
 
 class Progress:
@@ -149,6 +150,7 @@ class LlmPipeline(Pipeline):
     implement _run(stream, sampling, stop)."""
 
     samples = True
+    close_wait_s = CLOSE_WAIT_S
 
     def _init_llm(self, max_new_tokens: int) -> None:
         self.max_new_tokens = max_new_tokens
@@ -170,6 +172,19 @@ class LlmPipeline(Pipeline):
     def _run(self, p: Progress, max_new_tokens: int, sampling, stop):
         """The generation's token ids; sets p.finish_reason as the last one is yielded (and
         p.seconds, p.device_tokens, p.sources where it has them)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the model once the generation in flight, if any, has ended (a replaced pipeline's
+        last stream finishes), waiting up to close_wait_s; past that it closes regardless."""
+        idle = self._lock.acquire(timeout=self.close_wait_s)
+        try:
+            self._release()
+        finally:
+            if idle:
+                self._lock.release()
+
+    def _release(self) -> None:
         raise NotImplementedError
 
     def prompt_of(self, inputs: dict) -> list[int]:
@@ -262,7 +277,7 @@ class LocalLlmPipeline(EnginePipeline):
     def describe(self) -> dict:
         return {"kind": self.kind, "quantize": self.quantize, "window": self.master.shard.pager.window, "dtype": self.dtype}
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self.master.close()
 
 
@@ -302,7 +317,7 @@ class TensorParallelPipeline(EnginePipeline):
     def describe(self) -> dict:
         return {"kind": self.kind, "world_size": self.world_size}
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self.master.close()
         if self.workers:
             self.workers.stop(grace_s=2.0)
@@ -373,5 +388,5 @@ class CollabPipeline(LlmPipeline):
             self.counters["degraded"] += res.sources.count("degraded")
             self.llm.end(res.conversation)
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self.llm.close()
