@@ -33,16 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_tp import SHAPES as TP_SHAPES  # scripts/ (this script runs by its path)
+from llamacpp_build import SHAPES as PEER_SHAPES
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_llm" / "api"
-SHAPES = {  # transformers LlamaConfig kwargs
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "46M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=12, num_attention_heads=8,
-                num_key_value_heads=8, vocab_size=8000),
-    "336M": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=32000),
-}
+SHAPES = {"tiny": PEER_SHAPES["tiny"], "46M": TP_SHAPES["46M"], "336M": PEER_SHAPES["336M"]}  # LlamaConfig kwargs
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 EOS = 0  # "t0": the checkpoint's EOS id; prompts are picked so that greedy decoding does not meet it

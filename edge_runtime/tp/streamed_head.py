@@ -26,6 +26,7 @@ are parsed once, by blockfile.py's reader.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -144,14 +145,15 @@ class StreamedHead(nn.Module):
         x2 = x.reshape(-1, src.cols)  # (N, C)
         xq = None if self.scales is None else x2.to(self._scales.dtype).contiguous()  # the int8 kernel's input
         out = torch.empty(x2.shape[0], src.rows, dtype=torch.float32)  # (N, V)
-        with src.open() as f, memoryview(self._buf) as mv:
+        scales = self.scales.open() if self.scales is not None else nullcontext()
+        with src.open() as f, memoryview(self._buf) as mv, scales as fs:
             for a in range(0, src.rows, self.chunk_rows):
                 n = min(self.chunk_rows, src.rows - a)
                 src.read_rows(f, mv, a, n)
                 w = self._raw[:n * src.row_bytes].view(src.dtype).view(n, src.cols)  # (n, C) rows a..a+n
                 if xq is not None:
-                    s = self._scales[:n]
-                    with self.scales.open() as fs, memoryview(s.view(torch.uint8).numpy()) as ms:
+                    s = self._scales[:n]  # (n,) the rows' scales
+                    with memoryview(s.view(torch.uint8).numpy()) as ms:
                         self.scales.read_rows(fs, ms, a, n)
                     out[:, a:a + n] = torch.ops.aten._weight_int8pack_mm(xq, w, s)  # (N, n)
                     continue
