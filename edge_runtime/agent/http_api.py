@@ -57,7 +57,7 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge_runtime.agent.http_stream import Answer, Generation, LlmMetrics, error_response
+from edge_runtime.agent.http_stream import Answer, LlmMetrics, TextGeneration, error_response
 from edge_runtime.agent.llm_pipelines import LlmPipeline
 from edge_runtime.agent.pipeline import PipelineInputError
 from edge_runtime.llm_api import (
@@ -119,7 +119,7 @@ class HttpApi:
         self.created = int(time.time())
         self._queued: dict[str, int] = {}                # pipeline -> requests waiting or running (loop only)
         self._templates: dict[str, tuple] = {}           # pipeline -> (the Pipeline, ChatTemplate or error)
-        self._running: set[Generation] = set()                   # holding a slot of their pipeline's queue
+        self._running: set[TextGeneration] = set()                   # holding a slot of their pipeline's queue
         self._generations: weakref.WeakSet = weakref.WeakSet()    # every one whose thread may still run
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -322,7 +322,7 @@ class HttpApi:
             return error_response(err, self._retry(err))
         self._queued[name] = self._queued.get(name, 0) + 1
         self.metrics.queued.labels(name).inc()
-        gen = Generation(name, stream, pipe.tokenizer, StopStrings(req.stop), pipe.eos_ids, self.metrics, arrived,
+        gen = TextGeneration(name, stream, pipe.tokenizer, StopStrings(req.stop), pipe.eos_ids, self.metrics, arrived,
                          asyncio.get_running_loop())
         self._running.add(gen)
         self._generations.add(gen)
@@ -338,7 +338,7 @@ class HttpApi:
         spec = next((s for s in self.agent.config.pipelines if s.name == name), None)
         return spec.options.get(key, default) if spec is not None else default
 
-    def _finished(self, gen: Generation, pipe) -> None:
+    def _finished(self, gen: TextGeneration, pipe) -> None:
         """The request is over, however it ended: its slot in the queue is free again."""
         gen.close()
         if gen in self._running:

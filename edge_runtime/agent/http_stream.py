@@ -1,7 +1,7 @@
-"""One generation served over HTTP (Generation: the worker thread; Answer: its OpenAI bodies, SSE
+"""One generation served over HTTP (TextGeneration: the worker thread; Answer: its OpenAI bodies, SSE
 or whole), and the Prometheus metrics of the OpenAI-compatible endpoint (http_api.py).
 
-    gen = Generation(pipe.name, stream, pipe.tokenizer, StopStrings(stops), pipe.eos_ids, metrics,
+    gen = TextGeneration(pipe.name, stream, pipe.tokenizer, StopStrings(stops), pipe.eos_ids, metrics,
                      arrived=time.perf_counter(), loop=asyncio.get_running_loop())
     gen.start()                                  # a worker thread iterates the TokenStream
     while (event := await gen.events.get())[0] != "end":
@@ -72,7 +72,7 @@ class LlmMetrics:
         self.requests.labels(pipeline, str(status)).inc()
 
 
-class Generation:
+class TextGeneration:
     """One TokenStream read in a worker thread; its text as events on an asyncio queue (see the
     module's docstring). After the ("end", None) event: finish_reason ("stop" | "length", or None
     when it was closed before its end or failed), error, prompt_tokens, completion_tokens and
@@ -179,7 +179,7 @@ async def _disconnected(receive) -> None:
 class Answer:
     """A started request's answer: its SSE events, or the whole JSON body."""
 
-    def __init__(self, gen: Generation, pipe, req, chat: bool):
+    def __init__(self, gen: TextGeneration, pipe, req, chat: bool):
         self.gen, self.req, self.chat = gen, req, chat
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.model, self.created = pipe.name, int(time.time())
