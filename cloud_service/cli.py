@@ -1,7 +1,10 @@
-"""`cloud-service`: the cloud inference service.
+"""`cloud-service`: the cloud inference service and the commands its operators run beside it.
 
     cloud-service serve --repository DIR --port 8001 [--metrics-port 8002] \
-        [--token-file F] [--tls-cert C --tls-key K] [--max-message-mb 64]
+        [--token-file F] [--tls-cert C --tls-key K [--tls-client-ca CA]] [--max-message-mb 64]
+    cloud-service token add|list|revoke --repository DIR ...      (cloud_service/token_commands.py)
+    cloud-service devices|rollout --repository DIR ...            (cloud_service/fleet_commands.py)
+    cloud-service keygen|sign ...                                  (cloud_service/sign_commands.py)
 """
 import argparse
 import asyncio
@@ -9,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cloud_service import fleet_commands, sign_commands, token_commands
 from cloud_service.auth import read_token
 from cloud_service.config import ConfigError
 from cloud_service.server import ServerOptions, serve_until_signalled
@@ -29,12 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest request or response (gRPC's default is 4); larger gets RESOURCE_EXHAUSTED")
     serve.add_argument("--grace-s", type=float, default=10.0, help="time in-flight requests get on shutdown")
     serve.add_argument("--log-level", default="INFO")
+    for module in (token_commands, fleet_commands, sign_commands):
+        module.add_commands(commands)       # each sets `run`: args -> exit status
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":
+        try:
+            return args.run(args)
+        except (ConfigError, OSError, ValueError) as err:
+            print(f"cloud-service {args.command}: {err}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")

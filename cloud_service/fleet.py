@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grpc
 
+from cloud_service.caller import current as current_caller
 from cloud_service.metrics import Metrics
 from cloud_service.repository import MODEL_NAME, version_dirs
 from edgefold_proto.fleet import fleet_pb, manifest_digest, path_problem
@@ -231,6 +232,8 @@ class FleetService:
 
     async def Heartbeat(self, request: fleet_pb.HeartbeatRequest):
         check_heartbeat(request)
+        if (caller := current_caller()) is not None:
+            caller.require_device(request.device_id)
         device = self.devices.get(request.device_id)
         if device is None:
             if len(self.devices) >= MAX_DEVICES:

@@ -14,6 +14,7 @@ from cloud_service.fleet import FleetService
 from cloud_service.metrics import Metrics
 from cloud_service.repository import Repository
 from cloud_service.service import InferenceService
+from cloud_service.state import StateStore
 from edgefold_proto import METHODS, SERVICE
 from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE
 from edgefold_proto.serving import rpc_handler
@@ -41,6 +42,7 @@ class CloudServer:
         self.options = options
         self.metrics = Metrics()
         self.service = InferenceService(Repository(options.repository), self.metrics)
+        self.state = StateStore(options.repository)     # credentials, fleet registry, rollout pins
         self.fleet = FleetService(options.repository, self.metrics, options.heartbeat_interval_s)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None

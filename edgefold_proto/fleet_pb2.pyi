@@ -25,16 +25,20 @@ class ModelFile(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class ModelManifestResponse(_message.Message):
-    __slots__ = ("name", "version", "digest", "files")
+    __slots__ = ("name", "version", "digest", "files", "signature", "key_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     digest: str
     files: _containers.RepeatedCompositeFieldContainer[ModelFile]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ...) -> None: ...
+    signature: bytes
+    key_id: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ModelFile, _Mapping]]] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("name", "version", "path", "offset")
@@ -66,6 +70,22 @@ class InstalledModel(_message.Message):
     digest: str
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
+class Rollback(_message.Message):
+    __slots__ = ("name", "version", "digest", "reason", "unix_time", "restored_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    digest: str
+    reason: str
+    unix_time: float
+    restored_version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., digest: _Optional[str] = ..., reason: _Optional[str] = ..., unix_time: _Optional[float] = ..., restored_version: _Optional[str] = ...) -> None: ...
+
 class TelemetrySample(_message.Message):
     __slots__ = ("unix_time", "values")
     class ValuesEntry(_message.Message):
@@ -82,7 +102,7 @@ class TelemetrySample(_message.Message):
     def __init__(self, unix_time: _Optional[float] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("device_id", "profile", "agent_version", "uptime_s", "models", "counters", "samples")
+    __slots__ = ("device_id", "profile", "agent_version", "uptime_s", "models", "counters", "samples", "rollbacks")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +117,7 @@ class HeartbeatRequest(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     profile: str
     agent_version: str
@@ -104,7 +125,8 @@ class HeartbeatRequest(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[InstalledModel]
     counters: _containers.ScalarMap[str, int]
     samples: _containers.RepeatedCompositeFieldContainer[TelemetrySample]
-    def __init__(self, device_id: _Optional[str] = ..., profile: _Optional[str] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., samples: _Optional[_Iterable[_Union[TelemetrySample, _Mapping]]] = ...) -> None: ...
+    rollbacks: _containers.RepeatedCompositeFieldContainer[Rollback]
+    def __init__(self, device_id: _Optional[str] = ..., profile: _Optional[str] = ..., agent_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., samples: _Optional[_Iterable[_Union[TelemetrySample, _Mapping]]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("interval_s", "server_unix_time", "accepted_samples")
@@ -125,7 +147,7 @@ class ListDevicesRequest(_message.Message):
     def __init__(self, include_samples: _Optional[bool] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class DeviceStatus(_message.Message):
-    __slots__ = ("device_id", "profile", "agent_version", "last_seen_unix_time", "uptime_s", "models", "counters", "telemetry", "samples_received", "samples")
+    __slots__ = ("device_id", "profile", "agent_version", "last_seen_unix_time", "uptime_s", "models", "counters", "telemetry", "samples_received", "samples", "rollbacks", "group", "pins")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +162,13 @@ class DeviceStatus(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PinsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +179,9 @@ class DeviceStatus(_message.Message):
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     profile: str
     agent_version: str
@@ -160,7 +192,10 @@ class DeviceStatus(_message.Message):
     telemetry: _containers.ScalarMap[str, float]
     samples_received: int
     samples: _containers.RepeatedCompositeFieldContainer[TelemetrySample]
-    def __init__(self, device_id: _Optional[str] = ..., profile: _Optional[str] = ..., agent_version: _Optional[str] = ..., last_seen_unix_time: _Optional[float] = ..., uptime_s: _Optional[float] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., telemetry: _Optional[_Mapping[str, float]] = ..., samples_received: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[TelemetrySample, _Mapping]]] = ...) -> None: ...
+    rollbacks: _containers.RepeatedCompositeFieldContainer[Rollback]
+    group: str
+    pins: _containers.ScalarMap[str, str]
+    def __init__(self, device_id: _Optional[str] = ..., profile: _Optional[str] = ..., agent_version: _Optional[str] = ..., last_seen_unix_time: _Optional[float] = ..., uptime_s: _Optional[float] = ..., models: _Optional[_Iterable[_Union[InstalledModel, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., telemetry: _Optional[_Mapping[str, float]] = ..., samples_received: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[TelemetrySample, _Mapping]]] = ..., rollbacks: _Optional[_Iterable[_Union[Rollback, _Mapping]]] = ..., group: _Optional[str] = ..., pins: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)
