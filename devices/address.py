@@ -2,6 +2,7 @@
 
     host, port = parse_address("10.0.0.3:29500", "--peer")           # ("10.0.0.3", 29500)
     parse_address("127.0.0.1:0", "--listen", listen=True)            # port 0: the OS picks one
+    is_loopback("127.0.0.1"), is_loopback("0.0.0.0")                 # True, False (a wildcard reaches out)
 
 One parser for every command that takes HOST:PORT (the tensor-parallel master, the probe's peer,
 the link emulator). The port is 1..65535 (0 too for an address to listen on); an IPv6 host is
@@ -21,3 +22,8 @@ def parse_address(text: str, what: str, listen: bool = False) -> tuple[str, int]
         raise ValueError(f"{what}: expected HOST:PORT with PORT in {low}..65535 (an IPv6 host in brackets, "
                          f"e.g. [::1]:29500), got {text!r}")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Does `host` stay on this machine? (A wildcard such as 0.0.0.0 does not: it listens on every interface.)"""
+    return host.startswith("127.") or host in ("localhost", "::1")

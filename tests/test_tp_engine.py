@@ -301,6 +301,27 @@ def test_worker_without_curve_keys_cannot_join(tmp_path):
     assert errors and "rank 1" in errors[0]
 
 
+@pytest.mark.parametrize("master", ["0.0.0.0:29500", "10.0.0.2:29500", "[::]:29500", "pi.local:29500"])
+def test_ranks_beyond_loopback_need_curve_keys_or_insecure(master, tmp_path, capsys):
+    with pytest.raises(ValueError, match="beyond this machine.*curve_keys.*insecure"):
+        TPConfig(2, master)
+    TPConfig(2, master, curve_keys=tmp_path)
+    TPConfig(2, master, insecure=True)
+    TPConfig(1, master)                                   # one rank talks to nobody
+    args = ["tp", "worker", "--rank", "1", "--master", master, "--shards", str(tmp_path), "--world-size", "2"]
+    assert edge_cli.main(args) == 2
+    assert "--insecure" in capsys.readouterr().err
+
+
+def test_an_insecure_master_on_the_wildcard_address_forms_its_group():
+    port = launch.free_port()
+    worker = threading.Thread(target=lambda: make_collective(TPConfig(2, f"127.0.0.1:{port}"), 1).close())
+    worker.start()
+    make_collective(TPConfig(2, f"0.0.0.0:{port}", insecure=True, join_timeout_s=10.0), 0).close()
+    worker.join(10)
+    assert not worker.is_alive()
+
+
 def _generate_until_failure(master: Master, after: int, fault):
     """Generate; after `after` tokens call fault(); return (error text, seconds from fault to error)."""
     t_fault = None

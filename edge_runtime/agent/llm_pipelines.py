@@ -300,7 +300,8 @@ class TensorParallelPipeline(EnginePipeline):
                           master=str(options.get("master", "0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")),
                           payload=str(options.get("payload", "fp32")), timeout_s=float(options.get("timeout_s", 5.0)),
                           join_timeout_s=float(options.get("join_timeout_s", 60.0)),
-                          dtype=str(options.get("dtype", "fp32")))
+                          dtype=str(options.get("dtype", "fp32")), insecure=options.get("insecure") is True,
+                          curve_keys=Path(options["curve_keys"]) if options.get("curve_keys") else None)
         self.workers = None
         if not peers and self.world_size > 1:
             self.workers = LocalWorkers(folder, config)

@@ -3,17 +3,18 @@
     edge-runtime tp prepare --model HF_DIR --world-size 3 --weights 1,1,2 --out shards/
     edge-runtime tp prepare --model HF_DIR --world-size 2 --weights-from raspberry-pi-4,my-board.toml --out shards/
     edge-runtime tp prepare --model HF_DIR --world-size 4 --quantize int4 --group-size 32 --max-rank-memory 512MiB --out shards/
-    edge-runtime tp worker --rank 1 --master 10.0.0.2:29500 --shards shards/rank1 --window 2
+    edge-runtime tp keys --out keys/          # then give every rank the folder (or just its half)
+    edge-runtime tp worker --rank 1 --master 10.0.0.2:29500 --shards shards/rank1 --window 2 --curve-keys keys/
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt "Hello" --max-new-tokens 32 --window 2
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt-ids 1,2,3 --max-new-tokens 32 --json
     edge-runtime tp generate --model HF_DIR --quantize int8 --prompt "Hello"          # one device, int8 weights
-    edge-runtime tp generate --model HF_DIR --world-size 3 --peers 10.0.0.3,10.0.0.4 --master 0.0.0.0:29500 ...
-    edge-runtime tp keys --out keys/
+    edge-runtime tp generate --model HF_DIR --world-size 3 --peers 10.0.0.3,10.0.0.4 --master 0.0.0.0:29500 \
+        --curve-keys keys/ ...                  # or --insecure on a network you trust
 
 Without --peers, `generate` prepares the shards (cached under --cache-dir, keyed by the config
 hash and the plan) and starts the N-1 workers itself as subprocesses on loopback, and always
 stops them. With --peers it binds --master and waits for those already-started workers (each ran
-`tp worker --master THIS_HOST:PORT`; their number must be world_size - 1) to join.
+`tp worker --master THIS_HOST:PORT`; their number must be world_size - 1) to join. Ranks that talk beyond loopback need --curve-keys or an explicit --insecure.
 Exit status of generate: 0 done, 1 a rank failed (the message names it), 2 bad arguments or files.
 A worker exits 0 after the master's SHUTDOWN, 3 when the master is gone or aborted the request
 (no traceback: it says why on stderr), 1 when it could not join, 2 for bad arguments or files.
@@ -57,6 +58,8 @@ def add_parser(commands) -> None:
         p.add_argument("--payload", choices=("fp32", "fp16", "int8"), default="fp32",
                        help="allreduce payload precision (must match on every rank)")
         p.add_argument("--curve-keys", help="folder from `tp keys`: encrypt and authenticate peers (star)")
+        p.add_argument("--insecure", action="store_true", help="let ranks talk beyond loopback without --curve-keys "
+                       "(refused otherwise): only on a network you trust")
         p.add_argument("--timeout-s", type=float, default=2.0, help="how long the master waits for a partial")
         p.add_argument("--join-timeout-s", type=float, default=60.0)
         p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
@@ -135,7 +138,7 @@ def _config(args, world_size: int, master: str):
     from .config import TPConfig
     return TPConfig(world_size=world_size, master=master, backend=args.backend, payload=args.payload,
                     window=args.window, timeout_s=args.timeout_s, join_timeout_s=args.join_timeout_s, dtype=args.dtype,
-                    curve_keys=Path(args.curve_keys) if args.curve_keys else None)
+                    curve_keys=Path(args.curve_keys) if args.curve_keys else None, insecure=args.insecure)
 
 
 def _ids(text: str, field: str) -> list[int]:

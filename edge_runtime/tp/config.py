@@ -1,19 +1,22 @@
 """TPConfig: what the `tp` command line (or an agent's `tp` pipeline) says about a tensor-parallel group.
 
-    config = TPConfig(world_size=3, master="10.0.0.2:29500", window=2, payload="fp16")
+    config = TPConfig(world_size=3, master="10.0.0.2:29500", window=2, payload="fp16", curve_keys="keys/")
     collective = make_collective(config, rank=1)          # connect.py
     workers = LocalWorkers(shards, config)                # launch.py: ranks 1..N-1 on this machine
 
 One frozen object travels from the parser to the launcher, the collective and rank 0; nothing
 below the CLI sees an argparse namespace. It is checked when made: a bad value raises ValueError
-naming the field. Every rank of a group must be given the same backend and payload.
+naming the field. Every rank of a group must be given the same backend and payload. Ranks that
+would talk over an address beyond loopback (a LAN address, or the 0.0.0.0 wildcard a master binds)
+need CURVE keys, unless `insecure` says the network is trusted: a peer link carries the prompt and
+the model's activations, and an open port lets anyone on the network join the group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from devices.address import parse_address
+from devices.address import is_loopback, parse_address
 
 BACKENDS = ("star", "gloo")
 PAYLOADS = ("fp32", "fp16", "int8")
@@ -31,6 +34,7 @@ class TPConfig:
     join_timeout_s: float = 60.0  # how long every rank waits for the group to form
     curve_keys: Path | None = None  # folder from `tp keys`: encrypted, authenticated links (star only)
     dtype: str = "fp32"  # float weights held and multiplied in "fp32" or "bf16" (quantized ones: bf16 kernels)
+    insecure: bool = False  # allow ranks to talk beyond loopback without curve_keys (a network you trust)
 
     def __post_init__(self):
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
@@ -57,6 +61,10 @@ class TPConfig:
             raise ValueError(f"master: world size {self.world_size} needs the HOST:PORT of rank 0")
         if self.curve_keys is not None:
             object.__setattr__(self, "curve_keys", Path(self.curve_keys))
+        elif self.world_size > 1 and not self.insecure and not is_loopback(self.address[0]):
+            raise ValueError(f"master: ranks would talk over {self.master}, which reaches beyond this machine, "
+                             "without encryption or authentication: give curve_keys (`edge-runtime tp keys`; "
+                             "--curve-keys) or, on a network you trust, insecure (--insecure)")
 
     @property
     def torch_dtype(self):

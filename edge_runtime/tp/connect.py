@@ -1,7 +1,7 @@
 """make_collective: connect one rank to its tensor-parallel group with the backend its config names.
 
-    comm = make_collective(TPConfig(world_size=3, master="10.0.0.2:29500"), rank=0)   # -> StarMaster
-    comm = make_collective(TPConfig(world_size=3, master="10.0.0.2:29500"), rank=2)   # -> StarWorker
+    comm = make_collective(TPConfig(world_size=3, master="10.0.0.2:29500", curve_keys="keys/"), rank=0)   # -> StarMaster
+    comm = make_collective(TPConfig(world_size=3, master="10.0.0.2:29500", curve_keys="keys/"), rank=2)   # -> StarWorker
 
 Blocks until every rank has joined (or raises CollectiveError naming the missing ranks after
 config.join_timeout_s). World size 1 gives a LocalCollective: no sockets at all. `plan_checksum`

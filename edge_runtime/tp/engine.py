@@ -1,11 +1,11 @@
 """The tensor-parallel generation loop: the master (rank 0) and the worker loop (ranks 1..N-1).
 
     # worker, on each peer device (its own shard folder only)
-    run_worker("shards/rank1", make_collective(TPConfig(world_size=3, master="10.0.0.2:5555"), 1), window=2)
+    run_worker("shards/rank1", make_collective(TPConfig(world_size=3, master="10.0.0.2:5555", curve_keys="keys/"), 1), window=2)
 
     # master: tokenizer, embeddings, final norm and LM head (streamed from its files when paging,
     # streamed_head.py); prompt and tokens never leave it
-    with Master("shards/rank0", make_collective(TPConfig(world_size=3, master="0.0.0.0:5555"), 0), 2) as m:
+    with Master("shards/rank0", make_collective(TPConfig(world_size=3, master="0.0.0.0:5555", curve_keys="keys/"), 0), 2) as m:
         for tok in m.generate(m.encode("Hello"), max_new_tokens=32):   # streams token ids
             print(m.decode([tok]), end="", flush=True)
         print(m.finish())     # stats of every rank (gathered from the workers), workers stop

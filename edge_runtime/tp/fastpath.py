@@ -20,6 +20,8 @@ import time
 
 import zmq
 
+from devices.address import is_loopback
+
 SPIN_S = 100e-6  # busy-poll this long for a partial or a sum before sleeping in a poll (Spin)
 _CONTENDED = 0.2  # ... unless this thread spent more than this share of the last _WINDOW_S waiting for a CPU
 _WINDOW_S = 0.01
@@ -34,10 +36,6 @@ def has_ipc() -> bool:
 def ipc_name(host: str, port: int) -> str:
     """The abstract unix socket of a master bound to host:port (host loopback or wildcard)."""
     return f"@edgefold-tp-{'*' if host in ANY else '127.0.0.1' if host == 'localhost' else host}:{port}"
-
-
-def is_loopback(host: str) -> bool:
-    return host.startswith("127.") or host in ("localhost", "::1")
 
 
 def worker_endpoint(host: str, port: int, deadline: float) -> str:

@@ -1,6 +1,6 @@
 """The same Collective over torch.distributed's gloo backend (a ring), for comparison.
 
-    comm = GlooCollective(TPConfig(world_size=3, master="10.0.0.2:5555", backend="gloo"), rank)
+    comm = GlooCollective(TPConfig(world_size=3, master="10.0.0.2:5555", backend="gloo", insecure=True), rank)
     # rendezvous at tcp://10.0.0.2:5556
 
 Rendezvous uses the TCP store at the master's port + 1; gloo then opens its own peer-to-peer

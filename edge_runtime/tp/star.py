@@ -1,8 +1,8 @@
 """The star collective over ZeroMQ: what its two sides share. StarMaster (star_master.py) is rank 0,
 StarWorker (star_worker.py) every other rank; connect.make_collective picks by rank.
 
-    master = StarMaster(TPConfig(world_size=3, master="10.0.0.2:5555"))      # binds, waits for ranks 1, 2
-    worker = StarWorker(TPConfig(world_size=3, master="10.0.0.2:5555"), 2)   # connects, HELLO, waits for WELCOME
+    master = StarMaster(TPConfig(world_size=3, master="127.0.0.1:5555"))    # binds, waits for ranks 1, 2
+    worker = StarWorker(TPConfig(world_size=3, master="127.0.0.1:5555"), 2) # connects, HELLO, waits for WELCOME
 
 One allreduce is one round trip on every worker-master link, the physical floor for a star:
     worker r:  PARTIAL(layer, kind, seq) + payload  ->  master

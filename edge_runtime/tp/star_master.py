@@ -2,7 +2,7 @@
 rank order and sends the sum back, broadcasts commands, and gathers small payloads (star.py has
 the protocol and the deadlines).
 
-    with StarMaster(TPConfig(world_size=3, master="0.0.0.0:29500"), plan_checksum=b"...") as comm:
+    with StarMaster(TPConfig(world_size=3, master="0.0.0.0:29500", curve_keys="keys/"), plan_checksum=b"...") as comm:
         y = comm.allreduce(x, layer=0, kind=ATTN)         # (B, T, C), waits timeout_s per partial
 """
 from __future__ import annotations
@@ -18,7 +18,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import curve
 from .config import TPConfig
-from .fastpath import ANY, has_ipc, ipc_name, is_loopback
+from devices.address import is_loopback
+
+from .fastpath import ANY, has_ipc, ipc_name
 from .star import HANDSHAKE_FAILED, MAX_GATHER_BYTES, StarPeer, as_tensor, describe, text_of
 from .wire import DType, Header, Msg, WireError, decode, tensor_to_array, unpack
 

@@ -2,7 +2,7 @@
 partials up and waits for the sum, receives broadcasts and sends gathered bytes up (star.py has the
 protocol and the deadlines).
 
-    with StarWorker(TPConfig(world_size=3, master="10.0.0.2:29500"), rank=1) as comm:
+    with StarWorker(TPConfig(world_size=3, master="10.0.0.2:29500", curve_keys="keys/"), rank=1) as comm:
         cmd, hidden = comm.broadcast(0)                   # the master's next command
         y = comm.allreduce(x, layer=0, kind=ATTN)         # (B, T, C)
 """
