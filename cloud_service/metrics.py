@@ -32,6 +32,9 @@ class Metrics:
                                             ("model",), registry=self.registry)
         self.device_last_seen = Gauge("edgefold_device_last_seen_timestamp_seconds",
                                       "Unix time of the device's last heartbeat", ("device",), registry=self.registry)
+        # cloud_service/auth.py: calls refused for their credential (UNAUTHENTICATED, PERMISSION_DENIED)
+        self.auth_denied = Counter("edgefold_auth_denied", "RPCs refused by authentication or role checks",
+                                   ("code",), registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1"):
         """Expose /metrics over HTTP; returns the server so it can be shut down."""
