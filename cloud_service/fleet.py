@@ -11,46 +11,43 @@ Served at `/edgefold.fleet.Fleet/<Rpc>` beside the inference service (same port,
 The files of a model version are its config.toml plus every regular file under
 `<repository>/<name>/<version>/`; a symlink counts only when it resolves inside the model
 folder, and symlinked folders are not entered. File hashes are cached by (path, size,
-mtime_ns), so a repeated manifest reads nothing. Device state lives in memory: the newest
-256 samples of each device, a resent sample (same unix_time) counted once.
+mtime_ns), so a repeated manifest reads nothing.
+
+Devices live in the fleet registry (cloud_service/registry.py: the state database, so they survive
+a restart). A device credential asking for version "" gets the version it is pinned to (its own
+pin, else its group's: `cloud-service rollout pin`), else the highest; operators get the highest.
 """
 import asyncio
-import bisect
 import hashlib
 import logging
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from cloud_service.caller import current as current_caller
 from cloud_service.metrics import Metrics
+from cloud_service.registry import DEVICE_ID, VERSION, Registry
 from cloud_service.repository import MODEL_NAME, version_dirs
+from cloud_service.signing import read_signature
+from cloud_service.state import StateStore
 from edgefold_proto.fleet import fleet_pb, manifest_digest, path_problem
 from edgefold_proto.serving import InvalidArgument, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 CHUNK_BYTES = 256 << 10
-KEEP_SAMPLES = 256           # per device
 MAX_SAMPLES = 1024           # per heartbeat
+MAX_ROLLBACKS = 64           # per heartbeat
 MAX_ENTRIES = 64             # models, counters, values of one sample
-MAX_TEXT = 128               # profile, agent_version, map keys, model fields
-MAX_DEVICES = 1024           # devices held in memory (a new one past this is RESOURCE_EXHAUSTED)
+MAX_TEXT = 128               # profile, agent_version, map keys, model and rollback fields
+MAX_REASON = 512             # a rollback's reason
 RACY_NS = 2_000_000_000      # a file changed this recently is hashed again next time (coarse mtimes)
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-VERSION = re.compile(r"^[0-9]{1,18}$")
 
 
 class OutOfRange(ServiceError):
     code = grpc.StatusCode.OUT_OF_RANGE
-
-
-class TooManyDevices(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 # --- model files ---------------------------------------------------------------------------
@@ -100,34 +97,6 @@ class FileHashes:
 
 
 # --- devices -------------------------------------------------------------------------------
-@dataclass
-class Device:
-    status: fleet_pb.DeviceStatus
-    samples: list = field(default_factory=list)       # the newest KEEP_SAMPLES TelemetrySample, oldest first
-    times: set = field(default_factory=set)           # unix_time of each kept sample
-
-    def add(self, samples) -> int:
-        """Keep new samples in time order; one already held (a resend) or older than a full
-        window is not new. Returns how many were new."""
-        new = 0
-        for sample in samples:
-            t = sample.unix_time
-            if t in self.times or (len(self.samples) == KEEP_SAMPLES and t < self.samples[0].unix_time):
-                continue
-            kept = fleet_pb.TelemetrySample()
-            kept.CopyFrom(sample)              # a copy: a kept sample must not pin the whole request
-            bisect.insort(self.samples, kept, key=lambda s: s.unix_time)
-            self.times.add(t)
-            if len(self.samples) > KEEP_SAMPLES:
-                self.times.discard(self.samples.pop(0).unix_time)
-            new += 1
-        if new:
-            self.status.samples_received += new
-            self.status.telemetry.clear()
-            self.status.telemetry.update(self.samples[-1].values)
-        return new
-
-
 def check_heartbeat(r: fleet_pb.HeartbeatRequest) -> None:
     if not DEVICE_ID.match(r.device_id):
         raise InvalidArgument(f"device_id '{r.device_id[:80]}' must match {DEVICE_ID.pattern}")
@@ -151,24 +120,42 @@ def check_heartbeat(r: fleet_pb.HeartbeatRequest) -> None:
     for i, s in enumerate(r.samples):
         if not math.isfinite(s.unix_time):
             raise InvalidArgument(f"samples[{i}].unix_time must be finite, got {s.unix_time}")
+    if len(r.rollbacks) > MAX_ROLLBACKS:
+        raise InvalidArgument(f"rollbacks: {len(r.rollbacks)} in one heartbeat, at most {MAX_ROLLBACKS}")
+    for i, b in enumerate(r.rollbacks):
+        if len(b.reason) > MAX_REASON:
+            raise InvalidArgument(f"rollbacks[{i}].reason: at most {MAX_REASON} characters, got {len(b.reason)}")
+        if max(len(b.name), len(b.version), len(b.digest), len(b.restored_version)) > MAX_TEXT:
+            raise InvalidArgument(f"rollbacks[{i}]: name, version, digest and restored_version have at most "
+                                  f"{MAX_TEXT} characters")
+        if not math.isfinite(b.unix_time):
+            raise InvalidArgument(f"rollbacks[{i}].unix_time must be finite, got {b.unix_time}")
 
 
 # --- the service ---------------------------------------------------------------------------
 class FleetService:
     """The servicer of edgefold_proto.fleet.FLEET_METHODS (served through edgefold_proto.serving.rpc_handler)."""
 
-    def __init__(self, repository_root: Path, metrics: Metrics, heartbeat_interval_s: float = 5.0):
+    def __init__(self, repository_root: Path, metrics: Metrics, heartbeat_interval_s: float = 5.0,
+                 state: StateStore | None = None):
         self.root = Path(repository_root)
         self.metrics = metrics
         self.interval_s = heartbeat_interval_s
         self.hashes = FileHashes()
-        self.devices: dict[str, Device] = {}
+        self.registry = Registry(state or StateStore(self.root))
         metrics.fleet_devices.set_function(self.active_devices)
+        for device_id, seen in self.registry.last_seen().items():
+            metrics.device_last_seen.labels(device_id).set(seen)
+
+    def start(self) -> None:
+        self.registry.start()
+
+    async def close(self) -> None:
+        await self.registry.close()
 
     def active_devices(self) -> int:
         """Devices that sent a heartbeat in the last 3 intervals."""
-        since = time.time() - 3 * self.interval_s
-        return sum(d.status.last_seen_unix_time >= since for d in list(self.devices.values()))
+        return self.registry.active(time.time() - 3 * self.interval_s)
 
     def _resolve(self, name: str, version: str) -> tuple[Path, str]:
         """The model folder and the version ("" is the highest); errors name the field."""
@@ -185,7 +172,19 @@ class FleetService:
             raise NotFound(f"version: model '{name}' has no numeric version folder")
         if version and version not in versions:
             raise NotFound(f"version: model '{name}' has no version '{version}'; it has {', '.join(versions)}")
+        if not version and (pin := self._pin(name)) is not None:
+            if pin.version not in versions:
+                raise NotFound(f"version: model '{name}' is pinned to version '{pin.version}' for {pin.source}, "
+                               f"which the repository does not have; it has {', '.join(versions)}")
+            return model_dir, pin.version
         return model_dir, version or versions[-1]
+
+    def _pin(self, name: str):
+        """The pin of the device credential calling (reads the database: call off the event loop)."""
+        caller = current_caller()
+        if caller is None or caller.role != "device" or not caller.device_id:
+            return None
+        return self.registry.pinned(name, caller.device_id)
 
     def manifest(self, name: str, version: str = "") -> fleet_pb.ModelManifestResponse:
         """Reads and hashes files: call off the event loop."""
@@ -196,8 +195,10 @@ class FleetService:
                      for size, sha in [self.hashes.sha256(local)]]
         except OSError as err:
             raise Unavailable(f"model '{name}' version {version} changed while it was read ({err}); retry") from None
+        signature, key_id = read_signature(model_dir, version)      # (b"", "") when unsigned
         return fleet_pb.ModelManifestResponse(name=name, version=version, files=files,
-                                              digest=manifest_digest((f.path, f.sha256) for f in files))
+                                              digest=manifest_digest((f.path, f.sha256) for f in files),
+                                              signature=signature, key_id=key_id)
 
     async def ModelManifest(self, request: fleet_pb.ModelManifestRequest):
         return await asyncio.to_thread(self.manifest, request.name, request.version)
@@ -234,31 +235,13 @@ class FleetService:
         check_heartbeat(request)
         if (caller := current_caller()) is not None:
             caller.require_device(request.device_id)
-        device = self.devices.get(request.device_id)
-        if device is None:
-            if len(self.devices) >= MAX_DEVICES:
-                raise TooManyDevices(f"device_id: this server already tracks {MAX_DEVICES} devices")
-            device = self.devices[request.device_id] = Device(fleet_pb.DeviceStatus(device_id=request.device_id))
         now = time.time()
-        s = device.status
-        s.profile, s.agent_version, s.uptime_s, s.last_seen_unix_time = \
-            request.profile, request.agent_version, request.uptime_s, now
-        del s.models[:]
-        s.models.extend(request.models)
-        s.counters.clear()
-        s.counters.update(request.counters)
-        accepted = device.add(request.samples)
+        accepted = self.registry.heartbeat(request, now)
         self.metrics.fleet_heartbeats.inc()
         self.metrics.device_last_seen.labels(request.device_id).set(now)
         return fleet_pb.HeartbeatResponse(interval_s=self.interval_s, server_unix_time=now, accepted_samples=accepted)
 
     async def ListDevices(self, request: fleet_pb.ListDevicesRequest):
-        statuses = []
-        wanted = [request.device_id] if request.device_id else sorted(self.devices)
-        for device in [self.devices[d] for d in wanted if d in self.devices]:
-            status = fleet_pb.DeviceStatus()
-            status.CopyFrom(device.status)
-            if request.include_samples:
-                status.samples.extend(device.samples)
-            statuses.append(status)
-        return fleet_pb.ListDevicesResponse(devices=statuses)
+        await self.registry.flush()
+        devices = await asyncio.to_thread(self.registry.list_devices, request.device_id, request.include_samples)
+        return fleet_pb.ListDevicesResponse(devices=[fleet_pb.DeviceStatus(**d) for d in devices])
