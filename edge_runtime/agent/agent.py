@@ -10,9 +10,12 @@ is loaded; [serve] token_file then guards both), then, on one supervisor thread:
 2. every heartbeat_s: reads telemetry (devices.telemetry), sends a heartbeat with every sample the
    cloud has not acknowledged yet (buffered while it was down, up to 1024), and measures the RTT;
 3. when the cloud answers and a model is missing or update_s has passed: pulls the assigned models
-   (sha256-checked, resumable, swapped in atomically by ModelStore) and opens the new version
-   beside the old one, which keeps serving until the swap; a corrupted download leaves the old
-   model serving;
+   (with [trust] keys: only versions signed by one of them; sha256-checked, resumable, swapped in
+   atomically by ModelStore) and opens the new version beside the old one and runs a smoke
+   inference on it (rollout.py), the old one serving until the swap; a corrupted or unsigned
+   download leaves the old model serving, and a version that does not open or run is rolled back
+   (the previous one stays, the rollback goes out with the heartbeats, the version is not pulled
+   again until a newer one appears);
 4. feeds battery, temperature and link quality to the offload policy and the pipelines.
 While the cloud is down it retries with exponential backoff (1 s .. 30 s). SIGTERM or Ctrl-C:
 no new calls, in-flight ones (HTTP streams included) finish (up to --grace-s), pipelines close,
@@ -30,11 +33,11 @@ import grpc
 from devices.profiles import Link, load_profile
 from devices.telemetry import read_telemetry
 from edge_runtime.agent.config import AgentConfig, AgentConfigError
-from edge_runtime.agent.model_store import ModelIntegrityError, ModelStore
+from edge_runtime.agent.model_store import ModelIntegrityError, ModelStore, VersionRejected
 from edge_runtime.agent.oip_server import LocalOipServer
 from edge_runtime.agent.pipeline import Context
-from edge_runtime.agent.pipeline_factory import open_pipeline
 from edge_runtime.agent.policy import Decision, decide, device_state, link_quality
+from edge_runtime.agent.rollout import PendingRollbacks, Rollback, SmokeError, open_checked, short
 from edgefold_proto.auth import read_token
 from edgefold_proto.version import __version__
 
@@ -42,6 +45,16 @@ log = logging.getLogger("edge_runtime.agent")
 MAX_SAMPLES = 1024
 MAX_BACKOFF_S = 30.0
 RETIRE_AFTER_S = 30.0       # a replaced pipeline is closed this long after the swap (in-flight calls end)
+
+
+def read_file(path: Path | None, field: str) -> bytes | None:
+    """A file agent.toml names (a certificate, a key), or AgentConfigError naming the field."""
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise AgentConfigError(f"[cloud] {field} {path}: cannot read: {err}") from None
 
 
 def read_serve_token(path: Path) -> str:
@@ -62,17 +75,27 @@ class Agent:
         self.link = self.base_link
         cloud = config.cloud
         token = cloud.token_file.read_text().strip() if cloud.token_file else None
-        roots = cloud.tls_ca.read_bytes() if cloud.tls_ca else None
-        self.ctx = Context(cloud.address, token, self.profile, self.link, roots)
-        self.store = ModelStore(config.state_dir / "models")
+        roots = read_file(cloud.tls_ca, "tls_ca")
+        cert, key = read_file(cloud.tls_cert, "tls_cert"), read_file(cloud.tls_key, "tls_key")
+        self.ctx = Context(cloud.address, token, self.profile, self.link, roots, certificate_chain=cert, private_key=key)
+        self.store = ModelStore(config.state_dir / "models", trusted_keys=config.trust_keys)
         self.fleet = None
         if cloud.address:
             from edge_runtime.client.fleet_client import FleetClient
-            self.fleet = FleetClient(cloud.address, token=token, timeout_s=cloud.timeout_s, root_certificates=roots)
+            self.fleet = FleetClient(cloud.address, token=token, timeout_s=cloud.timeout_s, root_certificates=roots,
+                                     certificate_chain=cert, private_key=key)
+            if config.trust_keys:
+                log.info("trust: installing only model versions signed by one of %d [trust] keys",
+                         len(config.trust_keys))
+            else:
+                log.warning("trust: no [trust] keys, so this agent installs any version the cloud serves, unsigned "
+                            "included; pin the publisher's key (`cloud-service keygen`) to refuse others")
         self.pipelines: dict = {}                  # name -> Pipeline, ready to serve
         self.installed: dict = {}                  # name -> InstalledModel it was opened from
         self.waiting = {s.name: "its model is not on the device yet" for s in config.pipelines}
         self.samples: deque = deque(maxlen=MAX_SAMPLES)
+        self.rollbacks = PendingRollbacks()        # reported until a heartbeat is accepted
+        self._refused: set = set()                 # rejected digests already logged
         self.latencies: deque = deque(maxlen=1000)
         self.reachable, self.rtt_ms = False, None
         self.decision = Decision(bool(cloud.address), "latency", "start" if cloud.address else "no cloud configured")
@@ -160,10 +183,15 @@ class Agent:
                     self._open(spec, current.path / current.version, current)
 
     def _open(self, spec, folder: Path, installed) -> bool:
+        """Open `folder` beside what serves `spec` now and swap it in. A pulled version (`installed`)
+        must also pass a smoke inference, else it is rolled back (_roll_back)."""
         start = time.perf_counter()
         try:
-            pipe = open_pipeline(spec, Path(folder), self.ctx)
+            pipe = open_checked(spec, Path(folder), self.ctx, smoke=installed is not None)
         except Exception as err:
+            if installed is not None:
+                return self._roll_back(spec, installed, str(err) if isinstance(err, SmokeError) else
+                                       f"cannot open: {type(err).__name__}: {err}")
             log.error("pipeline %s: cannot open %s: %s", spec.name, folder, err)
             self.waiting[spec.name] = f"cannot open {folder}: {err}"
             return False
@@ -179,6 +207,26 @@ class Agent:
               f"{time.perf_counter() - start:.2f} s: {pipe.describe()}", flush=True)
         return True
 
+    def _roll_back(self, spec, bad, reason: str) -> bool:
+        """`bad` (a pulled version) did not open or run: back to the version before it (which keeps
+        serving if it is), the digest remembered, the rollback queued for the heartbeats."""
+        reason = short(reason)
+        restored = self.store.roll_back(bad.name, bad.digest, reason, bad.version)
+        self.rollbacks.add(Rollback(bad.name, bad.version, bad.digest, reason, time.time(),
+                                    restored.version if restored else ""))
+        serving = self.installed.get(spec.name) if spec.name in self.pipelines else None
+        after = (f"v{serving.version} keeps serving" if serving else f"back to v{restored.version}" if restored
+                 else "no earlier version is on the device")
+        log.error("pipeline %s: %s v%s (%s) rolled back: %s; %s", spec.name, bad.name, bad.version,
+                  bad.digest[:12], reason, after)
+        if spec.name in self.pipelines:
+            return False
+        if restored is not None:                 # at start: open the version before it instead
+            return self._open(spec, restored.path / restored.version, restored)
+        self.waiting[spec.name] = (f"{bad.name} v{bad.version} was rolled back and no earlier version is on the "
+                                   f"device: {reason}")
+        return False
+
     def _close_retired(self) -> None:
         now = time.monotonic()
         for item in [r for r in self._retired if now - r[0] >= RETIRE_AFTER_S]:
@@ -193,6 +241,11 @@ class Agent:
                 continue
             try:
                 installed, changed = self.store.pull(self.fleet, spec.model, spec.version)
+            except VersionRejected as err:       # rolled back here: wait for another version
+                if str(err) not in self._refused:
+                    self._refused.add(str(err))
+                    log.info("pull %s: %s", spec.model, err)
+                continue
             except ModelIntegrityError as err:
                 log.error("pull %s rejected, the current version keeps serving: %s", spec.model, err)
                 ok = False
@@ -231,14 +284,14 @@ class Agent:
     def _heartbeat(self) -> bool:
         if self.fleet is None:
             return False
-        sending = list(self.samples)
+        sending, rollbacks = list(self.samples), self.rollbacks.sending()
         models = [m for m in self.installed.values() if m is not None]
         start = time.perf_counter()
         try:
             reply = self.fleet.heartbeat(
                 device_id=self.config.device_id, profile=self.profile.key, agent_version=__version__,
                 uptime_s=time.monotonic() - self.started, models=models, counters=self._counters(),
-                samples=sending)
+                samples=sending, rollbacks=rollbacks)
         except grpc.RpcError as err:
             if self.reachable:
                 log.warning("cloud unreachable (%s); serving locally, retrying with backoff", err.code().name)
@@ -250,6 +303,7 @@ class Agent:
         self.reachable = True
         for _ in range(min(len(sending), len(self.samples))):   # acknowledged: drop what was sent
             self.samples.popleft()
+        self.rollbacks.acknowledge(rollbacks)
         return reply is not None
 
     def _adapt(self, telemetry: dict) -> None:

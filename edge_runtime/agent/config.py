@@ -9,6 +9,8 @@
     address = "127.0.0.1:8001"
     token_file = "token.txt"            # optional: bearer token for the cloud
     tls_ca = "ca.pem"                   # optional: connect with TLS
+    tls_cert = "device.pem"             # optional, with tls_key and tls_ca: a client certificate whose
+    tls_key = "device.key"              #   common name is device_id (a cloud with --tls-client-ca), no token
     timeout_s = 2.0                     # deadline of every control call (heartbeat, manifest)
     heartbeat_s = 5.0
     update_s = 60.0                     # how often to look for new model versions
@@ -24,6 +26,10 @@
     low_battery = 0.2                   # below (0..1, on battery): plan for energy, not latency
     hot_c = 80.0                        # above: the same
     min_link_quality = 0.3              # below: keep every frame on the device
+
+    [trust]                             # optional: install only model versions signed by one of these
+    keys = ["ed25519:3q2+7w..."]        #   publisher keys (`cloud-service keygen` prints them); absent:
+                                        #   any version the cloud serves, unsigned included
 
     [[pipeline]]
     name = "digits"                     # the model name apps use
@@ -48,7 +54,8 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     tp           peers = ["host:port", ...] (default: start the other ranks here), master = "host:port",
                  window (default: the plan's, from tp prepare --max-rank-memory),
                  payload = "fp32" | "fp16" | "int8", dtype = "fp32" | "bf16" (float weights; the weight
-                 format itself is the prepared folder's), timeout_s, join_timeout_s, max_new_tokens
+                 format itself is the prepared folder's), timeout_s, join_timeout_s, max_new_tokens,
+                 curve_keys = "/path/keys" (tp keys; needed with peers beyond loopback, unless insecure = true)
     llm, collab-llm and tp also take max_queue (over [serve]'s, for this pipeline's HTTP requests)
 """
 import re
@@ -59,6 +66,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+from edgefold_proto.signing import key_id, parse_public_key
 
 KINDS = ("local", "early-exit", "split", "adaptive", "llm", "collab-llm", "tp")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -73,6 +82,8 @@ class CloudConfig:
     address: str | None = None          # None: no cloud at all (standalone device)
     token_file: Path | None = None
     tls_ca: Path | None = None
+    tls_cert: Path | None = None        # the device's client certificate (PEM), with tls_key
+    tls_key: Path | None = None
     timeout_s: float = 2.0
     heartbeat_s: float = 5.0
     update_s: float = 60.0
@@ -110,6 +121,7 @@ class AgentConfig:
     http_port: int | None = None        # the OpenAI-compatible HTTP API on [serve] host (None: off)
     token_file: Path | None = None      # [serve]: the bearer token of both local ports (None: open)
     max_queue: int = 8                  # [serve]: HTTP requests per LLM pipeline, waiting + running
+    trust_keys: tuple[str, ...] = ()    # [trust] keys, canonical "ed25519:..." (empty: unsigned allowed)
 
 
 def _get(table: dict, key: str, kind, where: str, default=None, required: bool = False):
@@ -138,6 +150,26 @@ def _queue(value: int, where: str) -> int:
     return value
 
 
+def _trust_keys(data: dict, where: str) -> tuple[str, ...]:
+    """[trust] keys: each an "ed25519:<base64 of 32 bytes>" public key, written back canonically."""
+    if "trust" not in data:
+        return ()
+    t = data["trust"]
+    if not isinstance(t, dict):
+        raise AgentConfigError(f"{where}: [trust] must be a table with 'keys'")
+    keys = _get(t, "keys", list, f"{where} [trust]", required=True)
+    if not keys:
+        raise AgentConfigError(f"{where} [trust]: 'keys' is empty; list at least one publisher key, or remove "
+                               "[trust] to install unsigned versions")
+    parsed = []
+    for i, text in enumerate(keys):
+        try:
+            parsed.append(key_id(parse_public_key(text, f"{where}: [trust] keys[{i}]")))
+        except ValueError as err:
+            raise AgentConfigError(str(err)) from None
+    return tuple(dict.fromkeys(parsed))
+
+
 def load_agent_config(path) -> AgentConfig:
     path = Path(path)
     try:
@@ -158,9 +190,16 @@ def load_agent_config(path) -> AgentConfig:
         address=_get(c, "address", str, w),
         token_file=base / _get(c, "token_file", str, w) if "token_file" in c else None,
         tls_ca=base / _get(c, "tls_ca", str, w) if "tls_ca" in c else None,
+        tls_cert=base / _get(c, "tls_cert", str, w) if "tls_cert" in c else None,
+        tls_key=base / _get(c, "tls_key", str, w) if "tls_key" in c else None,
         timeout_s=_positive(_get(c, "timeout_s", float, w, 2.0), w, "timeout_s"),
         heartbeat_s=_positive(_get(c, "heartbeat_s", float, w, 5.0), w, "heartbeat_s"),
         update_s=_positive(_get(c, "update_s", float, w, 60.0), w, "update_s"))
+    if (cloud.tls_cert is None) != (cloud.tls_key is None):
+        raise AgentConfigError(f"{w}: 'tls_cert' and 'tls_key' go together (the client certificate and its key)")
+    if cloud.tls_cert is not None and cloud.tls_ca is None:
+        raise AgentConfigError(f"{w}: 'tls_cert' needs 'tls_ca' (a client certificate is presented over TLS only)")
+    trust_keys = _trust_keys(data, where)
 
     s = data.get("serve", {})
     w = f"{path} [serve]"
@@ -205,4 +244,4 @@ def load_agent_config(path) -> AgentConfig:
                        base / _get(data, "state_dir", str, str(path), "agent-state"),
                        _get(data, "link", str, str(path), "wifi"),
                        _get(s, "host", str, f"{path} [serve]", "127.0.0.1"), port, cloud, policy, tuple(pipelines),
-                       http_port, token_file, max_queue)
+                       http_port, token_file, max_queue, trust_keys)

@@ -25,17 +25,21 @@ class TensorInfo:
 
 @dataclass
 class Context:
-    """What pipelines share: the cloud, the device profile, the planner's link."""
+    """What pipelines share: the cloud (address, token or client certificate, TLS root), the device
+    profile, the planner's link."""
     cloud: str | None
     token: str | None
     profile: object              # devices.profiles.DeviceProfile
     link: object                 # devices.profiles.Link (its RTT updated from heartbeats)
     root_certificates: bytes | None = None     # the cloud's TLS root (None: plaintext)
     threads: int = 1
+    certificate_chain: bytes | None = None     # the device's client certificate (PEM), with private_key
+    private_key: bytes | None = None
 
     def client(self, timeout_s: float):
         from edge_runtime.client.oip_client import OipClient
-        return OipClient(self.cloud, token=self.token, root_certificates=self.root_certificates, timeout_s=timeout_s)
+        return OipClient(self.cloud, token=self.token, root_certificates=self.root_certificates, timeout_s=timeout_s,
+                         certificate_chain=self.certificate_chain, private_key=self.private_key)
 
 
 @dataclass

@@ -94,10 +94,10 @@ class VisionPipeline(Pipeline):
     def _runtime(self, placement: str):
         from edge_runtime.vision.runtime import Runtime
         if placement not in self._runtimes:
+            cloud = placement != "local" and self.ctx.cloud
             self._runtimes[placement] = Runtime(
-                self.dep, placement, cloud=self.ctx.cloud if placement != "local" else None,
-                deadline_s=self.deadline_s, token=self.ctx.token, slowdown=self.slowdown,
-                root_certificates=self.ctx.root_certificates)
+                self.dep, placement, deadline_s=self.deadline_s, slowdown=self.slowdown,
+                client=self.ctx.client(self.deadline_s) if cloud else None)
         return self._runtimes[placement]
 
     def adapt(self, decision: Decision, link) -> None:

@@ -2,10 +2,15 @@
 file downloads, heartbeats. The deploy agent uses it through agent/model_store.py.
 
     with FleetClient("cloud:8001", token="s3cret") as fleet:
-        m = fleet.manifest("stages")             # Manifest(name, version, digest, files)
+        m = fleet.manifest("stages")             # Manifest(name, version, digest, files, signature, key_id)
         f = m.files[0]
         fleet.download_file("stages", m.version, f.path, Path("/tmp/stages") / f.path, size=f.size)
         fleet.heartbeat("pi-1", profile="raspberry_pi_5", samples=[(time.time(), {"cpu_percent": 12.0})])
+
+TLS: `root_certificates` (the cloud's CA, PEM) turns TLS on; with `certificate_chain` and
+`private_key` (PEM, together) the device also presents a client certificate whose subject
+common name is its device id, which a cloud started with --tls-client-ca accepts instead of a
+token.
 
 Deadlines: a unary call has `timeout_s`; a download has timeout_s + (size - offset) /
 min_rate_bytes_s (default 128 KiB/s, about 1 Mbit/s), so a slow link still finishes a big
@@ -18,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from edge_runtime.client.oip_client import channel_credentials
 from edgefold_proto.fleet import FLEET_METHODS, SERVER_STREAMING, fleet_pb
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -41,6 +47,8 @@ class Manifest:
     version: str
     digest: str        # sha256 hex over the sorted "path\0sha256\n" lines
     files: list[ModelFile]
+    signature: bytes = b""     # the publisher's Ed25519 signature (edgefold_proto.signing); b"": unsigned
+    key_id: str = ""           # "ed25519:<base64>" of the key that signed it
 
     @property
     def total_bytes(self) -> int:
@@ -54,13 +62,22 @@ def _sample(sample) -> fleet_pb.TelemetrySample:
     return fleet_pb.TelemetrySample(unix_time=unix_time, values=values)
 
 
+def _rollback(r) -> fleet_pb.Rollback:
+    if isinstance(r, fleet_pb.Rollback):
+        return r
+    return fleet_pb.Rollback(name=r.name, version=r.version, digest=r.digest, reason=r.reason,
+                             unix_time=r.unix_time, restored_version=r.restored_version)
+
+
 class FleetClient:
     def __init__(self, target: str, token: str | None = None, root_certificates: bytes | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, min_rate_bytes_s: float = MIN_RATE_BYTES_S,
-                 max_message_bytes: int = 64 << 20):
+                 max_message_bytes: int = 64 << 20, certificate_chain: bytes | None = None,
+                 private_key: bytes | None = None):
         options = [("grpc.max_receive_message_length", max_message_bytes)]   # ListDevices with samples
-        if root_certificates is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options)
+        credentials = channel_credentials(root_certificates, certificate_chain, private_key)
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options)
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -77,7 +94,8 @@ class FleetClient:
     def manifest(self, name: str, version: str = "", timeout_s: float | None = None) -> Manifest:
         """The files of `name` at `version` ("" = the highest)."""
         r = self._call("ModelManifest", fleet_pb.ModelManifestRequest(name=name, version=version), timeout_s)
-        return Manifest(r.name, r.version, r.digest, [ModelFile(f.path, f.size, f.sha256) for f in r.files])
+        return Manifest(r.name, r.version, r.digest, [ModelFile(f.path, f.size, f.sha256) for f in r.files],
+                        r.signature, r.key_id)
 
     def download_file(self, name: str, version: str, path: str, dest: Path, offset: int = 0,
                       on_bytes=None, size: int | None = None) -> int:
@@ -119,14 +137,17 @@ class FleetClient:
         return position - offset
 
     def heartbeat(self, device_id: str, profile: str = "", agent_version: str = "", uptime_s: float = 0.0,
-                  models=(), counters: dict[str, int] | None = None, samples=(),
+                  models=(), counters: dict[str, int] | None = None, samples=(), rollbacks=(),
                   timeout_s: float | None = None) -> fleet_pb.HeartbeatResponse:
         """`models`: objects with .name .version .digest (model_store.InstalledModel works);
-        `samples`: (unix_time, {name: value}) pairs or TelemetrySample messages, at most 1024."""
+        `samples`: (unix_time, {name: value}) pairs or TelemetrySample messages, at most 1024;
+        `rollbacks`: fleet_pb.Rollback messages or objects with its fields (name, version, digest,
+        reason, unix_time, restored_version), at most 64."""
         request = fleet_pb.HeartbeatRequest(
             device_id=device_id, profile=profile, agent_version=agent_version, uptime_s=uptime_s,
             models=[fleet_pb.InstalledModel(name=m.name, version=m.version, digest=m.digest) for m in models],
-            counters=counters or {}, samples=[_sample(s) for s in samples])
+            counters=counters or {}, samples=[_sample(s) for s in samples],
+            rollbacks=[_rollback(r) for r in rollbacks])
         return self._call("Heartbeat", request, timeout_s)
 
     def list_devices(self, include_samples: bool = False, device_id: str = "",

@@ -135,12 +135,28 @@ class ResponseStream:
         self._call.cancel()
 
 
+def channel_credentials(root_certificates: bytes | None, certificate_chain: bytes | None = None,
+                        private_key: bytes | None = None):
+    """gRPC channel credentials for TLS (None: plaintext); a client certificate needs its key and a root."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key go together (the client certificate and its key)")
+    if root_certificates is None:
+        if certificate_chain is not None:
+            raise ValueError("a client certificate needs TLS: give root_certificates (the cloud's CA) too")
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
 class OipClient:
     def __init__(self, target: str, token: str | None = None, root_certificates: bytes | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None):
+        """TLS with `root_certificates` (the server's CA, PEM); `certificate_chain` and `private_key`
+        (PEM, together) present a client certificate (a device's, to a cloud with --tls-client-ca)."""
         options = channel_options(max_message_bytes)
-        if root_certificates is not None:
-            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options)
+        credentials = channel_credentials(root_certificates, certificate_chain, private_key)
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options)
         else:
             self.channel = grpc.insecure_channel(target, options)
         self.target = target

@@ -51,7 +51,7 @@ class Runtime:
     def __init__(self, deployment, placement: str = "local", cloud: str | None = None, deadline_s: float = 0.5,
                  thresholds: dict[str, float] | None = None, fallback: str = "exit", retry_after_s: float = 1.0,
                  threads: int = 1, token: str | None = None, slowdown: float = 1.0,
-                 root_certificates: bytes | None = None):
+                 root_certificates: bytes | None = None, client: OipClient | None = None):
         self.dep = deployment if isinstance(deployment, Deployment) else Deployment.load(deployment, threads)
         self.placement = Placement.parse(placement) if isinstance(placement, str) else placement
         manifest = self.dep.manifest
@@ -78,10 +78,13 @@ class Runtime:
                                  f"(cuts: {', '.join(manifest['cuts'])})")
         elif p.kind == "offload":
             self.cut, self.cloud_model = 0, manifest["full_model"]
-        if p.kind != "local" and not cloud:
+        if p.kind != "local" and not (cloud or client):
             raise ValueError(f"placement '{p}' needs a cloud address")
-        self.client = OipClient(cloud, token=token, root_certificates=root_certificates, timeout_s=deadline_s) \
-            if p.kind != "local" else None
+        if p.kind == "local":
+            self.client = None
+        else:   # `client`: one the caller made with its own credentials (the agent's: token or certificate)
+            self.client = client or OipClient(cloud, token=token, root_certificates=root_certificates,
+                                              timeout_s=deadline_s)
         self._skip_cloud_until = 0.0
 
     def close(self) -> None:
