@@ -78,13 +78,6 @@ def log(*parts):
     print(*parts, file=sys.stderr, flush=True)
 
 
-def machine() -> str:
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}), "
-            f"{os.cpu_count()} cores")
 
 
 # --- the models ----------------------------------------------------------------------------
@@ -647,7 +640,7 @@ def main() -> None:
         log(f"warning: only core {SERVER_CORE} is available: client and servers share it")
     t_start = time.monotonic()
     if args.auth:
-        rows = [{"bench": "cloud", "machine": machine(), **r} for r in run_auth(args)]
+        rows = [{"bench": "cloud", "machine": loadgen.machine(), **r} for r in run_auth(args)]
         print("\n".join(json.dumps(r) for r in rows), flush=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -658,7 +651,7 @@ def main() -> None:
         return
     models, rows = asyncio.run(run(args))
     add_ratios(rows)
-    host = machine()
+    host = loadgen.machine()
     info = {m["name"]: {"input_shape": [1, *m["shape"]], "flops_per_image": m["flops"]} for m in models}
     rows = [{"bench": "cloud", "machine": host, **r, **info[r["model"]]} for r in rows]
     rows += [{"bench": "cloud", "machine": host, **t} for t in targets(rows)]

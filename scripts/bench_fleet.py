@@ -64,12 +64,6 @@ def log(*parts):
     print(*parts, file=sys.stderr, flush=True)
 
 
-def machine() -> str:
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return f"{info.get('model name', '?')}, {os.cpu_count()} cores"
 
 
 def request(device: int, unix_time: float, old_samples: int = 0) -> fleet_pb.HeartbeatRequest:
@@ -221,7 +215,7 @@ async def main() -> int:
     args = parser.parse_args()
     server_core, client_core = cores = pick_cores()
     os.sched_setaffinity(0, {client_core})
-    host = machine()
+    host = loadgen.machine()
     rows = []
 
     def emit(row):

@@ -11,6 +11,7 @@ starting a server process pinned to a core, waiting for it to be ready, and alwa
 """
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import time
@@ -177,6 +178,17 @@ def ort_limit(session, feeds: dict, batch: int, duration_s: float, warmup_s: flo
 
 
 # --- server processes ------------------------------------------------------------------------
+def machine() -> str:
+    """The CPU model, its core count and its AMX flags (which int8/bf16 kernels it has), for JSON rows."""
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    amx = " ".join(f for f in info.get("flags", "").split() if f.startswith("amx"))
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model {info.get('model', '?')}), "
+            f"{os.cpu_count()} cores, flags {amx or 'no amx'}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
