@@ -39,7 +39,8 @@ def add_parser(commands) -> None:
     sub = tp.add_subparsers(dest="tp_command", required=True)
 
     p = sub.add_parser("prepare", help="cut a Hugging Face folder into per-rank, per-layer shards")
-    p.add_argument("--model", required=True, help="Hugging Face folder (config.json + *.safetensors)")
+    p.add_argument("--model", required=True, help="Hugging Face folder (config.json + *.safetensors) or a "
+                   ".gguf file (dequantized once into a cached folder)")
     p.add_argument("--world-size", type=int, required=True)
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="per-rank shares, e.g. 1,1,2 (default equal)")
@@ -73,7 +74,7 @@ def add_parser(commands) -> None:
     comm(p)
 
     p = sub.add_parser("generate", help="generate text across N ranks (starts local workers unless --peers)")
-    p.add_argument("--model", help="Hugging Face folder (config.json + *.safetensors)")
+    p.add_argument("--model", help="Hugging Face folder (config.json + *.safetensors) or a .gguf file")
     p.add_argument("--shards", help="a prepared folder (instead of --model)")
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--weights", help="per-rank shares, e.g. 1,1,2 (default equal)")
@@ -165,8 +166,10 @@ def _prepare(args) -> int:
         weights = share_weights([p.strip() for p in args.weights_from.split(",")], world_size=args.world_size)
     else:
         weights = parse_weights(args.weights, args.world_size)
-    plan = prepare(args.model, args.world_size, weights, args.out, max_rank_memory=_budget(args),
-                   quantize=_quantize(args))
+    from .gguf_source import DEFAULT_GGUF_CACHE, model_folder
+
+    model = model_folder(args.model, DEFAULT_GGUF_CACHE)  # a .gguf: its converted folder, made once
+    plan = prepare(model, args.world_size, weights, args.out, max_rank_memory=_budget(args), quantize=_quantize(args))
     print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp, "windows": plan_windows(plan),
                       "max_rank_memory": plan.extra.get("max_rank_memory"), "quantize": plan.extra.get("quantize")}))
     return 0

@@ -58,11 +58,14 @@ def plan_checksum(plan) -> bytes:
 def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True,
                   max_rank_memory: int | None = None, quantize=None) -> Path:
     """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>;
-    the plan holds the weight format (`quantize`, a split.llama.quantize handler) and the budget."""
+    the plan holds the weight format (`quantize`, a split.llama.quantize handler) and the budget.
+    A `.gguf` file is first converted once into a Hugging Face folder under cache_dir/gguf (gguf_source)."""
     from split.llama import LlamaConfig
 
+    from .gguf_source import model_folder
     from .prepare import is_prepared, make_format_plan, prepare
 
+    model = model_folder(model, Path(cache_dir) / "gguf", progress)
     config = LlamaConfig.from_dir(model)
     plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
     src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]

@@ -1,0 +1,340 @@
+"""`--model FILE.gguf` (issue 22 item 3, phase 1): a GGUF file dequantized by the `gguf` package into a
+cached Hugging Face folder, against the `gguf` package and transformers' own GGUF loader.
+
+    .venv/bin/python -m pytest -q tests/test_gguf.py
+
+The GGUF files are written here with gguf.GGUFWriter and gguf.quants.quantize from tiny random
+transformers models, under llama.cpp's tensor names and with its q/k row permutation for "llama"
+(done here independently of split.llama.gguf_checkpoint): a Llama-architecture file with a
+SentencePiece ("llama") tokenizer and a Qwen2 one with a byte-level BPE ("gpt2") tokenizer. Checks:
+- every converted tensor equals gguf.quants.dequantize of the file's tensor (inverse permutation
+  applied), for F32, F16, BF16, Q8_0 and Q4_0; config values are the metadata's;
+- greedy generation of `tp generate --model tiny.gguf --json` equals transformers' greedy generation
+  of AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (the same dequantized weights, fp32)
+  token for token, for F32, F16 and Q8_0, world size 1 (and 2 with a real worker for one file);
+- our tokenizer.json encodes and decodes like AutoTokenizer.from_pretrained(dir, gguf_file=...);
+- a truncated file, an unknown architecture, a tensor shape that disagrees with the metadata, missing
+  tokenizer metadata: a ValueError naming it;
+- `tp prepare --model tiny.gguf --quantize int4` works and says the GGUF types were dequantized.
+"""
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from edge_runtime import cli as edge_cli  # noqa: E402
+from edge_runtime.tp.gguf_source import model_folder  # noqa: E402
+from hf_random import randomize_norms_and_biases  # noqa: E402
+from split.llama.gguf_checkpoint import read_gguf  # noqa: E402
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello tensors!",
+          "Edge devices fold large language models into small pieces.", "naïve café — 12345 ümlaut"] * 4
+TEXTS = ["Hello world", "The lazy fox, jumps!", " leading space", "café 42\nnew line"]
+PROMPT = [5, 77, 31, 190, 2, 64, 123]
+N_NEW = 10
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, rms_norm_eps=1e-5,
+             rope_theta=5000.0)
+BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+# --------------------------------------------------------------------------- building GGUF files
+
+def spm_vocab():
+    """A SentencePiece-style vocabulary: <unk>, <s>, </s>, 256 byte tokens, pieces from a BPE trained on CORPUS."""
+    from tokenizers import SentencePieceBPETokenizer
+    t = SentencePieceBPETokenizer()
+    t.train_from_iterator(CORPUS, vocab_size=120, min_frequency=1, show_progress=False)
+    pieces = [p for p, _ in sorted(t.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [p for p in pieces if p not in tokens]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)]
+    return tokens, scores, types
+
+
+def bpe_vocab():
+    """A byte-level BPE vocabulary and merges trained on CORPUS, with <|endoftext|> as a control token."""
+    from tokenizers import ByteLevelBPETokenizer
+    t = ByteLevelBPETokenizer()
+    t.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, show_progress=False,
+                          special_tokens=["<|endoftext|>"])
+    model = json.loads(t._tokenizer.to_str())["model"]
+    tokens = [p for p, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if p == "<|endoftext|>" else 1 for p in tokens]
+    return tokens, merges, types
+
+
+def llama_permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, arch, hf, qtype, tokenizer=True, drop=(), shape_override=None, name="tiny"):
+    cfg = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    if tokenizer:
+        if arch == "llama":
+            tokens, scores, types = spm_vocab()
+            w.add_tokenizer_model("llama")
+            w.add_token_list(tokens)
+            w.add_token_scores(scores)
+            w.add_token_types(types)
+            w.add_bos_token_id(1)
+            w.add_eos_token_id(2)
+            w.add_unk_token_id(0)
+        else:
+            tokens, merges, types = bpe_vocab()
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("qwen2")
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+            w.add_token_merges(merges)
+            w.add_eos_token_id(tokens.index("<|endoftext|>"))
+            w.add_bos_token_id(tokens.index("<|endoftext|>"))
+            w.add_add_bos_token(False)
+        w.add_chat_template("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    else:
+        w.add_vocab_size(cfg.vocab_size)
+    written = {}
+    for hf_name, t in hf.state_dict().items():
+        a = t.detach().float().numpy()
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if hf_name.startswith("model.layers."):
+            _, _, i, rest = hf_name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            g = f"blk.{i}.{BLOCK[module]}.{kind}"
+        else:
+            g = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}[hf_name]
+        if g in drop:
+            continue
+        if arch == "llama" and ".attn_q." in g:
+            a = llama_permute(a, cfg.num_attention_heads)
+        elif arch == "llama" and ".attn_k." in g:
+            a = llama_permute(a, cfg.num_key_value_heads)
+        if shape_override and g in shape_override:
+            a = a[:shape_override[g]]
+        a = np.ascontiguousarray(a)
+        if a.ndim == 1 or qtype == Q.F32:  # norms and biases stay F32, as llama.cpp writes them
+            w.add_tensor(g, a.astype(np.float32))
+            written[g] = (a.astype(np.float32), Q.F32)
+        elif qtype == Q.F16:
+            w.add_tensor(g, a.astype(np.float16))
+            written[g] = (a.astype(np.float16), Q.F16)
+        else:
+            q = quantize(a, qtype)
+            w.add_tensor(g, q, raw_dtype=qtype)
+            written[g] = (q, qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return written
+
+
+def tiny_hf(arch, vocab, tie=False, seed=0):
+    torch.manual_seed(seed)
+    cls, cfg_cls = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config")}[arch]
+    hf = getattr(transformers, cls)(getattr(transformers, cfg_cls)(vocab_size=vocab, tie_word_embeddings=tie,
+                                                                   **SHAPE)).eval()
+    return randomize_norms_and_biases(hf)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """(arch, qtype name) -> (gguf path, {gguf name: (stored array, type)})."""
+    root = tmp_path_factory.mktemp("gguf")
+    out = {}
+    n_spm, n_bpe = len(spm_vocab()[0]), len(bpe_vocab()[0])
+    for arch, qtype, tie in (("llama", Q.F32, False), ("llama", Q.Q8_0, False), ("llama", Q.Q4_0, False),
+                             ("qwen2", Q.F16, True), ("qwen2", Q.Q8_0, True), ("qwen2", Q.BF16, True)):
+        hf = tiny_hf(arch, n_spm if arch == "llama" else n_bpe, tie)
+        d = root / f"{arch}-{qtype.name}"
+        d.mkdir()
+        path = d / "tiny.gguf"
+        out[arch, qtype.name] = (path, write_gguf(path, arch, hf, qtype))
+    return out
+
+
+def reference_greedy(path, n_new=N_NEW):
+    """transformers' greedy ids for the model in GGUF `path`: its config from AutoConfig(gguf_file=...), its
+    weights from transformers' own GGUF loader (load_gguf_checkpoint: name map, un-permutation and
+    gguf.quants.dequantize; AutoModelForCausalLM.from_pretrained(gguf_file=...) does the same, but needs
+    `accelerate`)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    config = transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    sd = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    missing, unexpected = hf.load_state_dict({k: torch.as_tensor(v).float() for k, v in sd.items()}, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    hf.tie_weights()
+    ids = list(PROMPT)
+    with torch.no_grad():
+        for _ in range(n_new):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(PROMPT):], hf
+
+
+def generate(path, tmp_path, capsys, world=1):
+    argv = ["tp", "generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)),
+            "--max-new-tokens", str(N_NEW), "--ignore-eos", "--json", "--cache-dir", str(tmp_path / "cache"),
+            "--world-size", str(world)]
+    assert edge_cli.main(argv) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("key", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "F16"),
+                                 ("qwen2", "Q8_0"), ("qwen2", "BF16")])
+def test_converted_tensors_equal_gguf_dequantization(files, tmp_path, key):
+    path, written = files[key]
+    folder = model_folder(path, tmp_path, progress=False, log=lambda m: None)
+    sd = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    back = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for g, (stored, qtype) in written.items():
+        want = dequantize(stored, qtype).astype(np.float32)
+        if g.startswith("blk."):
+            _, i, mod, kind = g.split(".")
+            name = f"model.layers.{i}.{back[mod]}.{kind}"
+            n = heads if mod == "attn_q" else kv if mod == "attn_k" else None
+            if key[0] == "llama" and n is not None:  # llama.cpp's permutation, undone
+                d = want.shape[0] // n // 2
+                want = want.reshape(n, d, 2, *want.shape[1:]).swapaxes(1, 2).reshape(want.shape)
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}[g]
+        got = sd.pop(name)
+        assert got.dtype == torch.float32  # norms are F32 in every file here: float32 throughout
+        assert torch.equal(got.float(), torch.from_numpy(want)), name
+    assert not sd  # nothing else
+    assert config["model_type"] == key[0] and config["hidden_size"] == 64 and config["num_hidden_layers"] == 2
+    assert config["rope_theta"] == 5000.0 and config["rms_norm_eps"] == pytest.approx(1e-5)
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] == (key[0] == "qwen2")
+    assert config["max_position_embeddings"] == 256 and config["intermediate_size"] == 128
+
+
+@pytest.mark.parametrize("key", [("llama", "F32"), ("qwen2", "F16"), ("llama", "Q8_0"), ("qwen2", "Q8_0")])
+def test_generate_matches_transformers_on_the_same_gguf(files, tmp_path, capsys, key):
+    path, _ = files[key]
+    want, _ = reference_greedy(path)
+    result, err = generate(path, tmp_path, capsys)
+    assert result["token_ids"] == want
+    assert "GGUF tensor types" in err and key[1] in err and "dequantized" in err
+
+
+def test_generate_world_size_2_with_a_worker(files, tmp_path, capsys):
+    path, _ = files["qwen2", "Q8_0"]
+    want, _ = reference_greedy(path)
+    result, _ = generate(path, tmp_path, capsys, world=2)
+    assert result["token_ids"] == want and result["world_size"] == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tokenizer_matches_transformers(files, tmp_path, arch):
+    from tokenizers import Tokenizer
+    path, _ = files[arch, "F32" if arch == "llama" else "F16"]
+    folder = model_folder(path, tmp_path, progress=False, log=lambda m: None)
+    ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in TEXTS:
+        ids = ours.encode(text).ids
+        assert ids == ref(text)["input_ids"], text
+        assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True), text
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert "chat_template" in tok_config
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ref.eos_token_id
+
+
+def test_prepare_int4_says_it_requantized(files, tmp_path, capsys, monkeypatch):
+    from edge_runtime.tp import gguf_source
+    monkeypatch.setattr(gguf_source, "DEFAULT_GGUF_CACHE", tmp_path / "cache" / "gguf")
+    path, _ = files["llama", "Q4_0"]
+    out = tmp_path / "shards"
+    assert edge_cli.main(["tp", "prepare", "--model", str(path), "--world-size", "2", "--quantize", "int4",
+                          "--group-size", "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Q4_0" in err and "F32" in err and "dequantized" in err and "requantized" in err
+    plan = json.loads((out / "plan.json").read_text())
+    assert "int4" in json.dumps(plan["extra"]["quantize"])
+    assert (out / "rank0" / "tokenizer.json").is_file() and (out / "rank1" / "layer001.mlp.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_truncated_file(files, tmp_path):
+    path, _ = files["llama", "Q8_0"]
+    data = path.read_bytes()
+    for cut in (len(data) - 100, 2000, 10):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=f"{bad.name}.*(truncated|damaged)"):
+            read_gguf(bad)
+    notgguf = tmp_path / "x.gguf"
+    notgguf.write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_gguf(notgguf)
+
+
+def test_unknown_architecture(tmp_path):
+    path = tmp_path / "gpt.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="general.architecture 'gpt2' is not supported"):
+        read_gguf(path)
+
+
+def test_shape_mismatch_and_missing_tensor(tmp_path):
+    hf = tiny_hf("qwen2", 300)
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, "qwen2", hf, Q.F32, shape_override={"blk.1.attn_q.weight": 32})
+    with pytest.raises(ValueError, match=r"bad.gguf: tensor 'blk.1.attn_q.weight' has shape \[32, 64\].*\[64, 64\]"):
+        read_gguf(path)
+    path = tmp_path / "missing.gguf"
+    write_gguf(path, "qwen2", hf, Q.F32, drop={"blk.0.ffn_down.weight"})
+    with pytest.raises(ValueError, match="missing tensor 'blk.0.ffn_down.weight'"):
+        read_gguf(path)
+
+
+def test_missing_tokenizer_metadata(tmp_path):
+    hf = tiny_hf("llama", 300)
+    path = tmp_path / "notok.gguf"
+    write_gguf(path, "llama", hf, Q.F32, tokenizer=False)
+    with pytest.raises(ValueError, match="notok.gguf: the GGUF metadata has no 'tokenizer.ggml.model'"):
+        read_gguf(path)
