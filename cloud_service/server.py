@@ -1,6 +1,5 @@
 """Start and stop the gRPC server: OIP service, Fleet service, health, reflection, auth, TLS, metrics."""
 import asyncio
-import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from cloud_service.metrics import Metrics
 from cloud_service.repository import Repository
 from cloud_service.service import InferenceService
 from cloud_service.state import StateStore
+from devices.address import is_loopback
 from edgefold_proto import METHODS, SERVICE
 from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE
 from edgefold_proto.serving import rpc_handler
@@ -65,7 +65,7 @@ class CloudServer:
         if o.tls_client_ca and not o.tls_cert:
             raise ConfigError("tls_client_ca: client certificates need TLS (tls_cert and tls_key)")
         self.credentials = Credentials(self.state, o.token, client_certificates=bool(o.tls_client_ca))
-        if not self.credentials.enforced and not _loopback(o.host):
+        if not self.credentials.enforced and not is_loopback(o.host):
             log.warning("no credentials: anyone who reaches %s may call every RPC, model loading included; "
                         "add one with `cloud-service token add` or give --token-file", o.host or "0.0.0.0")
         interceptors = [AuthInterceptor(self.credentials, self.metrics, client_certificates=bool(o.tls_client_ca))]
@@ -135,13 +135,6 @@ class CloudServer:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def serve_until_signalled(options: ServerOptions) -> None:
