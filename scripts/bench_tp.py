@@ -349,6 +349,13 @@ def small_rows(rows, small, n_new, rounds, hf_threads, out) -> None:
         r46["tp"].append(emit(dict(_tp_row(small, shards46, 2, 0, "warm", run_tp(shards46, 0, n_new), hf46_ids),
                                    round=i), out))
     rows["46", "tp"] = emit(aggregate(r46["tp"]), out)
+    shards1 = cached_shards(model46, 1, [1.0], CACHE / "shards")  # world 1, same cores, interleaved rounds
+    w1 = [emit(dict(_tp_row(small, shards1, 1, 0, "warm", run_tp(shards1, 0, n_new), hf46_ids), round=i), out)
+          for i in range(rounds)]
+    t1 = emit(aggregate(w1), out)["median_token_latency_ms"]
+    t2 = rows["46", "tp"]["median_token_latency_ms"]
+    target(out, "world 2 within 1.1x of world 1, all resident", t2 / t1, 1.1, t2 <= 1.1 * t1,
+           f"{small}: world 2 {t2} ms vs world 1 {t1} ms per token (ranks share this machine's cores)")
     rows["46", "hf"] = min((emit(aggregate(r46["hf", t]), out) for t in hf_threads),
                            key=lambda r: r["median_token_latency_ms"])
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from edge_runtime.tp import fastpath
+from edge_runtime.tp import fastpath, shm
 from edge_runtime.tp.config import TPConfig
 from edge_runtime.tp.launch import free_port
 from edge_runtime.tp.star_master import StarMaster
@@ -65,3 +65,36 @@ def test_spinning_stops_while_the_thread_waits_for_a_cpu(monkeypatch):
     monkeypatch.setattr(spin, "_runqueue_ns", lambda: None)
     now[0] += 0.02
     assert not spin._allowed()  # unknown: never spins
+
+
+@pytest.mark.skipif(not shm.available(), reason="shared-memory allreduce: x86-64 Linux with /dev/shm only")
+def test_ranks_on_one_host_allreduce_through_shared_memory_and_leave_nothing_behind():
+    """Local ranks with fp32 payloads take shm.py's mailboxes (the same sums as over ZeroMQ); fp16
+    payloads and prompts too long for a mailbox stay on the socket; /dev/shm is clean afterwards."""
+    import os
+
+    import torch
+
+    before = set(os.listdir(shm.SHM_DIR))
+    port = free_port()
+    partials = [torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(r)) for r in (0, 1)]
+    long = [torch.randn(1, 1200, 256, generator=torch.Generator().manual_seed(10 + r)) for r in (0, 1)]  # 1.2 MB
+    got = {}
+
+    def worker():
+        with StarWorker(_config(2, port), 1) as w:
+            got["worker_link"] = w._link is not None
+            got["worker"] = [w.allreduce(partials[1], 0, 0), w.allreduce(long[1], 0, 1)]
+            w.broadcast(0)   # the master's last command: then both close
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with StarMaster(_config(2, port)) as m:
+        got["master_links"] = sorted(m._shm)
+        sums = [m.allreduce(partials[0], 0, 0), m.allreduce(long[0], 0, 1)]
+        m.broadcast(1)
+    thread.join(30)
+    assert got["master_links"] == [1] and got["worker_link"]
+    for mine, theirs, (a, b) in zip(sums, got["worker"], (partials, long)):
+        assert torch.equal(mine, a + b) and torch.equal(theirs, a + b)
+    assert set(os.listdir(shm.SHM_DIR)) <= before

@@ -37,6 +37,7 @@ from .parallelize import apply_paging, apply_tp
 from .plan import ShardPlan
 from .prepare import block_order
 from .streamed_head import attach_head
+from .timeline import timeline_for
 
 STATS_FIELDS = ("peak_rss", "baseline_rss", "bytes_sent", "bytes_received", "pager_loads", "pager_max_resident",
                 "pager_load_us", "pager_wait_us", "pager_bytes_loaded")
@@ -86,6 +87,7 @@ class Shard:
         self.model.eval()
         self.cache = KVCache()
         self.L = self.config.num_hidden_layers
+        self.timeline = timeline_for(collective)  # None unless EDGEFOLD_TP_TIMELINE is set (timeline.py)
 
     def layers(self, hidden: torch.Tensor, start: int) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         with torch.inference_mode():
@@ -102,6 +104,8 @@ class Shard:
     def close(self) -> None:
         self.pager.close()
         torch.set_num_threads(self._threads)
+        if getattr(self, "timeline", None) is not None:
+            self.timeline.close()
 
 
 def stats_rows(blobs: list[bytes]) -> list[dict]:
@@ -130,7 +134,12 @@ def run_worker(rank_dir: str | Path, collective: Collective, window: int | None 
         while True:
             command, tensor = collective.broadcast(0)
             if command == STEP:
+                if (tl := shard.timeline) is not None:
+                    tl.begin()
                 shard.layers(tensor, collective.last_step)
+                if tl is not None:
+                    tl.mark("layers")
+                    tl.end()
             elif command == RESET:
                 shard.cache.reset()
             elif command == STATS:
@@ -191,10 +200,20 @@ class Master:
             raise RuntimeError("the master is closed (an earlier request failed or finish() was called)")
         try:
             with torch.inference_mode():
+                if (tl := self.shard.timeline) is not None:
+                    tl.begin()
                 h = self.model.embed(tokens)  # (1, T, C)
                 self.collective.broadcast(STEP, h, step=start)
+                if tl is not None:
+                    tl.mark("embed")
                 h = self.shard.layers(h, start)  # (1, T, C)
-                return self.model.head(h if all_logits else h[:, -1:])  # (1, T or 1, vocab)
+                if tl is not None:
+                    tl.mark("layers")
+                logits = self.model.head(h if all_logits else h[:, -1:])  # (1, T or 1, vocab)
+                if tl is not None:
+                    tl.mark("head")
+                    tl.end()
+                return logits
         except BaseException as err:
             if not isinstance(err, CollectiveError):
                 self.close()  # the workers are mid-step: stop them rather than leave them waiting for a sum

@@ -12,13 +12,15 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import curve
+from . import curve, shm
 from .config import TPConfig
 from .fastpath import worker_endpoint
+from .shm import DOWN, UP, ShmLink
 from .star import HANDSHAKE_FAILED, StarPeer, as_tensor, describe, text_of
 from .wire import DType, Header, Msg, WireError, array_to_tensor, tensor_to_array, unpack
 
@@ -32,6 +34,7 @@ class StarWorker(StarPeer):
         super().__init__(rank, config.world_size, config.payload, zmq.DEALER)
         self.transport = "tcp"  # "ipc" when it reached a master on this host through its unix socket
         self._lost = False  # the connection closed or heartbeats stopped (after joining)
+        self._link: ShmLink | None = None  # shared-memory mailboxes for allreduce, when the master offers them
         host, port = config.address
         try:
             self._sock.routing_id = f"rank{rank}-{os.urandom(4).hex()}".encode()
@@ -47,12 +50,18 @@ class StarWorker(StarPeer):
             raise
 
     def _join(self, deadline: float, join_timeout_s: float, plan_checksum: bytes) -> None:
-        hello = Header(Msg.HELLO, self.rank, self.world_size, self.payload, -1, 0, 0, DType.BYTES,
-                       (len(plan_checksum),))
+        local = self.transport == "ipc" and self.payload == DType.F32 and shm.available()
+        hello = Header(Msg.HELLO, self.rank, self.world_size, self.payload, -1, int(local), 0, DType.BYTES,
+                       (len(plan_checksum),))  # step 1: this worker can share memory with the master
         self._send([hello.pack(), plan_checksum])
-        h, _ = self._recv(join_timeout_s, "WELCOME (joining)", deadline=deadline, joining=True)
+        h, extra = self._recv(join_timeout_s, "WELCOME (joining)", deadline=deadline, joining=True)
         if h.type != Msg.WELCOME:
             self._fail(f"rank {self.rank}: expected WELCOME from the master, got {describe(h)}")
+        if local and extra:  # the master's offer: the name of our mailboxes
+            try:
+                self._link = ShmLink.open(bytes(extra[0].buffer).decode())
+            except (OSError, ValueError) as e:
+                self._fail(f"rank {self.rank}: cannot map the master's shared memory ({e})")
 
     # ------------------------------------------------------------------ the operations
 
@@ -60,6 +69,11 @@ class StarWorker(StarPeer):
         self._check()
         self._seq += 1
         _, own = tensor_to_array(tensor.float() if tensor.dtype != torch.float32 else tensor)  # (..., C)
+        if self._link is not None and ShmLink.fits(own.nbytes):
+            self._link.put(UP, self._seq, own)
+            self.bytes_sent += own.nbytes
+            out = torch.from_numpy(self._wait_shm(own.shape, layer, kind))
+            return out if tensor.dtype == torch.float32 else out.to(tensor.dtype)
         head = Header(Msg.PARTIAL, self.rank, self.world_size, kind, layer, 0, self._seq, self.payload, own.shape)
         self._send([head.pack(), *self._encode(own)])
         h, payload = self._recv(WORK_TIMEOUT_S, "the sum", spin=True)
@@ -68,6 +82,32 @@ class StarWorker(StarPeer):
                        f"{h.dtype.name}, expected SUM seq {self._seq} layer {layer} kind {kind} shape {own.shape} "
                        f"{self.payload.name}")
         return as_tensor(self._decode(h, payload, "the master"), tensor.dtype)
+
+    def _wait_shm(self, shape: tuple, layer: int, kind: int) -> np.ndarray:
+        """The sum from our mailbox; a message on the socket (ABORT, BYE), a lost master or
+        WORK_TIMEOUT_S ends the wait."""
+        deadline = time.monotonic() + WORK_TIMEOUT_S
+
+        def idle():
+            while self._monitor.poll(0):
+                if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                    self._lost = True
+            if self._sock.poll(0) or self._lost:
+                h, _ = self._recv(0.001, "the sum")  # raises on ABORT, BYE or a lost master
+                self._fail(f"rank {self.rank}: out of sync with the master: got {describe(h)}, expected "
+                           f"SUM seq {self._seq} layer {layer} kind {kind} in shared memory")
+            if time.monotonic() > deadline:
+                self._fail(f"rank {self.rank}: no sum for layer {layer} kind {kind} from the master within "
+                           f"{WORK_TIMEOUT_S:g} s")
+
+        out = self._link.get(DOWN, self._seq, shape, idle)
+        self.bytes_received += out.nbytes
+        return out
+
+    def _teardown(self, linger: int) -> None:
+        super()._teardown(linger)
+        if self._link is not None:
+            self._link.close()
 
     def broadcast(self, command: int = 0, tensor: torch.Tensor | None = None, step: int = 0):
         self._check()
