@@ -315,11 +315,18 @@ def test_ranks_beyond_loopback_need_curve_keys_or_insecure(master, tmp_path, cap
 
 def test_an_insecure_master_on_the_wildcard_address_forms_its_group():
     port = launch.free_port()
-    worker = threading.Thread(target=lambda: make_collective(TPConfig(2, f"127.0.0.1:{port}"), 1).close())
-    worker.start()
-    make_collective(TPConfig(2, f"0.0.0.0:{port}", insecure=True, join_timeout_s=10.0), 0).close()
-    worker.join(10)
-    assert not worker.is_alive()
+    got = []
+
+    def worker():
+        with make_collective(TPConfig(2, f"127.0.0.1:{port}"), 1) as comm:
+            got.append(comm.broadcast(0)[0])
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with make_collective(TPConfig(2, f"0.0.0.0:{port}", insecure=True, join_timeout_s=10.0), 0) as comm:
+        comm.broadcast(7)
+    thread.join(10)
+    assert got == [7]
 
 
 def _generate_until_failure(master: Master, after: int, fault):
