@@ -107,6 +107,14 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def mlp_device_package(root: Path, seed: int = 1) -> Path:
+    """A repository `root` with one device package, `mlp` version 1: the cloud hands its files out to
+    agents and never loads them itself (so a broken or tampered version cannot break its serving)."""
+    write(root / "mlp" / "config.toml", 'backend = "device"\n')
+    mlp_onnx(root / "mlp" / "1" / "model.onnx", seed=seed)
+    return root
+
+
 def build_repository(root: Path) -> Path:
     """The repository most server tests share."""
     mlp_onnx(root / "mlp" / "1" / "model.onnx")

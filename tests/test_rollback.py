@@ -29,11 +29,10 @@ from edge_runtime.client.fleet_client import FleetClient
 from edge_runtime.client.oip_client import OipClient
 from edgefold_proto import pb
 from edgefold_proto.fleet import FLEET_METHODS, FLEET_SERVICE, SERVER_STREAMING, fleet_pb
-from models import OPSET, _save, mlp_onnx, write
+from models import OPSET, _save, mlp_device_package, mlp_onnx, write
 from server_process import AgentProcess, ServerProcess
 from test_agent import X, agent_toml, reference_mlp, wait_ready
 
-DEVICE_PACKAGE = 'backend = "device"\n'       # the cloud only hands the files out; it does not load them
 MLP = '[[pipeline]]\nname = "mlp"\nkind = "local"\nmodel = "mlp"\n'
 
 
@@ -124,10 +123,7 @@ def wrong_smoke_input(folder: Path) -> str:
 
 @pytest.fixture
 def repo(tmp_path):
-    root = tmp_path / "repo"
-    write(root / "mlp" / "config.toml", DEVICE_PACKAGE)
-    mlp_onnx(root / "mlp" / "1" / "model.onnx", seed=1)
-    return root
+    return mlp_device_package(tmp_path / "repo")
 
 
 @pytest.fixture

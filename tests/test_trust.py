@@ -32,7 +32,7 @@ from edge_runtime.client.fleet_client import FleetClient
 from edge_runtime.client.oip_client import OipClient
 from edgefold_proto import pb
 from edgefold_proto.signing import SignatureError, key_id, sign, verify
-from models import mlp_onnx, write
+from models import mlp_device_package, mlp_onnx, write
 from server_process import AgentProcess, ServerProcess
 from test_agent import X, agent_toml, reference_mlp, wait_ready
 
@@ -68,10 +68,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture
 def repo(tmp_path):
-    root = tmp_path / "repo"
-    write(root / "mlp" / "config.toml", DEVICE_PACKAGE)
-    mlp_onnx(root / "mlp" / "1" / "model.onnx", seed=1)
-    return root
+    return mlp_device_package(tmp_path / "repo")
 
 
 @pytest.fixture
