@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import sqlite3
 import threading
 import time
@@ -40,7 +39,7 @@ import grpc
 
 from cloud_service.config import ConfigError
 from cloud_service.state import StateStore
-from edgefold_proto.fleet import fleet_pb
+from edgefold_proto.fleet import DEVICE_ID, VERSION, fleet_pb
 from edgefold_proto.serving import ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,6 @@ FLUSH_S = 1.0                # pending heartbeats are written this often
 MAX_FLUSH_SAMPLES = 50_000   # samples written in one transaction (more wait for the next one)
 MAX_PENDING_SAMPLES = 500_000  # while the database cannot be written; the oldest are dropped past this
 SLOW_FLUSH_S = 0.5           # a flush slower than this is logged
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # device ids and group names
-VERSION = re.compile(r"^[0-9]{1,18}$")
 
 
 class TooManyDevices(ServiceError):

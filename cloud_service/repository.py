@@ -8,17 +8,16 @@ it through the Fleet service (cloud_service/fleet.py), this server never loads i
 RepositoryIndex lists it as UNAVAILABLE, "device package: download only".
 """
 import logging
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cloud_service.backends import open_backend
 from cloud_service.config import DEVICE_BACKEND, ConfigError, load_config
 from cloud_service.served_model import ServedModel
+from edgefold_proto.fleet import MODEL_NAME
 from edgefold_proto.serving import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEVICE_PACKAGE = "device package: download only"
 
 

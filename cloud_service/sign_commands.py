@@ -11,7 +11,6 @@ overwrites a file. Sign a version once its files are final: any change afterward
 model.onnx, config.toml) makes agents that pin the key refuse it until it is signed again.
 """
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -20,10 +19,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 from cloud_service.fleet import FileHashes, model_files
 from cloud_service.signing import load_private_key, write_signature
-from edgefold_proto.fleet import manifest_digest
+from edgefold_proto.fleet import VERSION, manifest_digest
 from edgefold_proto.signing import key_id, sign as sign_message
 
-VERSION = re.compile(r"^[0-9]{1,18}$")
 
 
 def version_digest(model_dir: Path, version: str) -> str:

@@ -7,15 +7,19 @@ they are served under (`/edgefold.fleet.Fleet/<Rpc>`, our own service).
     m.request(name="mlp")        # fleet_pb.ModelManifestRequest
     manifest_digest([("config.toml", "ab12..."), ("1/model.onnx", "cd34...")])
 
-The two rules both sides apply live here too: what a manifest path may look like, and
-how a manifest's digest is computed from its files.
+The rules both sides apply live here too: what a device id, a version and a manifest path may
+look like (and a model name), and how a manifest's digest is computed from its files.
 """
 import hashlib
+import re
 
 from edgefold_proto import SERVER_STREAMING, Method
 from edgefold_proto import fleet_pb2 as fleet_pb
 
 FLEET_SERVICE = "edgefold.fleet.Fleet"
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")   # device ids (and rollout group names)
+VERSION = re.compile(r"^[0-9]{1,18}$")                          # a model version folder
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # a model folder of the repository
 
 FLEET_METHODS = {
     m.name: m
@@ -47,5 +51,5 @@ def manifest_digest(files) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-__all__ = ["fleet_pb", "FLEET_SERVICE", "FLEET_METHODS", "SERVER_STREAMING",
+__all__ = ["fleet_pb", "FLEET_SERVICE", "FLEET_METHODS", "SERVER_STREAMING", "DEVICE_ID", "VERSION", "MODEL_NAME",
            "path_problem", "manifest_digest"]

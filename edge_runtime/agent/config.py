@@ -58,7 +58,6 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
                  curve_keys = "/path/keys" (tp keys; needed with peers beyond loopback, unless insecure = true)
     llm, collab-llm and tp also take max_queue (over [serve]'s, for this pipeline's HTTP requests)
 """
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +66,11 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from edgefold_proto.fleet import DEVICE_ID
 from edgefold_proto.signing import key_id, parse_public_key
 
 KINDS = ("local", "early-exit", "split", "adaptive", "llm", "collab-llm", "tp")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = DEVICE_ID   # device ids and pipeline names follow the fleet protocol's rule
 
 
 class AgentConfigError(ValueError):

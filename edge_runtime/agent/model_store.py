@@ -40,12 +40,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_runtime.client.fleet_client import FleetProtocolError, Manifest
-from edgefold_proto.fleet import manifest_digest, path_problem
+from edgefold_proto.fleet import MODEL_NAME, VERSION, manifest_digest, path_problem
 from edgefold_proto.signing import SignatureError, verify
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+NAME = MODEL_NAME
 DIGEST = re.compile(r"^[0-9a-f]{64}$")
-VERSION = re.compile(r"^[0-9]{1,18}$")
 KEEP_REJECTED = 32         # digests remembered per model
 
 
