@@ -15,7 +15,11 @@ SentencePiece ("llama") tokenizer and a Qwen2 one with a byte-level BPE ("gpt2")
 - our tokenizer.json encodes and decodes like AutoTokenizer.from_pretrained(dir, gguf_file=...);
 - a truncated file, an unknown architecture, a tensor shape that disagrees with the metadata, missing
   tokenizer metadata: a ValueError naming it;
-- `tp prepare --model tiny.gguf --quantize int4` works and says the GGUF types were dequantized.
+- phase 2 (q4_0 kept): `tp prepare --model q4_0.gguf --quantize int4 --group-size 32` stores every Q4_0
+  projection with the file's integer codes, scale d rounded fp16 -> bf16 and zero 0 (its dequantization
+  within 8 * |d - bf16(d)| <= |d| / 32 of gguf's, per block), `tp generate --quantize int4` on it equals
+  our one-process int4 model built from those tensors, and `--quantize int8` (or int4 g64) requantizes
+  from the floats and says so.
 """
 
 import json
@@ -277,18 +281,120 @@ def test_tokenizer_matches_transformers(files, tmp_path, arch):
     assert gen["eos_token_id"] == ref.eos_token_id
 
 
-def test_prepare_int4_says_it_requantized(files, tmp_path, capsys, monkeypatch):
+def q4_0_expected(stored, n_rows_heads=None):
+    """What our int4 group-32 stored form of a Q4_0 tensor must be, from the gguf package: the integer codes
+    q = dequantize(...) / d + 8 (exact: gguf computes d * (q - 8) in float32 from the fp16 d read here from
+    each 18-byte block), scales = d rounded to bf16 (the int4 kernel's scale dtype), zeros = 0; packed two
+    codes a byte, column 2j low; llama's q/k rows un-permuted (n_rows_heads). Also returns the gguf
+    dequantization and d, un-permuted the same way."""
+    want = dequantize(stored, Q.Q4_0).astype(np.float32)  # (out, in)
+    n_out, n_in = want.shape
+    d = np.ascontiguousarray(stored.reshape(n_out, n_in // 32, 18)[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    if n_rows_heads:
+        want, d = (gguf_unpermute(a, n_rows_heads) for a in (want, d))
+    assert (d != 0).all()
+    codes = want.reshape(n_out, n_in // 32, 32) / d[..., None]
+    assert (codes == np.round(codes)).all() and codes.min() >= -8 and codes.max() <= 7
+    q = torch.from_numpy((codes + 8).astype(np.uint8).reshape(n_out, n_in))
+    scales = torch.from_numpy(d).to(torch.bfloat16)
+    return ({"weight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": torch.zeros_like(scales)},
+            torch.from_numpy(want), torch.from_numpy(d))
+
+
+def gguf_unpermute(a, n):
+    d = a.shape[0] // n // 2
+    return np.ascontiguousarray(a.reshape(n, d, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
+
+
+def q4_0_projections(written, config):
+    """{our name "layers.i.self_attn.q_proj": (expected stored tensors, gguf dequantization, d)} for a Q4_0 file."""
+    back = {v: k for k, v in BLOCK.items()}
+    out = {}
+    for g, (stored, qtype) in written.items():
+        _, i, mod, kind = g.split(".") if g.startswith("blk.") else (None, None, None, None)
+        if qtype != Q.Q4_0 or mod is None or not back[mod].endswith("_proj"):
+            continue
+        n = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(mod)
+        out[f"layers.{i}.{back[mod]}"] = q4_0_expected(stored, n)
+    return out
+
+
+def test_prepare_int4_g32_keeps_the_q4_0_integers(files, tmp_path, capsys, monkeypatch):
+    """Every projection of the prepared int4-g32 shards is the file's Q4_0 tensor with its integer codes
+    as they are and scale d rounded fp16 -> bf16, zero 0: its dequantization is the gguf package's up to
+    that rounding, |ours - gguf| <= 8 * |d - bf16(d)| <= |d| / 32 per block of 32 (bf16 keeps 8
+    significant bits), and exactly codes * bf16(d)."""
+    from edge_runtime.tp import gguf_source
+    from split.llama.quantize import Int4
+    monkeypatch.setattr(gguf_source, "DEFAULT_GGUF_CACHE", tmp_path / "cache" / "gguf")
+    path, written = files["llama", "Q4_0"]
+    out = tmp_path / "shards"
+    assert edge_cli.main(["tp", "prepare", "--model", str(path), "--world-size", "1", "--quantize", "int4",
+                          "--group-size", "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "Q4_0 projections keep their q4_0 integers" in err
+    assert "int4-g32 weights taken as stored" in err and "self_attn.q_proj x2" in err and "mlp.down_proj x2" in err
+    assert "quantized from floats: none" in err and "embeddings and LM head: int8 rows" in err
+    config = json.loads((out / "rank0" / "config.json").read_text())
+    expected = q4_0_projections(written, config)
+    assert len(expected) == 14
+    h = Int4(32)
+    for name, (want_t, want, d) in expected.items():
+        _, i, module = name.split(".", 2)
+        block = load_file(out / "rank0" / f"layer{int(i):03d}.{'attn' if 'self_attn' in module else 'mlp'}.safetensors")
+        got = {k: block[f"{module}.{k}"] for k in ("weight", "scales", "zeros")}
+        for k in got:  # the same integer codes (and nibble order), bf16(d), zero 0
+            assert torch.equal(got[k], want_t[k]), (name, k)
+        w = h.dequantize(got).reshape(want.shape[0], -1, 32)
+        bound = 8 * (d - d.to(torch.bfloat16).float()).abs()  # (out, in/32)
+        assert ((w - want.reshape(w.shape)).abs() <= bound[..., None]).all(), name
+        assert (bound <= d.abs() / 32).all()
+        assert torch.equal(w, (want.reshape(w.shape) / d[..., None]) * d.to(torch.bfloat16).float()[..., None])
+
+
+def test_generate_int4_q4_0_equals_our_one_process_model(files, tmp_path, capsys):
+    """`tp generate --model q4_0.gguf --quantize int4` (world size 1) against our own one-process model whose
+    projections are int4 modules built from the expected tensors (q4_0_expected: the gguf package's
+    dequantization, not our mapping) and whose embeddings / LM head are int8 rows of the floats, as
+    `tp prepare` stores them. Bitwise the same tensors through the same kernels, so token for token;
+    transformers in fp32 would not do, as the int4 kernel multiplies bf16 activations."""
+    from split.llama import generate as greedy
+    from split.llama import load_llama
+    from split.llama.quantize import Int4, Int8
+    path, written = files["llama", "Q4_0"]
+    folder = model_folder(path, tmp_path / "ref", progress=False, log=lambda m: None)
+    model = load_llama(folder)
+    h, table = Int4(32), Int8()
+    for name, (t, _, _) in q4_0_projections(written, json.loads((folder / "config.json").read_text())).items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, h.module(t))
+    with torch.no_grad():
+        model.lm_head = table.module(table.quantize(model.lm_head.weight))
+        model.embed_tokens.weight.copy_(table.dequantize(table.quantize(model.embed_tokens.weight)))
+        want = list(greedy(model, PROMPT, N_NEW))
+    argv = ["tp", "generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
+            str(N_NEW), "--ignore-eos", "--json", "--cache-dir", str(tmp_path / "cache"), "--quantize", "int4"]
+    assert edge_cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["token_ids"] == want
+    assert "int4-g32 weights taken as stored" in captured.err
+
+
+@pytest.mark.parametrize("quantize, world", [(["int8"], 2), (["int4", "--group-size", "64"], 1)])
+def test_prepare_other_formats_requantize_q4_0(files, tmp_path, capsys, monkeypatch, quantize, world):
     from edge_runtime.tp import gguf_source
     monkeypatch.setattr(gguf_source, "DEFAULT_GGUF_CACHE", tmp_path / "cache" / "gguf")
     path, _ = files["llama", "Q4_0"]
     out = tmp_path / "shards"
-    assert edge_cli.main(["tp", "prepare", "--model", str(path), "--world-size", "2", "--quantize", "int4",
-                          "--group-size", "32", "--out", str(out)]) == 0
+    assert edge_cli.main(["tp", "prepare", "--model", str(path), "--world-size", str(world), "--quantize", *quantize,
+                          "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "Q4_0" in err and "F32" in err and "dequantized" in err and "requantized" in err
+    assert "taken as stored" not in err
     plan = json.loads((out / "plan.json").read_text())
-    assert "int4" in json.dumps(plan["extra"]["quantize"])
-    assert (out / "rank0" / "tokenizer.json").is_file() and (out / "rank1" / "layer001.mlp.safetensors").is_file()
+    assert plan["extra"]["quantize"]["scheme"] == quantize[0]
+    assert (out / "rank0" / "tokenizer.json").is_file()
+    assert (out / f"rank{world - 1}" / "layer001.mlp.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------- bad input

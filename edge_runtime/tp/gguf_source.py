@@ -7,8 +7,12 @@ generation_config.json) is what the rest of the project reads from a Hugging Fac
 `tp prepare`, `tp generate --model` and launch.cached_shards take a GGUF as they take a folder. Every
 GGUF tensor type is dequantized by the `gguf` package (split.llama.gguf_checkpoint), stored float32
 (bfloat16 for an all-BF16 file), and said so on stderr with the types found; `--quantize` then
-requantizes from those floats like any checkpoint. The cache entry is keyed by the file's path, size,
-mtime and a hash of its first MiB, written under a temporary name and renamed when complete.
+requantizes from those floats like any checkpoint, except that the Q4_0 projections are also stored
+as they are in the int4 group-32 form (PREQUANTIZED/int4-g32/model*.safetensors, same integers,
+scale d rounded fp16 -> bf16, zero 0: gguf_checkpoint.q4_0_as_int4), which `prepare` takes instead of
+requantizing when `--quantize int4 --group-size 32` is asked (and says so). The cache entry is keyed by
+the file's path, size, mtime and a hash of its first MiB, written under a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 DEFAULT_GGUF_CACHE = Path(os.environ.get("EDGEFOLD_CACHE", Path.home() / ".cache" / "edgefold")) / "tp-shards" / "gguf"
 # (launch.DEFAULT_CACHE / "gguf": where `tp generate --model FILE.gguf` converts it with the default --cache-dir)
 SHARD_BYTES = 1 << 30  # safetensors files of about 1 GiB: memory stays at about one of them
+LAYOUT = 2  # gguf.json "layout": 2 added PREQUANTIZED; an older cache entry is converted again
+PREQUANTIZED = "prequantized"  # (edge_runtime.tp.prepare reads <folder>/prequantized/<format name>/)
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -49,17 +55,21 @@ def model_folder(path: str | Path, cache_dir: str | Path = DEFAULT_GGUF_CACHE, p
     out = Path(cache_dir) / cache_key(path)
     if (out / "config.json").is_file() and (out / "gguf.json").is_file():
         info = json.loads((out / "gguf.json").read_text())
-        log(_notice(path, info["types"], info["dtype"], cached=True))
-        return out
+        if info.get("layout") == LAYOUT:
+            log(_notice(path, info, cached=True))
+            return out
     convert(path, out, progress, log)
     return out
 
 
-def _notice(path: Path, types: dict, dtype: str, cached: bool = False) -> str:
-    found = ", ".join(f"{k} x{v}" for k, v in sorted(types.items()))
-    return (f"edge-runtime: {path.name}: GGUF tensor types {found} dequantized to {dtype} "
+def _notice(path: Path, info: dict, cached: bool = False) -> str:
+    found = ", ".join(f"{k} x{v}" for k, v in sorted(info["types"].items()))
+    kept = info.get("kept", {}).get("int4-g32", [])
+    return (f"edge-runtime: {path.name}: GGUF tensor types {found} dequantized to {info['dtype']} "
             f"(by the gguf package){' (cached)' if cached else ''}; weights are requantized from these floats "
-            f"to --quantize if given, else kept {dtype}")
+            f"to --quantize if given, else kept {info['dtype']}"
+            + (f"; with --quantize int4 --group-size 32 its {len(kept)} Q4_0 projections keep their q4_0 "
+               f"integers instead (scale d rounded fp16 -> bf16, zero 0)" if kept else ""))
 
 
 def convert(path: Path, out: Path, progress: bool = True, log=None) -> Path:
@@ -90,17 +100,41 @@ def convert(path: Path, out: Path, progress: bool = True, log=None) -> Path:
             shards[-1][name] = t.contiguous()
             size += nbytes
         _save(tmp, shards, save_file, last=True)
+        kept = _save_prequantized(tmp / PREQUANTIZED / "int4-g32", g.int4_projections(), save_file)
         dtype = "bfloat16" if str(g.dtype) == "torch.bfloat16" else "float32"
-        (tmp / "gguf.json").write_text(json.dumps({"source": str(path.resolve()), "architecture": g.arch,
-                                                   "types": g.types, "dtype": dtype}, indent=2))
+        info = {"source": str(path.resolve()), "architecture": g.arch, "types": g.types, "dtype": dtype,
+                "layout": LAYOUT, "kept": {"int4-g32": kept}}
+        (tmp / "gguf.json").write_text(json.dumps(info, indent=2))
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if log is not None:
-        log(_notice(path, g.types, dtype))
+        log(_notice(path, info))
     return out
+
+
+def _save_prequantized(folder: Path, modules, save_file) -> list[str]:
+    """(module name, stored tensors) pairs as a checkpoint folder of `<module>.weight/.scales/.zeros`
+    (written only if there is one); returns the module names."""
+    names: list[str] = []
+    shards: list[dict] = [{}]
+    size = 0
+    for module, tensors in modules:
+        if not names:
+            folder.mkdir(parents=True)
+        names.append(module)
+        nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            _save(folder, shards, save_file)
+            shards.append({})
+            size = 0
+        shards[-1].update({f"{module}.{k}": v.contiguous() for k, v in tensors.items()})
+        size += nbytes
+    if names:
+        _save(folder, shards, save_file, last=True)
+    return names
 
 
 def _save(folder: Path, shards: list[dict], save_file, last: bool = False) -> None:

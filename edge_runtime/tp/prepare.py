@@ -29,12 +29,17 @@ scale each (llama.cpp likewise keeps its q4_0 output layer at higher precision).
 quantized whole, a row chunk at a time, before it is sliced per rank, so a rank's slice holds
 exactly the values one device would. The MLP is split in whole groups (plan.make_plan's
 mlp_unit) and every slice is checked against the kernels' shape rules before anything is written.
+A projection the model folder already holds in the asked format (HF_DIR/prequantized/<format name>/,
+e.g. int4-g32: a GGUF's Q4_0 integers, edge_runtime.tp.gguf_source) is taken as stored instead of
+quantized from its floats, and stderr says which were taken and which quantized.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -42,13 +47,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from split.llama import Llama, LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
-from split.llama.quantize import Int4, Int8, quantize_rows
+from split.llama.quantize import Int4, Int8, handler_of, quantize_rows
 
 from .blockfile import block_path, malloc_trim
 from .budget import apply_budget
 from .plan import ShardPlan, make_plan
 
 BLOCK_KINDS = ("attn", "mlp")
+PREQUANTIZED = "prequantized"  # HF_DIR/prequantized/<format name>/: projections stored in that format
 
 
 def block_order(num_layers: int) -> list[tuple[int, str]]:
@@ -179,8 +185,16 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
         """Our tensor `name` (a fused one's rows for Phi-3: split.llama.hf_source)."""
         return _read(files, source or hf_source(config, name), shapes[name], how, span)
 
+    kept, taken = _prequantized(model_dir, quantize), {}  # name -> file; our name -> taken as stored?
+
     def stored(name: str, fmt, source: Source | None = None) -> dict[str, torch.Tensor]:
-        """Our weight `name` as stored: as read, or quantized a row chunk at a time by `fmt`."""
+        """Our weight `name` as stored: as read, as the folder holds it already quantized in `fmt`,
+        or quantized a row chunk at a time by `fmt`."""
+        src = source or hf_source(config, name)
+        if fmt is quantize and kept:
+            taken[name] = src.name in kept and src.rows is None  # (a fused tensor's rows: quantized)
+            if taken[name]:
+                return _read_stored(kept, src, fmt, shapes[name])
         if fmt is None:
             return {"weight": read(name, source=source)}
         out = quantize_rows(fmt, lambda a, b: read(name, "rows", (a, b), source), shapes[name][0])
@@ -218,9 +232,42 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
                 save_file(tensors, block_path(rank_dirs[rank], (layer, kind)))
                 bar.update()
     bar.close()
+    if kept:
+        print(f"edge-runtime: prepare: {quantize.name} weights taken as stored in {model_dir / PREQUANTIZED / quantize.name}"
+              f" (a GGUF's Q4_0 integers): {_summary(n for n, t in taken.items() if t)}; quantized from floats: "
+              f"{_summary(n for n, t in taken.items() if not t)}; embeddings and LM head: int8 rows from floats",
+              file=sys.stderr)
     for d in rank_dirs:
         plan.save(d / "plan.json")
     plan.save(out / "plan.json")
+
+
+def _prequantized(model_dir: Path, fmt: Int8 | Int4 | None) -> dict[str, Path]:
+    """Tensor name -> file for what model_dir/prequantized/<fmt.name>/ (a checkpoint folder of
+    `<module>.weight`, `.scales`[, `.zeros`] in fmt's stored form) holds; {} without one."""
+    folder = model_dir / PREQUANTIZED / fmt.name if fmt is not None else None
+    return checkpoint_index(folder) if folder is not None and folder.is_dir() else {}
+
+
+def _read_stored(kept: dict[str, Path], src: Source, fmt: Int8 | Int4, shape: tuple[int, ...]) -> dict:
+    """The stored tensors of `src` (a whole tensor) from the prequantized folder, checked."""
+    module = src.name[:-len(".weight")]
+    t = {}
+    for k in ("weight", "scales", "zeros"):
+        if f"{module}.{k}" in kept:
+            with safe_open(kept[f"{module}.{k}"], framework="pt") as f:
+                t[k] = f.get_tensor(f"{module}.{k}")
+    h = handler_of(module, t)
+    if h.to_dict() != fmt.to_dict() or tuple(h.shapes(t)) != tuple(shape):
+        raise ValueError(f"{PREQUANTIZED}/{fmt.name}: {module} is stored as {h.name} {list(h.shapes(t))}, "
+                         f"expected {fmt.name} {list(shape)}")
+    return t
+
+
+def _summary(names) -> str:
+    """'self_attn.q_proj x2, mlp.down_proj x2' for layers.0.self_attn.q_proj.weight, ... ('none' if empty)."""
+    counts = Counter(n.split(".", 2)[2].removesuffix(".weight") for n in names)
+    return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
 
 
 def is_prepared(out: str | Path, plan: ShardPlan) -> bool:

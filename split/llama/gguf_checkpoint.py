@@ -7,6 +7,8 @@
     g.types                              # {"Q8_0": 14, "F32": 5}: the GGUF tensor types found
     for hf_name, tensor in g.tensors():  # one tensor at a time, dequantized by gguf.quants.dequantize
         ...
+    for module, stored in g.int4_projections():  # Q4_0 projections as int4 group-32, integers kept
+        ...
 
 Architectures ("general.architecture"): "llama" (also Mistral: llama.cpp writes it as llama; read as
 model_type "llama", i.e. without a sliding window, as llama.cpp runs it), "qwen2", "qwen3", "phi3".
@@ -98,6 +100,39 @@ class GGUFModel:
             elif self.arch == "llama" and t.name.endswith((".attn_k.weight", ".attn_k.bias")):
                 w = unpermute(w, kv)
             yield self._names[t.name], torch.from_numpy(np.array(w, dtype=np.float32)).to(self.dtype)
+
+    def int4_projections(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(HF module name, int4 group-32 stored tensors) for every Q4_0 projection (not yet Phi-3's fused
+        qkv_proj / gate_up_proj: those are requantized from the floats), its integers kept
+        as they are (q4_0_as_int4); llama's q / k rows un-permuted like tensors() does (the permutation
+        moves whole rows and a Q4_0 block runs along a row, so it commutes with the mapping)."""
+        heads, kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        for t in self._reader.tensors:
+            hf = self._names.get(t.name)
+            if hf is None or t.tensor_type.name != "Q4_0" or not hf.endswith("_proj.weight") \
+                    or hf.endswith(("qkv_proj.weight", "gate_up_proj.weight")):  # Phi-3's fused: requantized
+                continue
+            n_out, n_in = (int(n) for n in reversed(t.shape))
+            out = q4_0_as_int4(t.data, n_out, n_in)
+            n = heads if t.name.endswith(".attn_q.weight") else kv if t.name.endswith(".attn_k.weight") else None
+            if self.arch == "llama" and n is not None:
+                out = {k: unpermute(v, n).contiguous() for k, v in out.items()}
+            yield hf[:-len(".weight")], out
+
+
+def q4_0_as_int4(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Tensor]:
+    """A Q4_0 tensor's bytes (each row n_in/32 blocks of 18 bytes: fp16 d, then 16 bytes whose low
+    nibbles are elements 0..15 and high nibbles 16..31; w = d * (q - 8)) in split.llama.quantize's int4
+    stored form with group 32 (w = (q - 8) * scales + zeros, columns 2j / 2j+1 in a byte's low / high
+    nibble): the same integers q, scales = d rounded to bf16 (the kernel's dtype), zeros = 0. The
+    only difference from llama.cpp's weights is that rounding: at most 8 * |d - bf16(d)| <= |d| / 32."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(n_out, n_in // 32, 18)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]  # (out, in/32)
+    qs = blocks[..., 2:]  # (out, in/32, 16)
+    q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n_out, n_in)  # elements in order, 0..15
+    scales = torch.from_numpy(d.astype(np.float32)).to(torch.bfloat16)
+    return {"weight": torch.from_numpy(np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))),
+            "scales": scales, "zeros": torch.zeros_like(scales)}
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
