@@ -60,6 +60,8 @@ class StarWorker(StarPeer):
         if local and extra:  # the master's offer: the name of our mailboxes
             try:
                 self._link = ShmLink.open(bytes(extra[0].buffer).decode())
+            except FileNotFoundError:  # the master closed already (its teardown removes the file): what it
+                pass                   # sent before closing, and that it is gone, still come on the socket
             except (OSError, ValueError) as e:
                 self._fail(f"rank {self.rank}: cannot map the master's shared memory ({e})")
 
