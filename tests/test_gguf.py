@@ -3,10 +3,11 @@ cached Hugging Face folder, against the `gguf` package and transformers' own GGU
 
     .venv/bin/python -m pytest -q tests/test_gguf.py
 
-The GGUF files are written here with gguf.GGUFWriter and gguf.quants.quantize from tiny random
-transformers models, under llama.cpp's tensor names and with its q/k row permutation for "llama"
-(done here independently of split.llama.gguf_checkpoint): a Llama-architecture file with a
-SentencePiece ("llama") tokenizer and a Qwen2 one with a byte-level BPE ("gpt2") tokenizer. Checks:
+The GGUF files are written with gguf.GGUFWriter and gguf.quants.quantize (scripts/gguf_write.py, shared
+with scripts/bench_gguf.py) from tiny random transformers models, under llama.cpp's tensor names and
+with its q/k row permutation for "llama" (done there independently of split.llama.gguf_checkpoint): a
+Llama-architecture file with a SentencePiece ("llama") tokenizer and a Qwen2 one with a byte-level BPE
+("gpt2") tokenizer. Checks:
 - every converted tensor equals gguf.quants.dequantize of the file's tensor (inverse permutation
   applied), for F32, F16, BF16, Q8_0 and Q4_0; config values are the metadata's;
 - greedy generation of `tp generate --model tiny.gguf --json` equals transformers' greedy generation
@@ -24,6 +25,8 @@ SentencePiece ("llama") tokenizer and a Qwen2 one with a byte-level BPE ("gpt2")
 
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,12 +38,15 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
 
 from edge_runtime import cli as edge_cli  # noqa: E402
 from edge_runtime.tp.gguf_source import model_folder  # noqa: E402
 from hf_random import randomize_norms_and_biases  # noqa: E402
 from split.llama.gguf_checkpoint import read_gguf  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import gguf_write  # noqa: E402  (scripts/gguf_write.py: the GGUF writer shared with scripts/bench_gguf.py)
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello tensors!",
           "Edge devices fold large language models into small pieces.", "naïve café — 12345 ümlaut"] * 4
@@ -50,9 +56,7 @@ N_NEW = 10
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, rms_norm_eps=1e-5,
              rope_theta=5000.0)
-BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-         "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+BLOCK = gguf_write.BLOCK
 
 
 # --------------------------------------------------------------------------- building GGUF files
@@ -83,82 +87,23 @@ def bpe_vocab():
     return tokens, merges, types
 
 
-def llama_permute(w, n_head):  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def write_gguf(path, arch, hf, qtype, tokenizer=True, drop=(), shape_override=None, name="tiny"):
-    cfg = hf.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    if tokenizer:
-        if arch == "llama":
-            tokens, scores, types = spm_vocab()
-            w.add_tokenizer_model("llama")
-            w.add_token_list(tokens)
-            w.add_token_scores(scores)
-            w.add_token_types(types)
-            w.add_bos_token_id(1)
-            w.add_eos_token_id(2)
-            w.add_unk_token_id(0)
-        else:
-            tokens, merges, types = bpe_vocab()
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre("qwen2")
-            w.add_token_list(tokens)
-            w.add_token_types(types)
-            w.add_token_merges(merges)
-            w.add_eos_token_id(tokens.index("<|endoftext|>"))
-            w.add_bos_token_id(tokens.index("<|endoftext|>"))
-            w.add_add_bos_token(False)
-        w.add_chat_template("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    else:
-        w.add_vocab_size(cfg.vocab_size)
-    written = {}
-    for hf_name, t in hf.state_dict().items():
-        a = t.detach().float().numpy()
-        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        if hf_name.startswith("model.layers."):
-            _, _, i, rest = hf_name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            g = f"blk.{i}.{BLOCK[module]}.{kind}"
-        else:
-            g = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}[hf_name]
-        if g in drop:
-            continue
-        if arch == "llama" and ".attn_q." in g:
-            a = llama_permute(a, cfg.num_attention_heads)
-        elif arch == "llama" and ".attn_k." in g:
-            a = llama_permute(a, cfg.num_key_value_heads)
-        if shape_override and g in shape_override:
-            a = a[:shape_override[g]]
-        a = np.ascontiguousarray(a)
-        if a.ndim == 1 or qtype == Q.F32:  # norms and biases stay F32, as llama.cpp writes them
-            w.add_tensor(g, a.astype(np.float32))
-            written[g] = (a.astype(np.float32), Q.F32)
-        elif qtype == Q.F16:
-            w.add_tensor(g, a.astype(np.float16))
-            written[g] = (a.astype(np.float16), Q.F16)
-        else:
-            q = quantize(a, qtype)
-            w.add_tensor(g, q, raw_dtype=qtype)
-            written[g] = (q, qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return written
+    """`hf` as GGUF `path` (scripts/gguf_write.py): every 2-D tensor `qtype`, norms and biases F32, the llama arch
+    with spm_vocab() and the qwen2 one with bpe_vocab() unless tokenizer is False. Returns {gguf name: (stored
+    array, type)}."""
+    tok = None
+    if tokenizer and arch == "llama":
+        tokens, scores, types = spm_vocab()
+        tok = dict(model="llama", tokens=tokens, scores=scores, types=types, bos=1, eos=2, unk=0)
+    elif tokenizer:
+        tokens, merges, types = bpe_vocab()
+        eot = tokens.index("<|endoftext|>")
+        tok = dict(model="gpt2", pre="qwen2", tokens=tokens, types=types, merges=merges, eos=eot, bos=eot,
+                   add_bos=False)
+    if tok:
+        tok["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return gguf_write.write_gguf(path, arch, hf.config.to_dict(), gguf_write.from_state_dict(hf.state_dict()), qtype,
+                                 tokenizer=tok, drop=drop, shape_override=shape_override, name=name)
 
 
 def tiny_hf(arch, vocab, tie=False, seed=0):
