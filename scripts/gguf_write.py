@@ -20,6 +20,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from split.llama.gguf_checkpoint import gpt2_byte_spelling  # a fixed table: the tests check tokenizers against transformers
+
 BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
@@ -72,23 +74,10 @@ def from_safetensors(folder: str | Path) -> list[Tensor]:
 
 # --------------------------------------------------------------------------- tokenizer metadata
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's printable spelling of each byte value 0..255."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    spell, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            spell[b] = chr(b)
-        else:
-            spell[b] = chr(256 + n)
-            n += 1
-    return [spell[b] for b in range(256)]
-
-
 def minimal_gpt2_vocab(vocab_size: int) -> dict:
     """A byte-level BPE vocabulary of exactly vocab_size tokens: <|endoftext|> (control, bos = eos), the 256
     byte spellings, then two-byte tokens each made by one merge ("a b" -> "ab"), so every token is reachable."""
-    alphabet = _bytes_to_unicode()
+    alphabet = gpt2_byte_spelling()
     tokens = ["<|endoftext|>", *alphabet]
     n_pairs = vocab_size - len(tokens)
     if not 0 <= n_pairs <= 256 * 256:

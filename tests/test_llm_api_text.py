@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from split.llama.gguf_checkpoint import gpt2_byte_spelling
 from edge_runtime.llm_api import (
     SSE_DONE, ApiError, ChatRequest, ChatTemplate, ChatTemplateError, CompletionRequest, IncrementalDetokenizer,
     MessageError, NoChatTemplate, StopStrings, chat_chunk, chat_response, completion_chunk, completion_response,
@@ -47,7 +48,7 @@ def byte_level_bpe() -> Tokenizer:
     """GPT-2 / Llama-3 / Qwen style: every byte a character, merges over them."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    byte_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    byte_char = {b: c for b, c in zip(range(256), gpt2_byte_spelling())}
     merges = []
     for word in WORDS:
         pieces = [byte_char[b] for b in (" " + word).encode()]
@@ -61,19 +62,6 @@ def byte_level_bpe() -> Tokenizer:
     tok.add_special_tokens([AddedToken(t, special=True) for t in
                             ("<|begin_of_text|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>")])
     return tok
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character map, in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
 
 
 def word_level() -> Tokenizer:

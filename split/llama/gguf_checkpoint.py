@@ -392,8 +392,8 @@ def build_tokenizer(reader, path: Path, arch: str):
     if model == "gpt2":
         if merges is None:
             raise ValueError(f"{path}: tokenizer.ggml.merges is required for tokenizer.ggml.model 'gpt2'")
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
+        spelling = gpt2_byte_spelling()
+        alphabet = set(spelling)
         vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
         tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], dropout=None,
                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
@@ -460,8 +460,8 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
     return [(a, b) for a, b, _ in merges]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of the 256 byte values."""
+def gpt2_byte_spelling() -> list[str]:
+    """GPT-2's printable spelling of each byte value 0..255 (byte-level BPE vocabularies spell bytes so)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -469,4 +469,5 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    spelling = dict(zip(bs, map(chr, cs)))
+    return [spelling[b] for b in range(256)]
