@@ -51,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+from loadgen import machine  # scripts/
 from llamacpp_build import (BENCH, CMAKE_ARGS, KINDS, MARKER, N_FIXED, ROOT, SHAPES, VERSION, checkpoint,  # scripts/
                             ensure_venv, in_venv, log, tensor_types, to_gguf, venv_python)
 
@@ -215,13 +216,6 @@ def prompt_ids(vocab_size: int, n: int = 16, seed: int = 0) -> list[int]:
     return [1] + [rng.randrange(N_FIXED, vocab_size) for _ in range(n - 1)]
 
 
-def machine() -> str:
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    amx = " ".join(f for f in info.get("flags", "").split() if f.startswith("amx"))
-    return f"{info.get('model name', '?')}, {os.cpu_count()} cores, flags {amx or 'no amx'}"
 
 
 def markdown(rows: list[dict]) -> str:
