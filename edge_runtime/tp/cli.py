@@ -5,16 +5,20 @@
     edge-runtime tp prepare --model HF_DIR --world-size 4 --quantize int4 --group-size 32 --max-rank-memory 512MiB --out shards/
     edge-runtime tp keys --out keys/          # then give every rank the folder (or just its half)
     edge-runtime tp worker --rank 1 --master 10.0.0.2:29500 --shards shards/rank1 --window 2 --curve-keys keys/
+    edge-runtime tp worker --model HF_DIR --listen 0.0.0.0:29600 --curve-keys keys/ [--profile raspberry-pi-5]
+                                                # an elastic peer: serves whichever rank a master asks (peer.py)
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt "Hello" --max-new-tokens 32 --window 2
     edge-runtime tp generate --model HF_DIR --world-size 3 --prompt-ids 1,2,3 --max-new-tokens 32 --json
     edge-runtime tp generate --model HF_DIR --quantize int8 --prompt "Hello"          # one device, int8 weights
-    edge-runtime tp generate --model HF_DIR --world-size 3 --peers 10.0.0.3,10.0.0.4 --master 0.0.0.0:29500 \
+    edge-runtime tp generate --model HF_DIR --peers 10.0.0.3:29600,10.0.0.4:29600 --master 0.0.0.0:29500 \
         --curve-keys keys/ ...                  # or --insecure on a network you trust
 
 Without --peers, `generate` prepares the shards (cached under --cache-dir, keyed by the config
 hash and the plan) and starts the N-1 workers itself as subprocesses on loopback, and always
-stops them. With --peers it binds --master and waits for those already-started workers (each ran
-`tp worker --master THIS_HOST:PORT`; their number must be world_size - 1) to join. Ranks that talk beyond loopback need --curve-keys or an explicit --insecure.
+stops them. With --peers (elastic peers, `tp worker --model --listen`) it forms a group over those
+that answer (group.py: shares from their advertised profiles), binds --master for the collective,
+and re-forms the group over the rest when one is lost mid-generation, with no token lost or
+repeated. Ranks that talk beyond loopback need --curve-keys or an explicit --insecure.
 Exit status of generate: 0 done, 1 a rank failed (the message names it), 2 bad arguments or files.
 A worker exits 0 after the master's SHUTDOWN, 3 when the master is gone or aborted the request
 (no traceback: it says why on stderr), 1 when it could not join, 2 for bad arguments or files.
@@ -30,6 +34,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+from devices.address import is_loopback
 
 from .launch import DEFAULT_CACHE
 
@@ -66,11 +72,20 @@ def add_parser(commands) -> None:
         p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                        help="compute dtype of the float (unquantized) weights; int8/int4 always use bf16 kernels")
 
-    p = sub.add_parser("worker", help="serve one rank's shards to a master")
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--master", required=True, help="HOST:PORT of rank 0")
-    p.add_argument("--shards", required=True, help="this rank's folder (or the prepare --out folder)")
+    p = sub.add_parser("worker", help="serve one rank's shards to a master, or (--model --listen) be an "
+                                      "elastic peer that serves whichever rank a master asks")
+    p.add_argument("--rank", type=int, help="with --shards: this rank (1..N-1)")
+    p.add_argument("--master", help="with --shards: HOST:PORT of rank 0")
+    p.add_argument("--shards", help="this rank's folder (or the prepare --out folder)")
     p.add_argument("--world-size", type=int, help="default: from the plan")
+    p.add_argument("--model", help="elastic peer: the Hugging Face folder or .gguf file it prepares its shards from")
+    p.add_argument("--listen", help="elastic peer: HOST:PORT of its control port (masters' --peers)")
+    p.add_argument("--name", default="", help="elastic peer: how masters name it (default: its address)")
+    p.add_argument("--profile", help="elastic peer: a device profile (name or .toml) it advertises: its memory "
+                                     "bandwidth sets its share, its memory the budget")
+    p.add_argument("--max-memory", metavar="SIZE", help="elastic peer: the memory it offers (default: the "
+                                                        "profile's; none: no budget)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="elastic peer: where its shards are cached")
     comm(p)
 
     p = sub.add_parser("generate", help="generate text across N ranks (starts local workers unless --peers)")
@@ -88,8 +103,9 @@ def add_parser(commands) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop-ids", help="comma-separated stop token ids (default: the model's eos ids)")
     p.add_argument("--ignore-eos", action="store_true", help="no stop tokens")
-    p.add_argument("--peers", help="HOST[:PORT],... of already-started workers (ranks 1..N-1); "
-                                   "default: start them here on loopback")
+    p.add_argument("--peers", help="HOST:PORT,... of elastic peers (`tp worker --model --listen`): the group is "
+                                   "formed over them and survives losing one; default: start ranks here on loopback")
+    p.add_argument("--profile", help="with --peers: this device's profile (name or .toml) for the shares")
     p.add_argument("--master", help="HOST:PORT to bind (default: a free loopback port; with --peers 0.0.0.0:29500)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where prepared shards are cached")
     p.add_argument("--max-rank-memory", metavar="SIZE", help="with --model: prepare for this budget per rank "
@@ -181,6 +197,12 @@ def _worker(args) -> int:
     from .launch import join_as_worker, rank_folder
     from .plan import ShardPlan
 
+    if (args.model is None) != (args.listen is None) or (args.model is None) == (args.shards is None):
+        raise ValueError("give either --model and --listen (an elastic peer) or --rank, --master and --shards")
+    if args.model is not None:
+        return _peer(args)
+    if args.rank is None or args.master is None:
+        raise ValueError("--shards needs --rank and --master")
     if args.rank == 0:
         raise ValueError("--rank: workers are ranks 1..N-1 (rank 0 is the master, `tp generate`)")
     folder = rank_folder(Path(args.shards), args.rank)
@@ -196,24 +218,55 @@ def _worker(args) -> int:
                       dtype=config.torch_dtype)
 
 
+def _profile(name: str | None, max_memory: str | None = None) -> dict:
+    """What a rank says about itself to the group: its profile's memory bandwidth and memory."""
+    from .budget import parse_bytes
+    out: dict = {}
+    if name:
+        from devices.profiles import load_profile
+        p = load_profile(name)
+        out = {"name": p.key, "memory_bandwidth_gbs": p.memory_bandwidth_gbs, "memory_bytes": int(p.memory_gb * 2**30)}
+    if max_memory:
+        out["memory_bytes"] = parse_bytes(max_memory, "--max-memory")
+    return out
+
+
+def _peer(args) -> int:
+    from .peer import PeerSetup, serve_peer
+
+    setup = PeerSetup(model=Path(args.model), listen=args.listen, cache_dir=Path(args.cache_dir), name=args.name,
+                      profile=_profile(args.profile, args.max_memory),
+                      curve_keys=Path(args.curve_keys) if args.curve_keys else None, insecure=args.insecure,
+                      join_timeout_s=args.join_timeout_s)
+    host = setup.listen.rpartition(":")[0].strip("[]")
+    if setup.curve_keys is None and not setup.insecure and not is_loopback(host):
+        raise ValueError(f"--listen {setup.listen} reaches beyond this machine: give --curve-keys (`tp keys`) or, "
+                         "on a network you trust, --insecure")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally-blocks close the sockets
+    return serve_peer(setup, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
 # --------------------------------------------------------------------------- generate
 
 def _generate(args) -> int:
-    import torch
-
-    from split.llama import LlamaConfig, Sampling, Stop
-
-    from .budget import plan_windows
-    from .collective import CollectiveError
-    from .launch import LocalWorkers, cached_shards, free_port, share_cores, start_master
-    from .plan import ShardPlan, parse_weights
+    from split.llama import Sampling
 
     if (args.model is None) == (args.shards is None):
         raise ValueError("give exactly one of --model HF_DIR or --shards PREPARED_DIR")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    peers = [p for p in (args.peers or "").split(",") if p.strip()] if args.peers is not None else None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.peers is not None:
+        return _generate_in_group(args, sampling)
+    return _generate_local(args, sampling)
+
+
+def _generate_local(args, sampling) -> int:
+    """Ranks 1..N-1 started here on loopback over shards prepared (and cached) for a fixed plan."""
+    from .launch import LocalWorkers, cached_shards, free_port, share_cores, start_master
+    from .plan import ShardPlan, parse_weights
+
     if args.shards:
         if args.max_rank_memory or args.quantize:
             raise ValueError("--max-rank-memory and --quantize go with --model (a prepared folder has its budget "
@@ -223,53 +276,82 @@ def _generate(args) -> int:
         if args.world_size is not None and args.world_size != world_size:
             raise ValueError(f"--world-size {args.world_size} does not match the prepared plan ({world_size})")
     else:
-        world_size = args.world_size if args.world_size is not None else (len(peers) + 1 if peers else 1)
+        world_size = args.world_size if args.world_size is not None else 1
         weights = parse_weights(args.weights, world_size)
         shards = cached_shards(Path(args.model), world_size, weights, Path(args.cache_dir), not args.json,
                                _budget(args), _quantize(args))
-    if peers is not None and len(peers) != world_size - 1:
-        raise ValueError(f"--peers lists {len(peers)} workers, world size {world_size} needs {world_size - 1}")
-    plan = ShardPlan.load(shards / "plan.json")
-    stop_ids = [] if args.ignore_eos else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids
-                                           else list(LlamaConfig.from_dir(shards / "rank0").eos_token_ids))
-    master_addr = args.master or ("0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}" if world_size > 1 else "")
-    config = _config(args, world_size, master_addr)
-
-    workers = LocalWorkers(shards, config) if peers is None and world_size > 1 else None
-    master, failed = None, True
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    config = _config(args, world_size, args.master or (f"127.0.0.1:{free_port()}" if world_size > 1 else ""))
+    workers = LocalWorkers(shards, config) if world_size > 1 else None
     if workers is not None and "OMP_NUM_THREADS" not in os.environ:
         share_cores(world_size)
+    failed = True
     try:
-        master = start_master(shards, config)
-        prompt = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else master.encode(args.prompt)
+        code = _run(args, lambda: start_master(shards, config), config, sampling,
+                    lambda: workers.describe_failures() if workers else "")
+        failed = code != 0
+        return code
+    finally:
+        if workers is not None:
+            workers.stop(grace_s=0.5 if failed else 5.0)
+
+
+def _generate_in_group(args, sampling) -> int:
+    """An elastic group over already-running peers (group.py)."""
+    from .group import Group
+
+    if args.model is None:
+        raise ValueError("--peers needs --model (every peer prepares its part of whatever plan the group takes)")
+    if args.world_size is not None or args.weights:
+        raise ValueError("--peers: the world size is 1 + the peers that answer, and the shares come from their "
+                         "profiles: drop --world-size / --weights")
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    config = _config(args, 1 + len(peers), args.master or "0.0.0.0:29500")
+    return _run(args, lambda: Group(Path(args.model), peers, config, quantize=_quantize(args),
+                                    cache_dir=Path(args.cache_dir), profile=_profile(args.profile),
+                                    progress=not args.json, log=lambda m: print(m, file=sys.stderr, flush=True)),
+                config, sampling, lambda: "")
+
+
+def _run(args, start, config, sampling, failures) -> int:
+    """Start the engine (an engine.Master or a group.Group), generate, print text or one JSON object."""
+    import torch
+
+    from split.llama import Stop
+
+    from .budget import plan_windows
+    from .collective import CollectiveError
+
+    engine = None
+    try:
+        engine = start()
+        stop_ids = [] if args.ignore_eos else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids
+                                               else list(engine.config.eos_token_ids))
+        prompt = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else engine.encode(args.prompt)
         t0 = time.perf_counter()
         tokens, shown = [], ""
-        for tok in master.generate(prompt, args.max_new_tokens, sampling, Stop(eos_ids=stop_ids)):
+        for tok in engine.generate(prompt, args.max_new_tokens, sampling, Stop(eos_ids=stop_ids)):
             tokens.append(tok)
             if not args.json:  # decode the whole text so far: tokens that merge (spaces, UTF-8) print right
-                text = master.decode(tokens) if master.tokenizer else " ".join(map(str, tokens)) + " "
+                text = engine.decode(tokens) if engine.tokenizer else " ".join(map(str, tokens)) + " "
                 print(text[len(shown):] if text.startswith(shown) else text, end="", flush=True)
                 shown = text
         total = time.perf_counter() - t0
-        ranks = master.finish()
-        failed = False
+        ranks = engine.rank_stats()
+        plan = engine.plan
     except (CollectiveError, TimeoutError, RuntimeError) as err:
-        extra = workers.describe_failures() if workers else ""
+        extra = failures()
         print(f"\nedge-runtime tp generate: failed: {err}" + (f" [{extra}]" if extra else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nedge-runtime tp generate: interrupted", file=sys.stderr)
         return 130
     finally:
-        if master is not None:
-            master.close()
-        if workers is not None:
-            workers.stop(grace_s=0.5 if failed else 5.0)
-    s = master.last
+        if engine is not None:
+            engine.close()
+    s, world_size = engine.last, plan.world_size
     lat = s.token_latencies_s
     result = dict(
-        token_ids=s.tokens, finish_reason=s.finish_reason, text=master.decode(s.tokens) if master.tokenizer else None,
+        token_ids=s.tokens, finish_reason=s.finish_reason, text=engine.decode(s.tokens) if engine.tokenizer else None,
         prompt_ids=prompt, world_size=world_size, backend=config.backend,
         windows=plan_windows(plan) if config.window is None else [config.window] * world_size,
         payload=config.payload, kv_heads=plan.kv_heads, mlp=plan.mlp, dtype=config.dtype,
@@ -282,6 +364,8 @@ def _generate(args) -> int:
         pager=[dict(loads=r["pager_loads"], max_resident=r["pager_max_resident"], load_s=r["pager_load_us"] / 1e6,
                     wait_s=r["pager_wait_us"] / 1e6, bytes_loaded=r["pager_bytes_loaded"]) for r in ranks],
         torch_threads=torch.get_num_threads())
+    if hasattr(engine, "describe"):
+        result["group"] = engine.describe()
     result["window"] = result["windows"][0]
     budget = plan.extra.get("max_rank_memory")
     if budget is not None:  # each rank's peak against the budget it was prepared for

@@ -22,8 +22,14 @@ STEP, RESET, SHUTDOWN, STATS = 1, 2, 3, 4  # broadcast commands used by the engi
 class CollectiveError(RuntimeError):
     """A peer died, hung past its deadline, or sent a malformed or out-of-order message.
 
-    The message names the rank. After one of these the collective is broken: every later call
-    raises again (the master has already told the other workers to abort)."""
+    The message names the rank; on the master `ranks` holds the ranks to blame (empty when it
+    cannot tell), which is what a group drops before it re-plans (group.py). After one of these the
+    collective is broken: every later call raises again (the master has already told the other
+    workers to abort)."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.ranks = tuple(ranks)
 
 
 class Collective(ABC):

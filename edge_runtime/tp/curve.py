@@ -6,7 +6,8 @@ writes two key pairs (zmq.auth.create_certificates, Z85 text files):
     master.key, master.key_secret   the master's pair; workers need only master.key (public)
     worker.key, worker.key_secret   shared by all workers; the master needs only worker.key
 So copy master.key + worker.key_secret (+ worker.key) to each worker device, and master.key_secret +
-worker.key to the master. The master runs a ZAP handler that accepts only the worker public key:
+worker.key to the master. The control link of an elastic group (control.py) uses the same files the
+other way round: the peer listens as the CURVE server (worker pair) and admits only master.key. The master runs a ZAP handler that accepts only the worker public key:
 a peer without worker.key_secret fails the handshake and never reaches the master's code.
 """
 from __future__ import annotations
@@ -69,3 +70,24 @@ def configure_worker(sock: zmq.Socket, directory: Path) -> None:
     public, secret = _load(directory, WORKER, secret=True)
     master_public, _ = _load(directory, MASTER, secret=False)
     sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, master_public
+
+
+def configure_control_server(context: zmq.Context, sock: zmq.Socket, directory: Path) -> ThreadAuthenticator:
+    """A peer's control port (control.py): a CURVE server with the worker pair that admits only the
+    master's public key. Returns the running authenticator. Call before bind."""
+    public, secret = _load(directory, WORKER, secret=True)
+    master_public, _ = _load(directory, MASTER, secret=False)
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=_OnlyKey(master_public))
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+    return auth
+
+
+def configure_control_client(sock: zmq.Socket, directory: Path, server_key: bytes | None = None) -> None:
+    """The master asking a peer (control.py): a CURVE client with the master pair; the peer must
+    hold the secret of `server_key` (default worker.key). Call before connect."""
+    public, secret = _load(directory, MASTER, secret=True)
+    if server_key is None:
+        server_key, _ = _load(directory, WORKER, secret=False)
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key

@@ -169,7 +169,7 @@ class Master:
         except BaseException:
             collective.close()  # the workers learn at once that there is no master
             raise
-        self.model, self.config = self.shard.model, self.shard.config
+        self.model, self.config, self.plan = self.shard.model, self.shard.config, self.shard.plan
         self.tokenizer = None
         tok_file = self.shard.dir / "tokenizer.json"
         if tok_file.is_file():

@@ -56,10 +56,12 @@ def plan_checksum(plan) -> bytes:
 
 
 def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True,
-                  max_rank_memory: int | None = None, quantize=None) -> Path:
+                  max_rank_memory: int | None = None, quantize=None, ranks=None) -> Path:
     """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>;
     the plan holds the weight format (`quantize`, a split.llama.quantize handler) and the budget.
-    A `.gguf` file is first converted once into a Hugging Face folder under cache_dir/gguf (gguf_source)."""
+    `ranks`: only those ranks' folders (a peer of an elastic group prepares its own part; the folder
+    name then ends in -r<ranks>). A `.gguf` file is first converted once into a Hugging Face folder
+    under cache_dir/gguf (gguf_source)."""
     from split.llama import LlamaConfig
 
     from .gguf_source import model_folder
@@ -69,9 +71,10 @@ def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progre
     config = LlamaConfig.from_dir(model)
     plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
     src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
-    out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}"
-    if not (is_prepared(out, plan) and _newer_than_checkpoint(out, model)):
-        prepare(model, world_size, weights, out, progress, max_rank_memory, quantize)  # written aside, renamed when complete
+    part = "" if ranks is None else "-r" + "_".join(str(r) for r in sorted(set(ranks)))
+    out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}{part}"
+    if not (is_prepared(out, plan, ranks) and _newer_than_checkpoint(out, model)):
+        prepare(model, world_size, weights, out, progress, max_rank_memory, quantize, ranks)  # written aside, renamed when complete
     return out
 
 

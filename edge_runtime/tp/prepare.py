@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -132,12 +133,13 @@ def make_format_plan(config: LlamaConfig, world_size: int, weights: list[float] 
 
 def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None, out: str | Path,
             progress: bool = True, max_rank_memory: int | None = None,
-            quantize: Int8 | Int4 | None = None) -> ShardPlan:
+            quantize: Int8 | Int4 | None = None, ranks: Sequence[int] | None = None) -> ShardPlan:
     """Write the shard folder for a `world_size`-way split; returns the plan. The folder is written
     under a temporary name beside `out` and renamed at the end, so a failure (a bad checkpoint, a
     full disk) leaves no partial folder; an earlier shard folder at `out` is replaced. With
     `max_rank_memory` (bytes) the plan records the window each rank can afford (budget.py); with
-    `quantize` the weights are stored int8 / int4 (see the module docstring)."""
+    `quantize` the weights are stored int8 / int4 (see the module docstring). `ranks`: only these
+    rank folders (a peer preparing its own part of a plan; default all)."""
     model_dir, out = Path(model_dir), Path(out)
     config = LlamaConfig.from_dir(model_dir)
     plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
@@ -148,7 +150,7 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
-        _write(model_dir, config, plan, files, tmp, progress, quantize)
+        _write(model_dir, config, plan, files, tmp, progress, quantize, range(world_size) if ranks is None else ranks)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -165,17 +167,19 @@ def _replaceable(out: Path) -> bool:
 
 
 def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, out: Path, progress: bool,
-           quantize: Int8 | Int4 | None) -> None:
+           quantize: Int8 | Int4 | None, ranks: Sequence[int]) -> None:
     from tqdm import tqdm
 
-    world_size, L = plan.world_size, config.num_hidden_layers
-    rank_dirs = [out / f"rank{r}" for r in range(world_size)]
-    for d in rank_dirs:
+    L, ranks = config.num_hidden_layers, sorted(set(ranks))
+    if not ranks or not all(0 <= r < plan.world_size for r in ranks):
+        raise ValueError(f"ranks: expected some of 0..{plan.world_size - 1}, got {list(ranks)}")
+    rank_dirs = {r: out / f"rank{r}" for r in ranks}
+    for d in rank_dirs.values():
         d.mkdir()
         shutil.copyfile(model_dir / "config.json", d / "config.json")
     for name in ("tokenizer.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja"):  # the master's text, stop tokens and chat template
-        if (model_dir / name).is_file():
+        if 0 in rank_dirs and (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, rank_dirs[0] / name)
 
     with torch.device("meta"):
@@ -205,20 +209,22 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
         return {f"{prefix}.{k}": v for k, v in t.items()}
 
     table = Int8() if quantize is not None else None  # embeddings and LM head: int8 rows
-    bar = tqdm(total=2 * L * world_size + 2, desc=f"prepare {world_size} ranks", unit="block",
+    what = f"{plan.world_size} ranks" if len(ranks) == plan.world_size else f"rank(s) {ranks} of {plan.world_size}"
+    bar = tqdm(total=2 * L * len(ranks) + (2 if 0 in ranks else 0), desc=f"prepare {what}", unit="block",
                disable=not progress)
-    save_file(prefixed("embed_tokens", stored("embed_tokens.weight", table)), rank_dirs[0] / "embed.safetensors")
-    bar.update()
-    head_src = hf_source(config, "lm_head.weight")
-    if head_src.name not in files and config.tie_word_embeddings:
-        head_src = hf_source(config, "embed_tokens.weight")
-    save_file({"norm.weight": read("norm.weight"), **prefixed("lm_head", stored("lm_head.weight", table, head_src))},
-              rank_dirs[0] / "head.safetensors")
-    bar.update()
+    if 0 in rank_dirs:
+        save_file(prefixed("embed_tokens", stored("embed_tokens.weight", table)), rank_dirs[0] / "embed.safetensors")
+        bar.update()
+        head_src = hf_source(config, "lm_head.weight")
+        if head_src.name not in files and config.tie_word_embeddings:
+            head_src = hf_source(config, "embed_tokens.weight")
+        save_file({"norm.weight": read("norm.weight"), **prefixed("lm_head", stored("lm_head.weight", table, head_src))},
+                  rank_dirs[0] / "head.safetensors")
+        bar.update()
     for layer in range(L):
         for kind in BLOCK_KINDS:
             whole: dict[str, dict] = {}  # this block's quantized projections, whole, sliced per rank below
-            for rank in range(world_size):
+            for rank in ranks:
                 tensors = {}
                 for key, how, span in block_spec(config, plan, rank, layer, kind):
                     name = f"layers.{layer}.{key}"
@@ -237,7 +243,7 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
               f" (a GGUF's Q4_0 integers): {_summary(n for n, t in taken.items() if t)}; quantized from floats: "
               f"{_summary(n for n, t in taken.items() if not t)}; embeddings and LM head: int8 rows from floats",
               file=sys.stderr)
-    for d in rank_dirs:
+    for d in rank_dirs.values():
         plan.save(d / "plan.json")
     plan.save(out / "plan.json")
 
@@ -270,9 +276,10 @@ def _summary(names) -> str:
     return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
 
 
-def is_prepared(out: str | Path, plan: ShardPlan) -> bool:
-    """True if `out` holds a complete shard folder for exactly this plan."""
+def is_prepared(out: str | Path, plan: ShardPlan, ranks: Sequence[int] | None = None) -> bool:
+    """True if `out` holds a complete shard folder for exactly this plan (its `ranks`, default all)."""
     try:
-        return ShardPlan.load(Path(out) / "plan.json").to_dict() == plan.to_dict()
+        return all(ShardPlan.load(Path(out) / sub / "plan.json").to_dict() == plan.to_dict()
+                   for sub in ["", *(f"rank{r}" for r in (range(plan.world_size) if ranks is None else ranks))])
     except (OSError, ValueError):
         return False

@@ -112,12 +112,12 @@ class StarPeer(Collective):
         if self._broken is not None:
             raise CollectiveError(f"rank {self.rank}: the collective is broken: {self._broken}")
 
-    def _fail(self, message: str, tell: bool = True):
-        """Mark the collective broken, tell the other side, raise."""
+    def _fail(self, message: str, tell: bool = True, ranks=()):
+        """Mark the collective broken, tell the other side, raise (naming the `ranks` to blame)."""
         self._broken = message
         if tell:
             self._tell(message)
-        raise CollectiveError(message)
+        raise CollectiveError(message, tuple(ranks))
 
     def _encode(self, arr: np.ndarray, dtype: DType | None = None) -> list:
         """Payload frames of `arr` as `dtype` (default: this collective's payload precision)."""
@@ -126,11 +126,11 @@ class StarPeer(Collective):
         except WireError as e:
             self._fail(f"rank {self.rank}: {e}")
 
-    def _decode(self, h: Header, frames: list, sender: str):
+    def _decode(self, h: Header, frames: list, sender: str, ranks=()):
         try:
             return decode(h, frames)
         except WireError as e:
-            self._fail(f"{sender} sent a malformed payload: {e}")
+            self._fail(f"{sender} sent a malformed payload: {e}", ranks=ranks)
 
     def _reason(self, kind: Msg, reason: str) -> list:
         """The frames of an ABORT, BYE or REJECT saying why."""

@@ -116,7 +116,7 @@ class StarMaster(StarPeer):
             got = self._next(deadline)
             if got is None:
                 missing = [r for r in range(1, self.world_size) if r not in self._peers]
-                self._fail(f"master: rank(s) {missing} did not join within {join_timeout_s:g} s{self._noted()}")
+                self._fail(f"master: rank(s) {missing} did not join within {join_timeout_s:g} s{self._noted()}", ranks=missing)
             if not got:
                 continue
             identity, frames = got
@@ -167,10 +167,10 @@ class StarMaster(StarPeer):
             pending = [r for r in range(1, self.world_size) if r not in got]
             gone = [r for r in pending if r in self._gone]
             if gone:
-                self._fail(f"rank {gone[0]} disconnected ({self._gone[gone[0]]}) before sending its {what}")
+                self._fail(f"rank {gone[0]} disconnected ({self._gone[gone[0]]}) before sending its {what}", ranks=gone)
             msg = self._next(deadline, spin=True)
             if msg is None:
-                self._fail(f"rank(s) {pending} sent no {what} (seq {self._seq}) within {self.timeout_s:g} s")
+                self._fail(f"rank(s) {pending} sent no {what} (seq {self._seq}) within {self.timeout_s:g} s", ranks=pending)
             if not msg:
                 continue
             identity, frames = msg
@@ -181,15 +181,15 @@ class StarMaster(StarPeer):
             try:
                 h = unpack(frames[0])
             except WireError as e:
-                self._fail(f"rank {r} sent a malformed header: {e}")
+                self._fail(f"rank {r} sent a malformed header: {e}", ranks=[r])
             if h.type == Msg.BYE:
-                self._fail(f"rank {r} left: {text_of(frames[1:])}")
+                self._fail(f"rank {r} left: {text_of(frames[1:])}", ranks=[r])
             if (h.type, h.seq, h.layer, h.code, h.rank) != (kind, self._seq, layer, code, r) or r in got:
                 self._fail(f"rank {r} is out of sync: sent {describe(h)} from rank {h.rank}, expected {kind.name} "
-                           f"seq {self._seq} layer {layer} kind {code}")
+                           f"seq {self._seq} layer {layer} kind {code}", ranks=[r])
             if problem := wrong(h):
-                self._fail(f"rank {r} sent {problem}")
-            got[r] = self._decode(h, frames[1:], f"rank {r}")
+                self._fail(f"rank {r} sent {problem}", ranks=[r])
+            got[r] = self._decode(h, frames[1:], f"rank {r}", ranks=[r])
         return got
 
     def _wait_shm(self, r: int, shape: tuple, deadline: float, what: str) -> np.ndarray:
@@ -198,7 +198,7 @@ class StarMaster(StarPeer):
         def idle():
             self._on_monitor_event()
             if r in self._gone:
-                self._fail(f"rank {r} disconnected ({self._gone[r]}) before sending its {what}")
+                self._fail(f"rank {r} disconnected ({self._gone[r]}) before sending its {what}", ranks=[r])
             if self._sock.poll(0):
                 msg = self._next(deadline)
                 if msg:
@@ -209,13 +209,13 @@ class StarMaster(StarPeer):
                         try:
                             h = unpack(msg[1][0])
                         except WireError as e:
-                            self._fail(f"rank {sender} sent a malformed header: {e}")
+                            self._fail(f"rank {sender} sent a malformed header: {e}", ranks=[sender])
                         if h.type == Msg.BYE:
-                            self._fail(f"rank {sender} left: {text_of(msg[1][1:])}")
+                            self._fail(f"rank {sender} left: {text_of(msg[1][1:])}", ranks=[sender])
                         self._fail(f"rank {sender} is out of sync: sent {describe(h)}, expected its {what} "
-                                   f"(seq {self._seq}) in shared memory")
+                                   f"(seq {self._seq}) in shared memory", ranks=[sender])
             if time.monotonic() > deadline:
-                self._fail(f"rank(s) [{r}] sent no {what} (seq {self._seq}) within {self.timeout_s:g} s")
+                self._fail(f"rank(s) [{r}] sent no {what} (seq {self._seq}) within {self.timeout_s:g} s", ranks=[r])
 
         out = self._shm[r].get(UP, self._seq, shape, idle)
         self.bytes_received += out.nbytes
@@ -279,13 +279,13 @@ class StarMaster(StarPeer):
 
     def _send_to(self, rank: int, parts: list, copy: bool = False) -> None:
         if rank in self._gone:
-            self._fail(f"rank {rank} disconnected ({self._gone[rank]})")
+            self._fail(f"rank {rank} disconnected ({self._gone[rank]})", ranks=[rank])
         try:
             self._sock.send_multipart([self._peers[rank], *parts], zmq.NOBLOCK, copy=copy)
         except zmq.Again:
-            self._fail(f"rank {rank} is not reading its messages (send queue full)")
+            self._fail(f"rank {rank} is not reading its messages (send queue full)", ranks=[rank])
         except zmq.ZMQError as e:
-            self._fail(f"rank {rank} is unreachable ({e.strerror})")
+            self._fail(f"rank {rank} is unreachable ({e.strerror})", ranks=[rank])
         self.bytes_sent += sum(memoryview(p).nbytes for p in parts)
 
     def _reject(self, identity: bytes, reason: str) -> None:

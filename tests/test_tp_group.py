@@ -1,0 +1,287 @@
+"""An elastic tensor-parallel group (edge_runtime/tp/group.py, peer.py) that survives lost peers.
+
+    .venv/bin/python -m pytest -q tests/test_tp_group.py
+
+Real peer processes (`edge-runtime tp worker --model --listen`) on loopback, killed (SIGKILL) or
+stalled (SIGSTOP) mid-generation at world sizes 3 and 4: the generation completes with exactly
+`transformers`' greedy tokens (so none lost or repeated), the group re-forms over the rest, and the
+peer that comes back is taken in at the next request. A rank that misbehaves (a wrong shape, a
+replayed message, a stale epoch) is dropped like a dead one with a log line; a re-plan that no
+longer fits the peers' memory fails with the figures.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from edge_runtime.tp.budget import rank_memory  # noqa: E402
+from edge_runtime.tp.config import TPConfig  # noqa: E402
+from edge_runtime.tp.group import Group, GroupError  # noqa: E402
+from edge_runtime.tp.launch import free_port  # noqa: E402
+from edge_runtime.tp.prepare import make_format_plan  # noqa: E402
+from split.llama import LlamaConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [5, 77, 31, 190, 2, 64, 123]
+N_NEW = 24
+FAULT_AFTER = 5  # tokens streamed before the fault
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(folder, transformers' greedy ids): 8 query / 4 KV heads, so worlds 2, 3 and 4 all split it."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
+                                   hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=8, num_key_value_heads=4)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("group-model")
+    hf.save_pretrained(path, safe_serialization=True)
+    prompt = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N_NEW, do_sample=False)
+    return path, ids[0, len(PROMPT):].tolist()
+
+
+class PeerProcess:
+    """`edge-runtime tp worker --model --listen` on a fixed loopback port, restartable."""
+
+    def __init__(self, model: Path, cache: Path, name: str, *extra: str):
+        self.model, self.cache, self.name, self.extra = model, cache, name, extra
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log = cache / f"{name}.log"
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_runtime.cli", "tp", "worker", "--model", str(self.model), "--listen",
+                 self.address, "--cache-dir", str(self.cache), "--name", self.name, *self.extra],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while f"tp peer {self.name}: listening" not in self.log.read_text(errors="replace").split("--- start")[-1]:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "peer did not start"
+            time.sleep(0.1)
+
+    def restart(self) -> None:
+        self.stop()
+        with open(self.log, "a") as log:
+            log.write("--- start\n")
+        self.start()
+
+    def signal(self, sig) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def peers(model, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("group-cache")
+    procs = [PeerProcess(model[0], cache, f"p{i}") for i in range(1, 4)]
+    yield procs, cache
+    for p in procs:
+        p.stop()
+
+
+def make_group(model_dir, addresses, cache, logs, timeout_s=1.0, join_timeout_s=20.0) -> Group:
+    config = TPConfig(master=f"127.0.0.1:{free_port()}", timeout_s=timeout_s, join_timeout_s=join_timeout_s)
+    return Group(model_dir, addresses, config, cache_dir=cache, log=logs.append)
+
+
+def wait_until(predicate, timeout_s=30.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def generate_with_fault(group: Group, fault) -> list[int]:
+    """Stream N_NEW greedy tokens, calling fault() after FAULT_AFTER of them."""
+    got = []
+    for tok in group.generate(PROMPT, N_NEW):
+        got.append(tok)
+        if len(got) == FAULT_AFTER:
+            fault()
+    return got
+
+
+@pytest.mark.parametrize("world,how", [(3, "kill"), (4, "kill"), (3, "stall"), (4, "stall")])
+def test_a_lost_peer_mid_generation_costs_no_token_and_rejoins_at_the_next_request(model, peers, world, how):
+    procs, cache = peers
+    members = procs[:world - 1]
+    victim = members[-1]
+    logs = []
+    group = make_group(model[0], [p.address for p in members], cache, logs)
+    try:
+        assert group.describe()["world_size"] == world
+        sig = signal.SIGKILL if how == "kill" else signal.SIGSTOP
+        got = generate_with_fault(group, lambda: victim.signal(sig))
+        assert got == model[1]  # every token once, in order, equal to an uninterrupted run
+        state = group.describe()
+        assert state["world_size"] == world - 1 and victim.name in state["absent"]
+        assert state["recoveries"] == 1 and state["last_recovery"]["lost"] == [victim.name]
+        assert any(f"lost {victim.name}" in line for line in logs), logs
+
+        # the next request runs on the smaller plan
+        assert list(group.generate(PROMPT, N_NEW)) == model[1]
+        assert group.describe()["world_size"] == world - 1
+
+        # the peer comes back (restarted, or resumed), and is taken in at the next request boundary
+        if how == "kill":
+            victim.restart()
+        else:
+            victim.signal(signal.SIGCONT)
+        wait_until(lambda: victim.address in group._back, what="the prober to see the returned peer")
+        assert list(group.generate(PROMPT, N_NEW)) == model[1]
+        assert group.describe()["world_size"] == world and group.describe()["absent"] == []
+    finally:
+        group.close()
+        if victim.proc.poll() is not None:
+            victim.restart()
+        victim.signal(signal.SIGCONT)
+
+
+ROGUE = textwrap.dedent('''
+    """A peer that answers like a real one, then misbehaves in the group: MODE wrong-shape | replay | stale."""
+    import sys
+    import numpy as np
+    import torch
+    from pathlib import Path
+    from split.llama import LlamaConfig
+    from edge_runtime.tp.collective import STEP
+    from edge_runtime.tp.config import TPConfig
+    from edge_runtime.tp.control import ControlServer
+    from edge_runtime.tp.launch import plan_checksum
+    from edge_runtime.tp.plan import config_hash
+    from edge_runtime.tp.prepare import make_format_plan
+    from edge_runtime.tp.star_worker import StarWorker
+    from edge_runtime.tp.wire import DType, Header, Msg, encode
+    from edge_runtime.tp import shm
+    shm.available = lambda: False  # partials over the socket, where a wrong one can be seen
+
+    listen, model, mode = sys.argv[1:4]
+    config = LlamaConfig.from_dir(model)
+    with ControlServer(listen) as server:
+        print("tp peer rogue: listening", flush=True)
+        while True:
+            got = server.next(1.0)
+            if got is None:
+                continue
+            reply, req, sender = got
+            if req["op"] == "describe":
+                reply({"ok": True, "name": "rogue", "profile": {}, "model": config_hash(config), "state": "idle"})
+                continue
+            reply({"ok": True})
+            world, rank = req["world_size"], req["rank"]
+            plan = make_format_plan(config, world, req["weights"], None, req["max_rank_memory"])
+            epoch = req["epoch"] - 1 if mode == "stale" else req["epoch"]
+            try:
+                w = StarWorker(TPConfig(world_size=world, master=f"{sender}:{req['master_port']}", join_timeout_s=5),
+                               rank, plan_checksum(plan) + f".{epoch}".encode())
+                while w.broadcast(0)[0] != STEP:
+                    pass
+                if mode == "wrong-shape":
+                    w.allreduce(torch.zeros(1, 3, 5), layer=0, kind=0)
+                else:  # replay: the same partial twice
+                    x = np.zeros((1, 7, config.hidden_size), np.float32)  # the prompt's prefill
+                    head = Header(Msg.PARTIAL, rank, world, 0, 0, 0, w._seq + 1, DType.F32, x.shape).pack()
+                    w._sock.send_multipart([head, *encode(x, DType.F32)])
+                    w._sock.send_multipart([head, *encode(x, DType.F32)])
+                    w.broadcast(0)
+            except Exception as err:
+                print(f"rogue: {err}", flush=True)
+''')
+
+
+@pytest.mark.parametrize("mode,why", [("wrong-shape", "partial of shape"), ("replay", "out of sync"),
+                                      ("stale", "did not join")])
+def test_a_misbehaving_rank_is_dropped_like_a_dead_one(model, peers, tmp_path, mode, why):
+    procs, cache = peers
+    script = tmp_path / "rogue.py"
+    script.write_text(ROGUE)
+    address = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "rogue.log"
+    with open(log, "wb") as f:
+        rogue = subprocess.Popen([sys.executable, str(script), address, str(model[0]), mode], stdout=f,
+                                 stderr=subprocess.STDOUT, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        wait_until(lambda: "listening" in log.read_text(), 60, "the rogue peer")
+        logs = []
+        group = make_group(model[0], [procs[0].address, address], cache, logs, join_timeout_s=5.0)
+        try:
+            assert list(group.generate(PROMPT, N_NEW)) == model[1]
+            state = group.describe()
+            assert state["members"] == ["rank 0 (this device)", procs[0].name] and "rogue" in state["absent"]
+            assert any(why in line for line in logs), logs
+        finally:
+            group.close()
+    finally:
+        rogue.kill()
+        rogue.wait()
+
+
+def test_a_re_plan_that_no_longer_fits_fails_with_the_figures(model, tmp_path):
+    """Peers offering a budget that three ranks fit and two do not: losing one ends the request with
+    the figures, it does not hang or crash."""
+    config = LlamaConfig.from_dir(model[0])
+
+    def need(world):  # the smallest budget every rank fits in (with its cheapest window)
+        plan = make_format_plan(config, world, None)
+        n = 2 * config.num_hidden_layers
+        return max(min(rank_memory(config, plan, r, w) for w in range(n)) for r in range(world))
+
+    assert need(2) > need(3)
+    budget = (need(2) + need(3)) // 2
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    procs = [PeerProcess(model[0], cache, f"b{i}", "--max-memory", str(budget)) for i in (1, 2)]
+    logs = []
+    group = make_group(model[0], [p.address for p in procs], cache, logs)
+    try:
+        assert group.describe()["world_size"] == 3
+        with pytest.raises(GroupError, match=r"no plan fits 2 rank\(s\).*MiB"):
+            generate_with_fault(group, lambda: procs[1].signal(signal.SIGKILL))
+    finally:
+        group.close()
+        for p in procs:
+            p.stop()
+
+
+def test_cli_generate_over_peers_reports_the_group(model, peers, capsys):
+    import json
+
+    from edge_runtime import cli as edge_cli
+    procs, cache = peers
+    code = edge_cli.main(["tp", "generate", "--model", str(model[0]), "--peers", ",".join(p.address for p in procs[:2]),
+                          "--master", f"127.0.0.1:{free_port()}", "--prompt-ids", ",".join(map(str, PROMPT)),
+                          "--max-new-tokens", str(N_NEW), "--ignore-eos", "--cache-dir", str(cache), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out.strip().splitlines()[-1])
+    assert result["token_ids"] == model[1] and result["world_size"] == 3
+    assert result["group"]["members"][1:] == ["p1", "p2"]
+
+
+def test_cli_worker_argument_errors(capsys):
+    from edge_runtime import cli as edge_cli
+    assert edge_cli.main(["tp", "worker", "--model", "m"]) == 2
+    assert "--listen" in capsys.readouterr().err
+    assert edge_cli.main(["tp", "worker", "--model", "m", "--listen", "0.0.0.0:1", "--shards", "s"]) == 2
+    assert edge_cli.main(["tp", "worker", "--model", "m", "--listen", "0.0.0.0:29600"]) == 2
+    assert "beyond this machine" in capsys.readouterr().err
