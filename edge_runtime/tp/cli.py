@@ -86,6 +86,9 @@ def add_parser(commands) -> None:
     p.add_argument("--max-memory", metavar="SIZE", help="elastic peer: the memory it offers (default: the "
                                                         "profile's; none: no budget)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="elastic peer: where its shards are cached")
+    p.add_argument("--advertise", metavar="NAME", default="", help="elastic peer: advertise it on the local network "
+                   "(DNS-SD over multicast DNS) under NAME, with its CURVE public key and profile (measured when "
+                   "--profile is not given), for masters that --discover")
     comm(p)
 
     p = sub.add_parser("generate", help="generate text across N ranks (starts local workers unless --peers)")
@@ -105,7 +108,14 @@ def add_parser(commands) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="no stop tokens")
     p.add_argument("--peers", help="HOST:PORT,... of elastic peers (`tp worker --model --listen`): the group is "
                                    "formed over them and survives losing one; default: start ranks here on loopback")
-    p.add_argument("--profile", help="with --peers: this device's profile (name or .toml) for the shares")
+    p.add_argument("--discover", type=int, metavar="N", help="form the group from the first N elastic peers "
+                   "advertised on the local network (`tp worker --advertise`) instead of --peers")
+    p.add_argument("--discover-timeout-s", type=float, default=10.0)
+    p.add_argument("--known-peers", help="with --discover: file of peer keys recorded by --trust-on-first-use "
+                   "(default: known_tp_peers beside --cache-dir)")
+    p.add_argument("--trust-on-first-use", action="store_true", help="with --discover: accept (and record) the "
+                   "key of a peer name not seen before; a recorded name whose key changed is still refused")
+    p.add_argument("--profile", help="with --peers / --discover: this device's profile (name or .toml) for the shares")
     p.add_argument("--master", help="HOST:PORT to bind (default: a free loopback port; with --peers 0.0.0.0:29500)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="where prepared shards are cached")
     p.add_argument("--max-rank-memory", metavar="SIZE", help="with --model: prepare for this budget per rank "
@@ -237,7 +247,7 @@ def _peer(args) -> int:
     setup = PeerSetup(model=Path(args.model), listen=args.listen, cache_dir=Path(args.cache_dir), name=args.name,
                       profile=_profile(args.profile, args.max_memory),
                       curve_keys=Path(args.curve_keys) if args.curve_keys else None, insecure=args.insecure,
-                      join_timeout_s=args.join_timeout_s)
+                      join_timeout_s=args.join_timeout_s, advertise=args.advertise)
     host = setup.listen.rpartition(":")[0].strip("[]")
     if setup.curve_keys is None and not setup.insecure and not is_loopback(host):
         raise ValueError(f"--listen {setup.listen} reaches beyond this machine: give --curve-keys (`tp keys`) or, "
@@ -257,7 +267,7 @@ def _generate(args) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.peers is not None:
+    if args.peers is not None or args.discover is not None:
         return _generate_in_group(args, sampling)
     return _generate_local(args, sampling)
 
@@ -296,16 +306,27 @@ def _generate_local(args, sampling) -> int:
 
 
 def _generate_in_group(args, sampling) -> int:
-    """An elastic group over already-running peers (group.py)."""
-    from .group import Group
+    """An elastic group over already-running peers, listed or discovered (group.py)."""
+    from .group import Discovery, Group
 
     if args.model is None:
-        raise ValueError("--peers needs --model (every peer prepares its part of whatever plan the group takes)")
+        raise ValueError("--peers / --discover need --model (every peer prepares its part of whatever plan the "
+                         "group takes)")
     if args.world_size is not None or args.weights:
-        raise ValueError("--peers: the world size is 1 + the peers that answer, and the shares come from their "
-                         "profiles: drop --world-size / --weights")
-    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
-    config = _config(args, 1 + len(peers), args.master or "0.0.0.0:29500")
+        raise ValueError("--peers / --discover: the world size is 1 + the peers that answer, and the shares come "
+                         "from their profiles: drop --world-size / --weights")
+    if args.peers is not None and args.discover is not None:
+        raise ValueError("give --peers or --discover, not both")
+    if args.discover is not None:
+        if args.discover < 1:
+            raise ValueError(f"--discover must be >= 1, got {args.discover}")
+        known = Path(args.known_peers) if args.known_peers else Path(args.cache_dir).parent / "known_tp_peers"
+        peers = Discovery(args.discover, args.discover_timeout_s, known, args.trust_on_first_use)
+        world = 1 + args.discover
+    else:
+        peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+        world = 1 + len(peers)
+    config = _config(args, world, args.master or "0.0.0.0:29500")
     return _run(args, lambda: Group(Path(args.model), peers, config, quantize=_quantize(args),
                                     cache_dir=Path(args.cache_dir), profile=_profile(args.profile),
                                     progress=not args.json, log=lambda m: print(m, file=sys.stderr, flush=True)),

@@ -91,3 +91,9 @@ def configure_control_client(sock: zmq.Socket, directory: Path, server_key: byte
     if server_key is None:
         server_key, _ = _load(directory, WORKER, secret=False)
     sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
+
+
+def worker_public_key(directory: Path) -> bytes:
+    """worker.key's public key (Z85): what a peer's control port must prove it holds the secret of,
+    and the key a master pins for discovered peers (discovery.py)."""
+    return _load(Path(directory), WORKER, secret=False)[0]

@@ -1,6 +1,7 @@
 """An elastic tensor-parallel group: rank 0 over peers that may die, stall, come back or be new.
 
     group = Group(Path("model"), ["10.0.0.3:29600", "10.0.0.4:29600"], TPConfig(master="0.0.0.0:29500", curve_keys="keys/"))
+    group = Group(Path("model"), Discovery(3), TPConfig(master="0.0.0.0:29500", curve_keys="keys/"))  # found by mDNS
     for tok in group.generate(group.encode("Hello"), max_new_tokens=32):   # as engine.Master.generate
         print(group.decode([tok]), end="")
     group.describe()    # members, plan, epoch, recoveries
@@ -54,12 +55,32 @@ class Member:
         self.name = self.name or self.address
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """Form the group from the first `count` peers found on the network (discovery.py) instead of a
+    list: with CURVE keys only peers advertising the pinned worker.key, or one known_keys recorded
+    (trust_on_first_use records new names), are taken."""
+    count: int
+    timeout_s: float = 10.0
+    known_keys: Path | None = None
+    trust_on_first_use: bool = False
+
+    def members(self, model_identity: str, tp: TPConfig, log) -> list[Member]:
+        from . import curve
+        from .discovery import discover
+        pinned = {curve.worker_public_key(tp.curve_keys)} if tp.curve_keys is not None else None
+        found = discover(self.count, self.timeout_s, model=model_identity, pinned=pinned, known_keys=self.known_keys,
+                         trust_on_first_use=self.trust_on_first_use, require_key=tp.curve_keys is not None, log=log)
+        log(f"tp group: discovered {', '.join(f'{r.name} ({r.host}:{r.port})' for r in found)}")
+        return [Member(f"{r.host}:{r.port}", r.name, r.profile, r.key) for r in found]
+
+
 class GroupError(RuntimeError):
     """No plan fits the peers that remain (the message has the figures), or forming failed."""
 
 
 class Group:
-    def __init__(self, model: Path, peers: Sequence[str | Member], config: TPConfig, *, quantize=None,
+    def __init__(self, model: Path, peers: Sequence[str | Member] | Discovery, config: TPConfig, *, quantize=None,
                  cache_dir: Path | None = None, profile: dict | None = None, progress: bool = False, log=print):
         from .gguf_source import model_folder
         from .launch import DEFAULT_CACHE
@@ -71,6 +92,8 @@ class Group:
         self.llama = LlamaConfig.from_dir(self.model_dir)
         self.identity = config_hash(self.llama)
         self.profile = dict(profile or {})
+        if isinstance(peers, Discovery):
+            peers = peers.members(self.identity, config, log)
         self.known = [p if isinstance(p, Member) else Member(str(p)) for p in peers]
         self.members: list[Member] = []
         self.master = None

@@ -38,6 +38,7 @@ class PeerSetup:
     curve_keys: Path | None = None
     insecure: bool = False
     join_timeout_s: float = 60.0
+    advertise: str = ""              # advertise the control port under this name (DNS-SD, discovery.py)
 
 
 class Peer:
@@ -58,10 +59,11 @@ class Peer:
         self.model_dir = model_folder(Path(setup.model), self.cache_dir / "gguf", False)
         self.config = LlamaConfig.from_dir(self.model_dir)
         self.identity = config_hash(self.config)
+        self.profile = dict(setup.profile)  # what it tells masters about itself
         self.served = 0
 
     def describe(self, name: str) -> dict:
-        return {"ok": True, "name": name, "profile": self.setup.profile, "model": self.identity, "state": "idle",
+        return {"ok": True, "name": name, "profile": self.profile, "model": self.identity, "state": "idle",
                 "served": self.served}
 
     def check(self, request: dict) -> dict:
@@ -131,29 +133,62 @@ def serve_peer(setup: PeerSetup, log=print, on_listening=None) -> int:
     peer = Peer(setup, log)
     try:
         with ControlServer(setup.listen, setup.curve_keys) as server:
-            name = setup.name or server.address
+            name = setup.name or setup.advertise or server.address
             log(f"tp peer {name}: listening on {server.address} for a master (model {peer.identity})")
+            advertised = _advertise(setup, server.port, peer, log) if setup.advertise else None
             if on_listening is not None:
                 on_listening(server.address)
-            while True:
-                got = server.next(timeout_s=0.5)
-                if got is None:
-                    continue
-                reply, request, sender = got
-                op = request.get("op")
-                if op == "describe":
-                    reply(peer.describe(name))
-                elif op == "serve":
-                    try:
-                        job = peer.check(request)
-                    except (ValueError, TypeError, KeyError) as err:
-                        log(f"tp peer {name}: refused a serve request from {sender}: {err}")
-                        reply({"ok": False, "error": str(err)})
-                        continue
-                    reply({"ok": True})
-                    peer.serve(job, sender)
-                else:
-                    reply({"ok": False, "error": f"unknown op {op!r}: expected 'describe' or 'serve'"})
+            try:
+                _answer(server, peer, name, log)
+            finally:
+                if advertised is not None:
+                    advertised.close()  # goodbye packets: masters stop seeing this peer
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _advertise(setup: PeerSetup, port: int, peer: Peer, log):
+    """The DNS-SD record of this peer: its control port, worker.key (when it has keys), its profile
+    (measured on this machine when none was given: discovery needs one) and its model."""
+    from devices.probe import memory_bandwidth_gbs
+
+    from . import curve
+    from .discovery import Advertisement
+
+    profile = dict(setup.profile)
+    if "memory_bandwidth_gbs" not in profile:
+        import psutil
+        profile.update(memory_bandwidth_gbs=round(memory_bandwidth_gbs(mib=64, trials=3), 2))
+        profile.setdefault("memory_bytes", psutil.virtual_memory().total)
+    profile.setdefault("name", setup.advertise)
+    peer.profile = profile
+    host = setup.listen.rpartition(":")[0].strip("[]")
+    key = curve.worker_public_key(setup.curve_keys) if setup.curve_keys is not None else None
+    ad = Advertisement(setup.advertise, port, key=key, profile=profile, model=peer.identity,
+                       addresses=None if host in ("0.0.0.0", "*", "") else [host])
+    log(f"tp peer {setup.advertise}: advertised on the local network ({profile})")
+    return ad
+
+
+def _answer(server: ControlServer, peer: Peer, name: str, log) -> None:
+    """The control loop: describe and serve requests, one at a time, for ever."""
+    while True:
+        got = server.next(timeout_s=0.5)
+        if got is None:
+            continue
+        reply, request, sender = got
+        op = request.get("op")
+        if op == "describe":
+            reply(peer.describe(name))
+        elif op == "serve":
+            try:
+                job = peer.check(request)
+            except (ValueError, TypeError, KeyError) as err:
+                log(f"tp peer {name}: refused a serve request from {sender}: {err}")
+                reply({"ok": False, "error": str(err)})
+                continue
+            reply({"ok": True})
+            peer.serve(job, sender)
+        else:
+            reply({"ok": False, "error": f"unknown op {op!r}: expected 'describe' or 'serve'"})
