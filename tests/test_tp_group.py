@@ -23,6 +23,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from edge_runtime.tp.budget import rank_memory  # noqa: E402
+from server_process import AgentProcess  # noqa: E402
+from test_tp_engine import _write_tokenizer  # noqa: E402
 from edge_runtime.tp.config import TPConfig  # noqa: E402
 from edge_runtime.tp.group import Group, GroupError  # noqa: E402
 from edge_runtime.tp.launch import free_port  # noqa: E402
@@ -45,6 +47,7 @@ def model(tmp_path_factory):
     hf = transformers.LlamaForCausalLM(cfg).eval()
     path = tmp_path_factory.mktemp("group-model")
     hf.save_pretrained(path, safe_serialization=True)
+    _write_tokenizer(path, 256)  # "t0".."t255": the agent's HTTP API answers in text
     prompt = torch.tensor([PROMPT])
     with torch.no_grad():
         ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N_NEW, do_sample=False)
@@ -147,7 +150,7 @@ def test_a_lost_peer_mid_generation_costs_no_token_and_rejoins_at_the_next_reque
             victim.restart()
         else:
             victim.signal(signal.SIGCONT)
-        wait_until(lambda: victim.address in group._back, what="the prober to see the returned peer")
+        wait_until(lambda: group.describe()["returning"] == [victim.name], what="the group to see the returned peer")
         assert list(group.generate(PROMPT, N_NEW)) == model[1]
         assert group.describe()["world_size"] == world and group.describe()["absent"] == []
     finally:
@@ -285,3 +288,67 @@ def test_cli_worker_argument_errors(capsys):
     assert edge_cli.main(["tp", "worker", "--model", "m", "--listen", "0.0.0.0:1", "--shards", "s"]) == 2
     assert edge_cli.main(["tp", "worker", "--model", "m", "--listen", "0.0.0.0:29600"]) == 2
     assert "beyond this machine" in capsys.readouterr().err
+
+
+def test_the_agent_tp_pipeline_serves_through_a_lost_peer(model, peers, tmp_path):
+    """A real agent with a tp pipeline over two peers, two streamed OpenAI completions at once (one
+    running, one queued): a peer killed mid-stream costs neither a token; /health and /metrics show
+    the smaller group and the recovery; the restarted peer is back for the next request."""
+    import json
+    import threading
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    procs, cache = peers
+    (tmp_path / "agent.toml").write_text(
+        f'device_id = "tp-box"\nstate_dir = "state"\n[serve]\nhost = "127.0.0.1"\nport = 0\nhttp_port = 0\n'
+        f'[[pipeline]]\nname = "big"\nkind = "tp"\npath = "{model[0]}"\ncache_dir = "{cache}"\n'
+        f'peers = ["{procs[0].address}", "{procs[1].address}"]\nmaster = "127.0.0.1:{free_port()}"\n'
+        f'timeout_s = 1.0\n')
+    agent = AgentProcess(tmp_path / "agent.toml")
+    try:
+        base = agent.wait_for("serving http://").split("serving ")[1].split()[0]
+        client = openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120)
+        wait_until(lambda: client.models.list().data, 120, "the tp pipeline to open")
+        expected = [f"t{i}" for i in model[1]]
+        texts, chunks_seen = {}, threading.Event()
+
+        def complete(i):
+            stream = client.completions.create(model="big", prompt=PROMPT, max_tokens=N_NEW, stream=True, temperature=0)
+            parts = []
+            for chunk in stream:
+                parts.append(chunk.choices[0].text if chunk.choices else "")
+                if i == 0 and len(parts) == FAULT_AFTER:
+                    chunks_seen.set()
+            texts[i] = "".join(parts).split()
+
+        threads = [threading.Thread(target=complete, args=(i,)) for i in range(2)]
+        threads[0].start()
+        assert chunks_seen.wait(120)
+        threads[1].start()  # queued behind the first
+        procs[1].signal(signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert texts == {0: expected, 1: expected}
+
+        def get(path):
+            with urllib.request.urlopen(base.removesuffix("/v1") + path, timeout=30) as r:
+                return r.read().decode()
+
+        big = json.loads(get("/health"))["pipelines"]["big"]
+        assert big["world_size"] == 2 and big["recoveries"] == 1 and big["absent"] == [procs[1].name]
+        metrics = get("/metrics")
+        assert 'edgefold_tp_group_recoveries_total{pipeline="big"} 1.0' in metrics
+        assert 'edgefold_tp_group_world_size{pipeline="big"} 2.0' in metrics
+
+        procs[1].restart()
+        wait_until(lambda: json.loads(get("/health"))["pipelines"]["big"]["returning"] == [procs[1].name],
+                   60, "the group to see the restarted peer")
+        again = client.completions.create(model="big", prompt=PROMPT, max_tokens=N_NEW, temperature=0)
+        assert again.choices[0].text.split() == expected
+        assert json.loads(get("/health"))["pipelines"]["big"]["world_size"] == 3
+    finally:
+        agent.kill()
+        if procs[1].proc.poll() is not None:
+            procs[1].restart()
+

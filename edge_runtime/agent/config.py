@@ -51,7 +51,11 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),
                  metric = "max_prob" | "entropy", cloud_model = "llm", deadline_s, max_new_tokens,
                  quantize = "int8" | "int4" (the device half from tp prepare's blocks), group_size = 32
-    tp           peers = ["host:port", ...] (default: start the other ranks here), master = "host:port",
+    tp           without peers: a `tp prepare` output, its other ranks started here on loopback;
+                 peers = ["host:port", ...] (elastic peers, `tp worker --model --listen`) or discover = N
+                 (peers advertised on the network; known_peers, trust_on_first_use, discover_timeout_s):
+                 the model itself, run by a group that survives a lost peer (quantize, group_size,
+                 profile = this device's, cache_dir); master = "host:port",
                  window (default: the plan's, from tp prepare --max-rank-memory),
                  payload = "fp32" | "fp16" | "int8", dtype = "fp32" | "bf16" (float weights; the weight
                  format itself is the prepared folder's), timeout_s, join_timeout_s, max_new_tokens,

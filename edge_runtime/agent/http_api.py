@@ -7,7 +7,8 @@ the gRPC OIP server ([serve] http_port; off when absent).
     POST /v1/chat/completions    messages -> the checkpoint's chat template -> a generation
     POST /v1/completions         prompt (text or token ids) -> a generation
     GET  /metrics                Prometheus text (http_stream.LlmMetrics)
-    GET  /health                 200 once listening (never needs the token)
+    GET  /health                 200 once listening (never needs the token), with each pipeline's describe()
+                                 (a tp group: its members, plan and recoveries)
 
 Requests are llm_api's (ChatRequest / CompletionRequest: a bad field is a 400 naming it); answers
 are OpenAI's: one JSON object with `usage`, or with `"stream": true` server-sent events (for chat
@@ -111,11 +112,42 @@ class _EventStream(StreamingResponse):
             self._on_exit()
 
 
+class _GroupCollector:
+    """At each scrape, the elastic tensor-parallel groups of the agent's tp pipelines (their describe())."""
+
+    def __init__(self, agent):
+        self.agent = agent
+
+    def describe(self):
+        return []  # no sample at registration: the pipelines may not be open yet
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        world = GaugeMetricFamily("edgefold_tp_group_world_size", "Ranks in the group now (this device included)",
+                                  labels=["pipeline"])
+        absent = GaugeMetricFamily("edgefold_tp_group_absent_peers", "Known peers not in the group now",
+                                   labels=["pipeline"])
+        epoch = GaugeMetricFamily("edgefold_tp_group_epoch", "Formations of the group so far", labels=["pipeline"])
+        recoveries = CounterMetricFamily("edgefold_tp_group_recoveries", "Re-plans after a lost peer mid-generation",
+                                         labels=["pipeline"])
+        for name, pipe in list(self.agent.pipelines.items()):
+            group = getattr(pipe, "group", None)
+            if group is None:
+                continue
+            state = group.describe()
+            world.add_metric([name], state["world_size"])
+            absent.add_metric([name], len(state["absent"]))
+            epoch.add_metric([name], state["epoch"])
+            recoveries.add_metric([name], state["recoveries"])
+        yield from (world, absent, epoch, recoveries)
+
+
 class HttpApi:
     def __init__(self, agent, host: str, port: int, token: str | None = None, max_queue: int = 8):
         self.agent, self.host, self.port = agent, host, port
         self.max_queue = max_queue
         self.metrics = LlmMetrics()
+        self.metrics.registry.register(_GroupCollector(agent))
         self.created = int(time.time())
         self._queued: dict[str, int] = {}                # pipeline -> requests waiting or running (loop only)
         self._templates: dict[str, tuple] = {}           # pipeline -> (the Pipeline, ChatTemplate or error)
@@ -192,7 +224,8 @@ class HttpApi:
 
     # --- routes ----------------------------------------------------------------------------------
     async def health(self, request):
-        return JSONResponse({"status": "ok", "ready": self.agent.ready()})
+        return JSONResponse({"status": "ok", "ready": self.agent.ready(),
+                             "pipelines": {n: p.describe() for n, p in list(self.agent.pipelines.items())}})
 
     async def prometheus(self, request):
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -282,32 +282,51 @@ class LocalLlmPipeline(EnginePipeline):
 
 
 class TensorParallelPipeline(EnginePipeline):
-    """`folder` is a `tp prepare` output. Workers: `peers = ["host:port", ...]` already running
-    (`edge-runtime tp worker`), or started here on loopback when absent. Input `prompt` (BYTES) or
+    """Rank 0 of a tensor-parallel group. Without `peers` / `discover`, `folder` is a `tp prepare`
+    output and ranks 1..N-1 are started here on loopback. With `peers = ["host:port", ...]` (elastic
+    peers: `edge-runtime tp worker --model --listen`) or `discover = N` (peers advertised on the
+    local network; `known_peers`, `trust_on_first_use`), `folder` is the model itself (a Hugging
+    Face folder, or a .gguf file inside it) and the group (edge_runtime.tp.group) survives losing a
+    peer: the request in flight finishes on the new plan, queued ones wait behind it (the pipeline's
+    lock), and a peer that comes back joins at a request boundary. describe() (the agent's /health)
+    and /metrics show the members, the plan and the recoveries. Options: master, window, payload,
+    dtype, timeout_s, join_timeout_s, curve_keys / insecure, max_new_tokens; with peers also quantize,
+    group_size, profile (this device's, for the shares), cache_dir. Input `prompt` (BYTES) or
     `prompt_ids` (INT64); parameter max_new_tokens; greedy. Outputs `text` and `tokens`."""
 
     def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
+        from edge_runtime.tp.config import TPConfig
+        from edge_runtime.tp.launch import free_port
+        super().__init__(name, "tp", "edgefold_tp")
+        peers, discover = options.get("peers"), options.get("discover")
+        window = options.get("window")  # absent: each rank's from the plan (all resident without a budget)
+        self.config = TPConfig(
+            world_size=1, window=None if window is None else int(window),
+            master=str(options.get("master", "0.0.0.0:29500" if peers or discover else f"127.0.0.1:{free_port()}")),
+            payload=str(options.get("payload", "fp32")), timeout_s=float(options.get("timeout_s", 5.0)),
+            join_timeout_s=float(options.get("join_timeout_s", 60.0)), dtype=str(options.get("dtype", "fp32")),
+            insecure=options.get("insecure") is True,
+            curve_keys=Path(options["curve_keys"]) if options.get("curve_keys") else None)
+        self.workers, self.group = None, None
+        if peers or discover:
+            self._start_group(folder, peers, discover, options)
+        else:
+            self._start_local(folder, options)
+
+    def _start_local(self, folder: Path, options: dict) -> None:
+        import dataclasses
+
         import torch
 
-        from edge_runtime.tp.config import TPConfig
-        from edge_runtime.tp.launch import LocalWorkers, free_port, rank_folder, start_master
+        from edge_runtime.tp.launch import LocalWorkers, rank_folder, start_master
         from edge_runtime.tp.plan import ShardPlan
-        super().__init__(name, "tp", "edgefold_tp")
-        self.world_size = ShardPlan.load(folder / "plan.json").world_size
-        peers = options.get("peers")
-        window = options.get("window")  # absent: each rank's from the plan (all resident without a budget)
-        config = TPConfig(world_size=self.world_size, window=None if window is None else int(window),
-                          master=str(options.get("master", "0.0.0.0:29500" if peers else f"127.0.0.1:{free_port()}")),
-                          payload=str(options.get("payload", "fp32")), timeout_s=float(options.get("timeout_s", 5.0)),
-                          join_timeout_s=float(options.get("join_timeout_s", 60.0)),
-                          dtype=str(options.get("dtype", "fp32")), insecure=options.get("insecure") is True,
-                          curve_keys=Path(options["curve_keys"]) if options.get("curve_keys") else None)
-        self.workers = None
-        if not peers and self.world_size > 1:
-            self.workers = LocalWorkers(folder, config)
-            torch.set_num_threads(max(1, torch.get_num_threads() // self.world_size))
+        world_size = ShardPlan.load(folder / "plan.json").world_size
+        self.config = dataclasses.replace(self.config, world_size=world_size)
+        if world_size > 1:
+            self.workers = LocalWorkers(folder, self.config)
+            torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
         try:
-            master = start_master(folder, config)
+            master = start_master(folder, self.config)
         except BaseException:
             if self.workers:
                 self.workers.stop(grace_s=0.5)
@@ -315,8 +334,33 @@ class TensorParallelPipeline(EnginePipeline):
         # tokenizer_config.json (the chat template) would sit beside rank 0's tokenizer.json
         self._init_engine(master, rank_folder(folder, 0), int(options.get("max_new_tokens", 32)))
 
+    def _start_group(self, folder: Path, peers, discover, options: dict) -> None:
+        from edge_runtime.tp.group import Discovery, Group, rank_profile
+        from edge_runtime.tp.launch import DEFAULT_CACHE
+        from split.llama.quantize import handler
+        cache = Path(options.get("cache_dir", DEFAULT_CACHE))
+        if peers and discover:
+            raise ValueError("give peers or discover, not both")
+        if discover:
+            if isinstance(discover, bool) or not isinstance(discover, int) or discover < 1:
+                raise ValueError(f"discover must be an integer >= 1, got {discover!r}")
+            known = Path(options.get("known_peers", cache.parent / "known_tp_peers"))
+            peers = Discovery(discover, float(options.get("discover_timeout_s", 10.0)), known,
+                              options.get("trust_on_first_use") is True)
+        elif not (isinstance(peers, list) and all(isinstance(p, str) for p in peers)):
+            raise ValueError(f"peers must be a list of \"host:port\" strings, got {peers!r}")
+        quantize = options.get("quantize")
+        model = next(iter(sorted(folder.glob("*.gguf"))), folder)  # a package holding a GGUF file: that file
+        self.group = Group(model, peers, self.config,
+                           quantize=handler(quantize, int(options.get("group_size", 32))) if quantize else None,
+                           cache_dir=cache, profile=rank_profile(options.get("profile")),
+                           log=lambda m: print(m, flush=True))
+        self._init_engine(self.group, folder, int(options.get("max_new_tokens", 32)))
+
     def describe(self) -> dict:
-        return {"kind": self.kind, "world_size": self.world_size}
+        if self.group is not None:
+            return {"kind": self.kind, **self.group.describe()}
+        return {"kind": self.kind, "world_size": self.config.world_size}
 
     def _release(self) -> None:
         self.master.close()

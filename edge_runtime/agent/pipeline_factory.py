@@ -14,7 +14,7 @@ Kinds:
 - llm         a Llama-family checkpoint on this device alone (the tp engine at world size 1: paging,
               int8 / int4 weights)
 - collab-llm  the collaborative LLM (edge layers + exit head; the cloud finishes the rest)
-- tp          rank 0 of a tensor-parallel group (workers started here or already running on peers)
+- tp          rank 0 of a tensor-parallel group (workers started here, or an elastic group over peers)
 The kinds live in vision_pipelines.py (local, early-exit, split, adaptive) and llm_pipelines.py
 (llm, collab-llm, tp; each also streams tokens: LlmPipeline.stream); torch is imported only when
 one of the LLM kinds is opened.

@@ -229,16 +229,9 @@ def _worker(args) -> int:
 
 
 def _profile(name: str | None, max_memory: str | None = None) -> dict:
-    """What a rank says about itself to the group: its profile's memory bandwidth and memory."""
     from .budget import parse_bytes
-    out: dict = {}
-    if name:
-        from devices.profiles import load_profile
-        p = load_profile(name)
-        out = {"name": p.key, "memory_bandwidth_gbs": p.memory_bandwidth_gbs, "memory_bytes": int(p.memory_gb * 2**30)}
-    if max_memory:
-        out["memory_bytes"] = parse_bytes(max_memory, "--max-memory")
-    return out
+    from .group import rank_profile
+    return rank_profile(name, parse_bytes(max_memory, "--max-memory") if max_memory else None)
 
 
 def _peer(args) -> int:

@@ -55,6 +55,19 @@ class Member:
         self.name = self.name or self.address
 
 
+def rank_profile(profile: str | None, memory_bytes: int | None = None) -> dict:
+    """What a rank tells its group about itself: a device profile's (name or .toml) memory bandwidth
+    (its share) and memory (the budget), `memory_bytes` over the profile's; {} for neither."""
+    out: dict = {}
+    if profile:
+        from devices.profiles import load_profile
+        p = load_profile(profile)
+        out = {"name": p.key, "memory_bandwidth_gbs": p.memory_bandwidth_gbs, "memory_bytes": int(p.memory_gb * 2**30)}
+    if memory_bytes is not None:
+        out["memory_bytes"] = int(memory_bytes)
+    return out
+
+
 @dataclass(frozen=True)
 class Discovery:
     """Form the group from the first `count` peers found on the network (discovery.py) instead of a
@@ -158,6 +171,7 @@ class Group:
         from .budget import plan_windows
         return {"members": ["rank 0 (this device)", *(m.name for m in self.members)],
                 "absent": [m.name for m in self.known if m not in self.members],
+                "returning": [m.name for m in self.known if m.address in self._back],  # join at the next request
                 "world_size": 1 + len(self.members), "epoch": self.epoch,
                 "shares": None if self.plan is None else self.plan.weights,
                 "windows": None if self.plan is None else plan_windows(self.plan),
