@@ -42,6 +42,7 @@ from .control import ask
 DESCRIBE_TIMEOUT_S = 2.0  # a peer's answer to describe (at once, unless it is busy serving or gone)
 SERVE_TIMEOUT_S = 5.0  # its answer to serve (it checks that the plan fits first)
 PROBE_EVERY_S = 1.0  # how often absent peers are asked whether they are back
+SHARE_STEP = 0.05  # shares from profiles are rounded to this
 
 
 @dataclass(eq=False)  # a member is itself: compared by identity, not by what it advertised
@@ -207,10 +208,13 @@ class Group:
         return found
 
     def _shares(self, members: Sequence[Member]) -> list[float] | None:
-        """Shares proportional to advertised memory bandwidth; equal unless every rank gave one."""
+        """Shares proportional to advertised memory bandwidth, in steps of SHARE_STEP (so a measured
+        bandwidth's noise does not make a new plan, and new shards, at every start); equal unless
+        every rank gave one."""
         bw = [p.get("memory_bandwidth_gbs") for p in (self.profile, *(m.profile for m in members))]
         if all(type(b) in (int, float) and b > 0 for b in bw):
-            return [b / sum(bw) for b in bw]
+            steps = [max(1, round(b / sum(bw) / SHARE_STEP)) for b in bw]
+            return None if len(set(steps)) == 1 else [n / sum(steps) for n in steps]
         return None
 
     def _budget(self, members: Sequence[Member]) -> int | None:
