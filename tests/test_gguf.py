@@ -20,7 +20,13 @@ Llama-architecture file with a SentencePiece ("llama") tokenizer and a Qwen2 one
   projection with the file's integer codes, scale d rounded fp16 -> bf16 and zero 0 (its dequantization
   within 8 * |d - bf16(d)| <= |d| / 32 of gguf's, per block), `tp generate --quantize int4` on it equals
   our one-process int4 model built from those tensors, and `--quantize int8` (or int4 g64) requantizes
-  from the floats and says so.
+  from the floats and says so;
+- q8_0 kept: converting a Q8_0 file also writes prequantized/int8-g32/ (group-wise int8, group 32: the
+  file's int8 codes, scale d rounded fp16 -> bf16, within |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 of
+  gguf's dequantization per weight); `prepare` at world size 2 with int8g group 32 takes every projection
+  as stored, each rank's slice in whole groups; `tp generate --shards` on it (world size 1) equals our
+  one-process int8g model built from the gguf package's dequantization, token for token; int8 (per
+  channel) or int4 on a Q8_0 file, and int8g on a Q4_0 one, requantize from the floats.
 """
 
 import json
@@ -251,16 +257,35 @@ def gguf_unpermute(a, n):
     return np.ascontiguousarray(a.reshape(n, d, 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape))
 
 
-def q4_0_projections(written, config):
-    """{our name "layers.i.self_attn.q_proj": (expected stored tensors, gguf dequantization, d)} for a Q4_0 file."""
+def q8_0_expected(stored, n_rows_heads=None):
+    """What our int8g group-32 stored form of a Q8_0 tensor must be, from the gguf package: the integer codes
+    q = dequantize(...) / d (exact: gguf computes q * d in float32 from the fp16 d read here from each 34-byte
+    block, d first, gguf.quants.Q8_0), scales = d rounded to bf16 (the kernel's scale dtype), no zeros;
+    llama's q/k rows un-permuted (n_rows_heads). Also returns the gguf dequantization and d, un-permuted."""
+    want = dequantize(stored, Q.Q8_0).astype(np.float32)  # (out, in)
+    n_out, n_in = want.shape
+    d = np.ascontiguousarray(stored.reshape(n_out, n_in // 32, 34)[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+    if n_rows_heads:
+        want, d = (gguf_unpermute(a, n_rows_heads) for a in (want, d))
+    assert (d != 0).all()
+    codes = want.reshape(n_out, n_in // 32, 32) / d[..., None]
+    assert (codes == np.round(codes)).all() and codes.min() >= -127 and codes.max() <= 127
+    q = torch.from_numpy(codes.astype(np.int8).reshape(n_out, n_in))
+    return {"weight": q, "scales": torch.from_numpy(d).to(torch.bfloat16)}, torch.from_numpy(want), torch.from_numpy(d)
+
+
+def q4_0_projections(written, config, qtype=Q.Q4_0):
+    """{our name "layers.i.self_attn.q_proj": (expected stored tensors, gguf dequantization, d)} for a Q4_0 file
+    (or, with qtype Q8_0, a Q8_0 one); q/k rows un-permuted for llama, which llama.cpp permutes."""
     back = {v: k for k, v in BLOCK.items()}
+    expected = {Q.Q4_0: q4_0_expected, Q.Q8_0: q8_0_expected}[qtype]
     out = {}
-    for g, (stored, qtype) in written.items():
+    for g, (stored, t) in written.items():
         _, i, mod, kind = g.split(".") if g.startswith("blk.") else (None, None, None, None)
-        if qtype != Q.Q4_0 or mod is None or not back[mod].endswith("_proj"):
+        if t != qtype or mod is None or not back[mod].endswith("_proj"):
             continue
         n = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(mod)
-        out[f"layers.{i}.{back[mod]}"] = q4_0_expected(stored, n)
+        out[f"layers.{i}.{back[mod]}"] = expected(stored, n if config["model_type"] == "llama" else None)
     return out
 
 
@@ -389,3 +414,137 @@ def test_missing_tokenizer_metadata(tmp_path):
     write_gguf(path, "llama", hf, Q.F32, tokenizer=False)
     with pytest.raises(ValueError, match="notok.gguf: the GGUF metadata has no 'tokenizer.ggml.model'"):
         read_gguf(path)
+
+
+# --------------------------------------------------------------------------- q8_0 kept (int8g, group 32)
+
+def quiet_folder(path, cache):
+    """model_folder of GGUF `path` under `cache`, and the notice it logged."""
+    logged = []
+    return model_folder(path, cache, progress=False, log=logged.append), "\n".join(logged)
+
+
+def test_q8_0_converts_to_int8g_g32_with_its_integers(files, tmp_path):
+    """The kept folder prequantized/int8-g32/ holds every Q8_0 projection as the file's int8 codes with
+    scale d rounded fp16 -> bf16 (bf16 keeps 8 significant bits: |d - bf16(d)| <= 2^-8 |d|), so it
+    dequantizes to the gguf package's weights within |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 per
+    weight (half a q8_0 step), and to exactly q * bf16(d). Embeddings and LM head are not kept."""
+    from split.llama.quantize import Int8Group
+    path, written = files["llama", "Q8_0"]
+    folder, notice = quiet_folder(path, tmp_path)
+    assert "with --quantize int8g --group-size 32 its 14 Q8_0 projections keep their q8_0 integers" in notice
+    assert "Q4_0" not in notice.split(";", 1)[1]  # no int4-g32 kept from a Q8_0 file
+    info = json.loads((folder / "gguf.json").read_text())
+    assert len(info["kept"]["int8-g32"]) == 14 and info["kept"]["int4-g32"] == []
+    assert not (folder / "prequantized" / "int4-g32").exists()
+    kept = load_file(folder / "prequantized" / "int8-g32" / "model.safetensors")
+    expected = q4_0_projections(written, json.loads((folder / "config.json").read_text()), Q.Q8_0)
+    assert {k.rsplit(".", 1)[0] for k in kept} == {f"model.{n}" for n in expected}
+    h = Int8Group(32)
+    for name, (want_t, want, d) in expected.items():
+        got = {k: kept[f"model.{name}.{k}"] for k in ("weight", "scales")}
+        for k in got:
+            assert got[k].dtype == want_t[k].dtype and torch.equal(got[k], want_t[k]), (name, k)
+        w = h.dequantize(got).reshape(want.shape[0], -1, 32)
+        rounding = (d - d.to(torch.bfloat16).float()).abs()  # (out, in/32)
+        assert (rounding <= d.abs() * 2**-8).all()
+        codes = want.reshape(w.shape) / d[..., None]
+        assert ((w - want.reshape(w.shape)).abs() <= codes.abs() * rounding[..., None]).all(), name
+        assert ((w - want.reshape(w.shape)).abs() < d.abs()[..., None] / 2).all(), name
+        assert torch.equal(w, codes * d.to(torch.bfloat16).float()[..., None])
+
+
+def rank_blocks(out, world, layer):
+    """{module: [rank 0's stored tensors, rank 1's, ...]} of layer `layer` of a prepared folder."""
+    by_module = {}
+    for r in range(world):
+        for kind in ("attn", "mlp"):
+            block = load_file(out / f"rank{r}" / f"layer{layer:03d}.{kind}.safetensors")
+            for key, t in block.items():
+                module, _, leaf = key.rpartition(".")
+                if module.endswith("_proj") and leaf != "bias":
+                    by_module.setdefault(module, [{} for _ in range(world)])[r][leaf] = t
+    return by_module
+
+
+def test_prepare_world_size_2_int8g_takes_the_q8_0_integers_as_stored(files, tmp_path, capsys):
+    """`prepare` at world size 2 with int8g group 32 on a converted Q8_0 file stores every projection as the
+    file's integers (taken as stored, none requantized): each rank's slice is rows (q/k/v/gate/up) or whole
+    groups of columns (o/down) of the expected tensors, and the slices put back together are them."""
+    from edge_runtime.tp.prepare import prepare
+    from split.llama.quantize import handler
+    path, written = files["llama", "Q8_0"]
+    folder, _ = quiet_folder(path, tmp_path / "cache")
+    out = tmp_path / "shards"
+    plan = prepare(folder, 2, None, out, progress=False, quantize=handler("int8g", 32))
+    err = capsys.readouterr().err
+    assert "int8-g32 weights taken as stored" in err and "self_attn.q_proj x2" in err and "mlp.down_proj x2" in err
+    assert "quantized from floats: none" in err
+    assert plan.extra["quantize"] == {"scheme": "int8g", "group_size": 32}
+    assert all(a % 32 == 0 and b % 32 == 0 for a, b in plan.mlp)
+    expected = q4_0_projections(written, json.loads((folder / "config.json").read_text()), Q.Q8_0)
+    for layer in (0, 1):
+        for module, parts in rank_blocks(out, 2, layer).items():
+            want = expected[f"layers.{layer}.{module}"][0]
+            cols = module.endswith(("o_proj", "down_proj"))  # row-parallel: input columns per rank
+            for k in ("weight", "scales"):
+                assert all(p.keys() == {"weight", "scales"} for p in parts)
+                assert torch.equal(torch.cat([p[k] for p in parts], dim=1 if cols else 0), want[k]), (module, k)
+            if cols:
+                assert all(p["weight"].shape[1] == 32 * p["scales"].shape[1] for p in parts)
+
+
+def one_process_int8g(folder, written, qtype=Q.Q8_0):
+    """Our one-process model as `tp prepare` with int8g group 32 stores a Q8_0 file: projections as int8g
+    modules built from q8_0_expected (the gguf package's dequantization, not our mapping), embeddings and
+    LM head int8 rows of the floats."""
+    from split.llama import load_llama
+    from split.llama.quantize import Int8, Int8Group
+    model = load_llama(folder)
+    h, table = Int8Group(32), Int8()
+    for name, (t, _, _) in q4_0_projections(written, json.loads((folder / "config.json").read_text()), qtype).items():
+        parent, _, leaf = name.rpartition(".")
+        bias = model.get_submodule(name).bias  # qwen2's q/k/v biases stay float
+        setattr(model.get_submodule(parent), leaf, h.module(t, None if bias is None else bias.detach()))
+    with torch.no_grad():
+        model.lm_head = table.module(table.quantize(model.lm_head.weight))
+        model.embed_tokens.weight.copy_(table.dequantize(table.quantize(model.embed_tokens.weight)))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_int8g_q8_0_equals_our_one_process_model(files, tmp_path, capsys, arch):
+    """`tp generate --shards` on int8g group-32 shards of a Q8_0 file (world size 1) against our one-process
+    model (one_process_int8g): bitwise the same tensors through the same kernels, so token for token; as for
+    q4_0, not transformers in fp32, since the kernel multiplies bf16 activations."""
+    from edge_runtime.tp.prepare import prepare
+    from split.llama import generate as greedy
+    from split.llama.quantize import handler
+    path, written = files[arch, "Q8_0"]
+    folder, _ = quiet_folder(path, tmp_path / "cache")
+    with torch.no_grad():
+        want = list(greedy(one_process_int8g(folder, written), PROMPT, N_NEW))
+    prepare(folder, 1, None, tmp_path / "shards", progress=False, quantize=handler("int8g", 32))
+    assert "int8-g32 weights taken as stored" in capsys.readouterr().err
+    argv = ["tp", "generate", "--shards", str(tmp_path / "shards"), "--prompt-ids", ",".join(map(str, PROMPT)),
+            "--max-new-tokens", str(N_NEW), "--ignore-eos", "--json"]
+    assert edge_cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == want
+
+
+@pytest.mark.parametrize("key, scheme, group, world", [
+    (("llama", "Q8_0"), "int8", 32, 2), (("qwen2", "Q8_0"), "int4", 32, 2), (("llama", "Q4_0"), "int8g", 32, 2),
+    (("llama", "Q8_0"), "int8g", 64, 1)])  # (64 columns of o_proj: a world size 2 slice is not a whole group)
+def test_prepare_other_formats_requantize_q8_0(files, tmp_path, capsys, key, scheme, group, world):
+    """Only the format a GGUF type maps onto takes its integers: per-channel int8 or int4 on a Q8_0 file,
+    int8g on a Q4_0 one, int8g with another group size: all quantized from the dequantized floats."""
+    from edge_runtime.tp.prepare import prepare
+    from split.llama.quantize import handler, handler_of
+    path, _ = files[key]
+    folder, _ = quiet_folder(path, tmp_path / "cache")
+    out = tmp_path / "shards"
+    prepare(folder, world, None, out, progress=False, quantize=handler(scheme, group))
+    assert "taken as stored" not in capsys.readouterr().err
+    block = load_file(out / f"rank{world - 1}" / "layer001.mlp.safetensors")
+    t = {k: block[f"mlp.down_proj.{k}"] for k in ("weight", "scales", "zeros") if f"mlp.down_proj.{k}" in block}
+    assert handler_of("mlp.down_proj", t).name == handler(scheme, group).name

@@ -1,6 +1,7 @@
-"""Weight-only int8 / int4 (split/llama/quantize.py): round trips, the kernels against F.linear with the
-dequantized weight, per-rank slices, quantize_model end to end through generate, safetensors round
-trip, clear errors. Correctness only: quality is judged on a trained model (scripts/eval_quantized_lm.py).
+"""Weight-only int8 / int8g / int4 (split/llama/quantize.py): round trips, the kernels against F.linear with
+the dequantized weight, per-rank slices, handler selection (int8 stays per-channel whatever group size
+comes with it), quantize_model end to end through generate, safetensors round trip, clear errors.
+Correctness only: quality is judged on a trained model (scripts/eval_quantized_lm.py).
 
     .venv/bin/python -m pytest -q tests/test_quantize.py
 """
@@ -18,10 +19,11 @@ transformers = pytest.importorskip("transformers")
 
 from split.llama import Llama, LlamaConfig, generate, load_llama  # noqa: E402
 from split.llama.quantize import (  # noqa: E402
-    Int4, Int8, WeightOnlyInt4Linear, WeightOnlyInt8Linear, handler, linears, load_quantized,
-    quantize_model, quantized_state_dict)
+    Int4, Int8, Int8Group, WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear, handler,
+    handler_from_dict, handler_of, kernel_state, linears, load_quantized, quantize_model, quantized_state_dict)
 
-HANDLERS = [Int8(), Int4(32), Int4(64), Int4(128)]
+HANDLERS = [Int8(), Int8Group(32), Int8Group(64), Int4(32), Int4(64), Int4(128)]
+MODULES = {Int8: WeightOnlyInt8Linear, Int8Group: WeightOnlyInt8GroupLinear, Int4: WeightOnlyInt4Linear}
 # Measured: with bf16 activations the kernels' output differs from fp32 F.linear with the dequantized
 # weight by at most 0.39% of the output's largest magnitude (bf16 rounding of x and y, 2^-8);
 # we allow 1%. With fp32 activations the difference is float round-off (measured 1.6e-6).
@@ -79,6 +81,89 @@ def test_int4_layout_is_the_documented_one():
     assert torch.equal(manual, Int4(32).dequantize(t))
 
 
+@pytest.mark.parametrize("group", [32, 64])
+def test_int8g_round_trip_within_half_a_step(group):
+    w = weight()
+    h = Int8Group(group)
+    t = h.quantize(w)
+    assert t.keys() == {"weight", "scales"} and t["weight"].dtype == torch.int8 and t["weight"].shape == (64, 256)
+    assert t["scales"].dtype == torch.bfloat16 and t["scales"].shape == (64, 256 // group)
+    assert t["weight"].abs().max() <= 127
+    s = t["scales"].float().repeat_interleave(group, dim=1)  # (out, in)
+    deq = h.dequantize(t)
+    assert ((deq - w).abs() <= 0.5 * s * (1 + 1e-6)).all()
+    assert deq[3].eq(0).all() and torch.allclose(deq[5, :32], torch.full((32,), 0.7), rtol=1e-2)
+    # finer than per-channel int8 on rows whose groups differ in range: the error follows each group's own scale
+    w[:, :group] *= 100
+    assert (h.dequantize(h.quantize(w)) - w)[:, group:].abs().max() < (Int8().dequantize(Int8().quantize(w))
+                                                                      - w)[:, group:].abs().max() / 10
+
+
+def test_int8g_layout_is_the_documented_one():
+    """w[:, j] = weight[:, j] * scales[:, j // group], no zeros."""
+    t = Int8Group(32).quantize(weight())
+    g = torch.arange(256) // 32
+    assert torch.equal(t["weight"].float() * t["scales"].float()[:, g], Int8Group(32).dequantize(t))
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int8g_kernel_reproduces_every_weight_exactly(group):
+    """The two-nibble decomposition on the int4 kernel is exact: with fp32 activations, one-hot rows of x
+    give back every dequantized weight bit for bit, over all 256 codes -128..127 (-128: a GGUF file may hold
+    it) and scales of very different sizes; with bf16 activations, the bf16 rounding of it."""
+    h = Int8Group(group)
+    codes = (torch.arange(64 * 256) % 256 - 128).to(torch.int8).reshape(64, 256)  # every code in every row
+    scales = (torch.logspace(-6, 2, 64 * 256 // group).reshape(64, -1)).bfloat16()  # (out, in/group)
+    t = {"weight": codes, "scales": scales}
+    eye = torch.eye(256)  # (in, in): y = W^T
+    assert torch.equal(h.module(t, None, torch.float32)(eye), h.dequantize(t).t())
+    assert torch.equal(h.module(t, None, torch.bfloat16)(eye), h.dequantize(t).t().bfloat16().float())
+
+
+@pytest.mark.parametrize("h", HANDLERS, ids=lambda h: h.name)
+def test_kernel_state_binds_into_the_shell(h):
+    """kernel_state turns stored tensors into exactly the buffers shell() declares (a pager binds one into
+    the other), passes its own output through unchanged, and kernel_bytes / stored_bytes count them."""
+    t = h.quantize(weight(128, 256))
+    stored = {f"lin.{k}": v for k, v in t.items()}
+    kernel = kernel_state(stored)
+    shell = h.shell(128, 256, bias=False)
+    declared = {f"lin.{k}": v for k, v in shell.named_buffers() if v is not None}
+    assert kernel.keys() == declared.keys() == {f"lin.{k}" for k in h.kernel_keys}
+    for k, v in kernel.items():
+        assert v.shape == declared[k].shape and v.dtype == declared[k].dtype, k
+    assert kernel_state(kernel).keys() == kernel.keys()
+    assert h.stored_bytes(128, 256) == sum(v.numel() * v.element_size() for v in t.values())
+    assert h.kernel_bytes(128, 256) == sum(v.numel() * v.element_size() for v in kernel.values())
+
+
+def test_handler_selection():
+    """"int8" is per-channel with or without a group size (every caller passes --group-size's default along);
+    group-wise int8 is its own scheme, "int8g"; plans and stored tensors read back to the same handler."""
+    for h in (handler("int8"), handler("int8", None), handler("int8", 32), handler("int8", 64)):
+        assert type(h) is Int8 and h.name == "int8" and h.to_dict() == {"scheme": "int8"}
+    assert type(quantize_model(Llama(LlamaConfig.from_hf(SMALL)), "int8", 32).layers["0"].mlp.up_proj) \
+        is WeightOnlyInt8Linear
+    assert handler_from_dict({"scheme": "int8"}).name == "int8"
+    assert handler_from_dict({"scheme": "int8", "group_size": 32}).name == "int8"  # as before: the group ignored
+    for scheme, group, name in (("int8g", None, "int8-g32"), ("int8g", 32, "int8-g32"), ("int8g", 128, "int8-g128"),
+                                ("int4", None, "int4-g32"), ("int4", 64, "int4-g64")):
+        h = handler(scheme, group)
+        assert h.name == name and h.to_dict() == {"scheme": scheme, "group_size": int(name.rsplit("g", 1)[1])}
+        assert h.unit == h.group_size and handler_from_dict(h.to_dict()).name == name
+        assert handler_of("x", h.quantize(weight(64, 256))).name == name
+    assert handler_of("x", Int8().quantize(weight(64, 256))).name == "int8"
+    assert handler_from_dict(None) is None
+    with pytest.raises(ValueError, match=r"int8g group_size must be one of \(32, 64, 128, 256\)"):
+        handler("int8g", 48)
+    with pytest.raises(ValueError, match="quantize must be"):
+        handler_from_dict({"scheme": "q8_0"})
+    t = Int8Group(32).quantize(weight(64, 256))
+    with pytest.raises(ValueError, match=r"x: int8 expects weight \(out, in\) with scales \(out,\), or \(out, "
+                                         r"in/group\) for a group in \(32, 64, 128, 256\), got \(64, 256\) and \(64, 16\)"):
+        handler_of("x", {"weight": t["weight"], "scales": t["scales"].repeat(1, 2)})  # group 16
+
+
 @pytest.mark.parametrize("h", HANDLERS, ids=lambda h: h.name)
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_module_equals_linear_with_dequantized_weight(h, compute):
@@ -88,7 +173,7 @@ def test_module_equals_linear_with_dequantized_weight(h, compute):
     ref = F.linear(x, h.dequantize(t), b)
     for bias in (b, None):
         mod = h.module(t, bias, compute)
-        assert isinstance(mod, WeightOnlyInt8Linear if h.name == "int8" else WeightOnlyInt4Linear)
+        assert type(mod) is MODULES[type(h)]
         y = mod(x)
         assert y.shape == (2, 5, 128) and y.dtype == torch.float32
         r = ref if bias is not None else ref - b
@@ -125,12 +210,25 @@ def test_stored_tensors_slice_per_rank(h):
     for a, b in ((0, 128), (128, 256)):
         if h.name == "int8":
             shard = {"weight": t["weight"][:, a:b], "scales": t["scales"]}
+        elif isinstance(h, Int8Group):
+            g = h.group_size
+            shard = {"weight": t["weight"][:, a:b], "scales": t["scales"][:, a // g:b // g]}
         else:
             g = h.group_size
             shard = {"weight": t["weight"][:, a // 2:b // 2], "scales": t["scales"][:, a // g:b // g],
                      "zeros": t["zeros"][:, a // g:b // g]}
+        for k in shard:  # what prepare stores per rank: narrow() gives the documented slices
+            assert torch.equal(h.narrow(t, 1, a, b)[k], shard[k]) and torch.equal(h.narrow(t, 0, a // 2, b // 2)[k],
+                                                                                 t[k][a // 2:b // 2])
         halves.append(h.module(shard, None, torch.float32)(x[:, a:b]))
     assert close(halves[0] + halves[1], full, TOL_FP32)
+    if h.unit > 16:  # a column slice must be whole groups
+        with pytest.raises(ValueError, match=rf"column slice \[16, 128\) is not in whole groups of {h.unit}"):
+            h.narrow(t, 1, 16, 128)
+
+
+SMALL = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, vocab_size=64).to_dict()
 
 
 def tiny_checkpoint(path, tie=False, bias=True):
@@ -157,7 +255,7 @@ def dequantized_reference(model: Llama, scheme, group, head) -> Llama:
     return model
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", 32), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("scheme,group", [("int8", 32), ("int8g", 32), ("int4", 32), ("int4", 128)])
 def test_quantize_model_runs_generate(ckpt, scheme, group):
     tokens = torch.tensor([PROMPT])
     ref = dequantized_reference(load_llama(ckpt), scheme, group, head=True)(tokens)  # (1, T, vocab)
@@ -171,13 +269,14 @@ def test_quantize_model_runs_generate(ckpt, scheme, group):
     assert isinstance(quantize_model(load_llama(ckpt), scheme, group).lm_head, torch.nn.Linear)  # head=False
 
 
-@pytest.mark.parametrize("scheme,head,tie", [("int8", True, False), ("int4", False, False), ("int4", False, True),
-                                             ("int4", True, True)])
+@pytest.mark.parametrize("scheme,head,tie", [("int8", True, False), ("int8g", True, False), ("int4", False, False),
+                                             ("int4", False, True), ("int4", True, True)])
 def test_safetensors_round_trip_rebuilds_the_same_modules(tmp_path, scheme, head, tie):
     path = tiny_checkpoint(tmp_path / "ckpt", tie=tie, bias=not tie)
     tensors = quantized_state_dict(load_llama(path), scheme, 32, head=head)
     q = tensors["layers.0.mlp.down_proj.weight"]
-    assert q.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
+    assert q.dtype == (torch.int8 if scheme.startswith("int8") else torch.uint8)
+    assert tensors["layers.0.mlp.down_proj.scales"].ndim == (1 if scheme == "int8" else 2)
     save_file(tensors, str(tmp_path / "q.safetensors"))  # no shared tensors, nothing pickled
     loaded = load_file(str(tmp_path / "q.safetensors"))
     assert loaded.keys() == tensors.keys()
@@ -202,8 +301,12 @@ def test_clear_errors():
     for g in (16, 48, 0):
         with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128, 256\)"):
             Int4(g)
-    with pytest.raises(ValueError, match="scheme must be 'int8' or 'int4'"):
+    with pytest.raises(ValueError, match="scheme must be one of 'int8', 'int8g', 'int4', got 'int2'"):
         handler("int2")
+    with pytest.raises(ValueError, match=r"x\.weight: int8g group_size 64 does not divide in_features 96"):
+        Int8Group(64).check("x.weight", 64, 96)
+    with pytest.raises(ValueError, match=r"x\.weight: int8g needs out_features divisible by 16.*\(40, 96\)"):
+        Int8Group(32).check("x.weight", 40, 96)
     with pytest.raises(ValueError, match="compute_dtype must be one of"):
         Int8().module(Int8().quantize(weight()), compute_dtype=torch.int32)
     d = transformers.LlamaConfig(hidden_size=96, intermediate_size=192, num_hidden_layers=1, num_attention_heads=3,

@@ -45,7 +45,7 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     split        the same, plus placement, deadline_s, accuracy_floor (for "auto")
     adaptive     switch = { confidence = 0.9, max_jump = 0.015, hold = 2 } (over adaptive.json's),
                  deadline_s (the cloud's copy of the big model)
-    llm          a Llama-family HF checkpoint on this device alone: quantize = "int8" | "int4",
+    llm          a Llama-family HF checkpoint on this device alone: quantize = "int8" | "int8g" | "int4",
                  group_size = 32, window (blocks resident; 0 or absent: all), dtype = "fp32" | "bf16",
                  max_new_tokens, cache_dir (where its blocks are prepared; default: the tp CLI's cache)
     collab-llm   mode = "collaborative" | "standalone" | "cloud-only", threshold (default: calibrated),

@@ -259,8 +259,8 @@ class LocalLlmPipeline(EnginePipeline):
         from split.llama.quantize import handler
         super().__init__(name, "llm", "edgefold_llm")
         self.quantize = options.get("quantize")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be 'int8' or 'int4' (or absent), got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int8g", "int4"):
+            raise ValueError(f"quantize must be 'int8', 'int8g' or 'int4' (or absent), got {self.quantize!r}")
         self.dtype = options.get("dtype", "fp32")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")

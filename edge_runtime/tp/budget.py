@@ -50,7 +50,7 @@ def block_bytes(config: LlamaConfig, plan: ShardPlan, rank: int) -> list[int]:
     fmt = handler_from_dict(plan.extra.get("quantize"))
 
     def weights(*shapes) -> int:  # (out, in) of projections
-        return sum(FLOAT32 * o * i if fmt is None else fmt.stored_bytes(o, i) for o, i in shapes)
+        return sum(FLOAT32 * o * i if fmt is None else fmt.kernel_bytes(o, i) for o, i in shapes)
 
     attn = weights((q, C), (C, q), (kv, C), (kv, C))  # q, o, k, v
     attn += FLOAT32 * (C + (q + 2 * kv) * config.attention_bias + C * (config.attention_out_bias and rank == 0)

@@ -129,9 +129,10 @@ def add_parser(commands) -> None:
 
 
 def weight_format(p) -> None:
-    p.add_argument("--quantize", choices=("int8", "int4"), help="store the weights int8 (per output channel) or "
-                   "int4 (per group of input columns); embeddings and LM head as int8 rows (default: as the checkpoint)")
-    p.add_argument("--group-size", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--quantize", choices=("int8", "int8g", "int4"), help="store the weights int8 (one scale per "
+                   "output channel), int8g (int8, one scale per group of input columns: a GGUF's Q8_0 kept as it is) "
+                   "or int4 (per group of input columns); embeddings and LM head as int8 rows (default: as the checkpoint)")
+    p.add_argument("--group-size", type=int, default=32, help="int8g / int4 group size: 32, 64, 128 or 256")
 
 
 def _quantize(args):

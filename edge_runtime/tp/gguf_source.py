@@ -7,12 +7,17 @@ generation_config.json) is what the rest of the project reads from a Hugging Fac
 `tp prepare`, `tp generate --model` and launch.cached_shards take a GGUF as they take a folder. Every
 GGUF tensor type is dequantized by the `gguf` package (split.llama.gguf_checkpoint), stored float32
 (bfloat16 for an all-BF16 file), and said so on stderr with the types found; `--quantize` then
-requantizes from those floats like any checkpoint, except that the Q4_0 projections are also stored
-as they are in the int4 group-32 form (PREQUANTIZED/int4-g32/model*.safetensors, same integers,
-scale d rounded fp16 -> bf16, zero 0: gguf_checkpoint.q4_0_as_int4), which `prepare` takes instead of
-requantizing when `--quantize int4 --group-size 32` is asked (and says so). The cache entry is keyed by
-the file's path, size, mtime and a hash of its first MiB, written under a temporary name and renamed
-when complete.
+requantizes from those floats like any checkpoint, except that the projections of a type with a kept
+form (gguf_checkpoint.KEPT) are also stored with their integers as they are, under
+PREQUANTIZED/<format name>/model*.safetensors, which `prepare` takes instead of requantizing when that
+format is asked (and says so):
+  Q4_0  PREQUANTIZED/int4-g32/  --quantize int4 --group-size 32   same integers, scale d rounded fp16 -> bf16,
+                                                                  zero 0 (gguf_checkpoint.q4_0_as_int4)
+  Q8_0  PREQUANTIZED/int8-g32/  --quantize int8g --group-size 32  same integers, scale d rounded fp16 -> bf16
+                                                                  (gguf_checkpoint.q8_0_as_int8)
+Other types (and these, for any other format) are requantized from the floats. The cache entry is
+keyed by the file's path, size, mtime and a hash of its first MiB, written under a temporary name and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 DEFAULT_GGUF_CACHE = Path(os.environ.get("EDGEFOLD_CACHE", Path.home() / ".cache" / "edgefold")) / "tp-shards" / "gguf"
 # (launch.DEFAULT_CACHE / "gguf": where `tp generate --model FILE.gguf` converts it with the default --cache-dir)
 SHARD_BYTES = 1 << 30  # safetensors files of about 1 GiB: memory stays at about one of them
-LAYOUT = 2  # gguf.json "layout": 2 added PREQUANTIZED; an older cache entry is converted again
+LAYOUT = 3  # gguf.json "layout": 2 added PREQUANTIZED, 3 its int8-g32; an older cache entry is converted again
 PREQUANTIZED = "prequantized"  # (edge_runtime.tp.prepare reads <folder>/prequantized/<format name>/)
 
 
@@ -62,14 +67,27 @@ def model_folder(path: str | Path, cache_dir: str | Path = DEFAULT_GGUF_CACHE, p
     return out
 
 
+def kept_formats() -> dict[str, tuple[str, str]]:
+    """GGUF type -> (its kept format's name, the --quantize options that ask for it)."""
+    from split.llama.gguf_checkpoint import KEPT
+    from split.llama.quantize import handler
+
+    return {qtype: (handler(scheme, 32).name, f"--quantize {scheme} --group-size 32")
+            for qtype, (scheme, _) in KEPT.items()}
+
+
 def _notice(path: Path, info: dict, cached: bool = False) -> str:
     found = ", ".join(f"{k} x{v}" for k, v in sorted(info["types"].items()))
-    kept = info.get("kept", {}).get("int4-g32", [])
+    kept = []
+    for qtype, (name, options) in kept_formats().items():
+        n = len(info.get("kept", {}).get(name, []))
+        if n:
+            zero = ", zero 0" if qtype == "Q4_0" else ""
+            kept.append(f"with {options} its {n} {qtype} projections keep their {qtype.lower()} integers instead "
+                        f"(scale d rounded fp16 -> bf16{zero})")
     return (f"edge-runtime: {path.name}: GGUF tensor types {found} dequantized to {info['dtype']} "
             f"(by the gguf package){' (cached)' if cached else ''}; weights are requantized from these floats "
-            f"to --quantize if given, else kept {info['dtype']}"
-            + (f"; with --quantize int4 --group-size 32 its {len(kept)} Q4_0 projections keep their q4_0 "
-               f"integers instead (scale d rounded fp16 -> bf16, zero 0)" if kept else ""))
+            f"to --quantize if given, else kept {info['dtype']}" + "".join(f"; {k}" for k in kept))
 
 
 def convert(path: Path, out: Path, progress: bool = True, log=None) -> Path:
@@ -100,10 +118,11 @@ def convert(path: Path, out: Path, progress: bool = True, log=None) -> Path:
             shards[-1][name] = t.contiguous()
             size += nbytes
         _save(tmp, shards, save_file, last=True)
-        kept = _save_prequantized(tmp / PREQUANTIZED / "int4-g32", g.int4_projections(), save_file)
+        kept = {name: _save_prequantized(tmp / PREQUANTIZED / name, g.kept_projections(qtype), save_file)
+                for qtype, (name, _) in kept_formats().items()}
         dtype = "bfloat16" if str(g.dtype) == "torch.bfloat16" else "float32"
         info = {"source": str(path.resolve()), "architecture": g.arch, "types": g.types, "dtype": dtype,
-                "layout": LAYOUT, "kept": {"int4-g32": kept}}
+                "layout": LAYOUT, "kept": kept}
         (tmp / "gguf.json").write_text(json.dumps(info, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -116,7 +135,7 @@ def convert(path: Path, out: Path, progress: bool = True, log=None) -> Path:
 
 
 def _save_prequantized(folder: Path, modules, save_file) -> list[str]:
-    """(module name, stored tensors) pairs as a checkpoint folder of `<module>.weight/.scales/.zeros`
+    """(module name, stored tensors) pairs as a checkpoint folder of `<module>.weight/.scales[/.zeros]`
     (written only if there is one); returns the module names."""
     names: list[str] = []
     shards: list[dict] = [{}]

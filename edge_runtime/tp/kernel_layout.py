@@ -35,9 +35,12 @@ def layout_fingerprint() -> str:
 
 
 def _has_int4(path: Path) -> bool:
+    """Does the block hold weights the int4 kernel runs (int4 has zeros; group-wise int8, 2-D scales,
+    runs on it too: split.llama.quant_kernels)?"""
     with open(path, "rb", buffering=0) as f:
         entries, _ = read_header(f, path)
-    return any(name.endswith(".zeros") for name, *_ in entries)
+    return any(name.endswith(".zeros") or (name.endswith(".scales") and len(shape) == 2)
+               for name, _, shape, *_ in entries)
 
 
 def kernel_folder(rank_dir: str | Path, order: list[tuple[int, str]], progress: bool = False) -> Path:

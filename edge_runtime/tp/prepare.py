@@ -30,7 +30,7 @@ quantized whole, a row chunk at a time, before it is sliced per rank, so a rank'
 exactly the values one device would. The MLP is split in whole groups (plan.make_plan's
 mlp_unit) and every slice is checked against the kernels' shape rules before anything is written.
 A projection the model folder already holds in the asked format (HF_DIR/prequantized/<format name>/,
-e.g. int4-g32: a GGUF's Q4_0 integers, edge_runtime.tp.gguf_source) is taken as stored instead of
+e.g. int4-g32 / int8-g32: a GGUF's Q4_0 / Q8_0 integers, edge_runtime.tp.gguf_source) is taken as stored instead of
 quantized from its floats, and stderr says which were taken and which quantized.
 """
 
@@ -240,7 +240,7 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
     bar.close()
     if kept:
         print(f"edge-runtime: prepare: {quantize.name} weights taken as stored in {model_dir / PREQUANTIZED / quantize.name}"
-              f" (a GGUF's Q4_0 integers): {_summary(n for n, t in taken.items() if t)}; quantized from floats: "
+              f" (a GGUF's own integers): {_summary(n for n, t in taken.items() if t)}; quantized from floats: "
               f"{_summary(n for n, t in taken.items() if not t)}; embeddings and LM head: int8 rows from floats",
               file=sys.stderr)
     for d in rank_dirs.values():

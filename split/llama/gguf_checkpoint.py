@@ -7,8 +7,8 @@
     g.types                              # {"Q8_0": 14, "F32": 5}: the GGUF tensor types found
     for hf_name, tensor in g.tensors():  # one tensor at a time, dequantized by gguf.quants.dequantize
         ...
-    for module, stored in g.int4_projections():  # Q4_0 projections as int4 group-32, integers kept
-        ...
+    for module, stored in g.kept_projections("Q4_0"):  # Q4_0 projections as int4 group-32, integers kept
+        ...                                              # (and "Q8_0": as int8g group-32; see KEPT)
 
 Architectures ("general.architecture"): "llama" (also Mistral: llama.cpp writes it as llama; read as
 model_type "llama", i.e. without a sliding window, as llama.cpp runs it), "qwen2", "qwen3", "phi3".
@@ -17,6 +17,11 @@ float32 (bfloat16 where the file holds only BF16 tensors, exactly as stored). ll
 permutes the rows of the q and k projections of "llama" models for its RoPE layout; the inverse
 permutation is applied here (as transformers' GGUF loader does). Phi-3's fused attn_qkv / ffn_up are
 Hugging Face's qkv_proj / gate_up_proj as they are.
+
+Two GGUF types also map onto a split.llama.quantize stored form keeping their integers (KEPT), so a
+projection quantized by llama.cpp need not be requantized from its dequantized floats: Q4_0 onto
+int4 group 32 (q4_0_as_int4) and Q8_0 onto group-wise int8, group 32 (int8g, q8_0_as_int8). The one
+difference from llama.cpp's weights is the scale d: fp16 in the file, bf16 for our kernels.
 
 Tokenizers (`tokenizer.ggml.model`): "gpt2" (byte-level BPE: tokens + merges, the split regex from
 `tokenizer.ggml.pre`) and "llama" (SentencePiece BPE: tokens + scores, merges from the file or derived
@@ -101,19 +106,23 @@ class GGUFModel:
                 w = unpermute(w, kv)
             yield self._names[t.name], torch.from_numpy(np.array(w, dtype=np.float32)).to(self.dtype)
 
-    def int4_projections(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """(HF module name, int4 group-32 stored tensors) for every Q4_0 projection (not yet Phi-3's fused
-        qkv_proj / gate_up_proj: those are requantized from the floats), its integers kept
-        as they are (q4_0_as_int4); llama's q / k rows un-permuted like tensors() does (the permutation
-        moves whole rows and a Q4_0 block runs along a row, so it commutes with the mapping)."""
+    def kept_projections(self, qtype: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(HF module name, stored tensors) for every projection of GGUF type `qtype` (a key of KEPT:
+        "Q4_0" -> int4 group 32, "Q8_0" -> int8g group 32), its integers kept as they are; not yet
+        Phi-3's fused qkv_proj / gate_up_proj (those are requantized from the floats). llama's q / k
+        rows are un-permuted like tensors() does (the permutation moves whole rows and a block runs
+        along a row, so it commutes with the mapping)."""
+        if qtype not in KEPT:
+            raise ValueError(f"GGUF type {qtype!r} has no kept form (only {', '.join(KEPT)})")
+        as_stored = KEPT[qtype][1]
         heads, kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
         for t in self._reader.tensors:
             hf = self._names.get(t.name)
-            if hf is None or t.tensor_type.name != "Q4_0" or not hf.endswith("_proj.weight") \
+            if hf is None or t.tensor_type.name != qtype or not hf.endswith("_proj.weight") \
                     or hf.endswith(("qkv_proj.weight", "gate_up_proj.weight")):  # Phi-3's fused: requantized
                 continue
             n_out, n_in = (int(n) for n in reversed(t.shape))
-            out = q4_0_as_int4(t.data, n_out, n_in)
+            out = as_stored(t.data, n_out, n_in)
             n = heads if t.name.endswith(".attn_q.weight") else kv if t.name.endswith(".attn_k.weight") else None
             if self.arch == "llama" and n is not None:
                 out = {k: unpermute(v, n).contiguous() for k, v in out.items()}
@@ -133,6 +142,22 @@ def q4_0_as_int4(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Ten
     scales = torch.from_numpy(d.astype(np.float32)).to(torch.bfloat16)
     return {"weight": torch.from_numpy(np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))),
             "scales": scales, "zeros": torch.zeros_like(scales)}
+
+
+def q8_0_as_int8(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Tensor]:
+    """A Q8_0 tensor's bytes (each row n_in/32 blocks of 34 bytes: fp16 d, then 32 int8 q; w = d * q,
+    as gguf.quants.Q8_0) in split.llama.quantize's int8g stored form with group 32 (weight int8
+    (out, in), scales bf16 (out, in/32), w[:, j] = weight[:, j] * scales[:, j//32]): the same integers
+    q, scales = d rounded to bf16 (the kernel's dtype). The only difference from llama.cpp's weights is
+    that rounding: |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 (half a step) per weight."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(n_out, n_in // 32, 34)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]  # (out, in/32)
+    q = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n_out, n_in)  # elements in order
+    return {"weight": torch.from_numpy(q), "scales": torch.from_numpy(d.astype(np.float32)).to(torch.bfloat16)}
+
+
+# GGUF type -> (the split.llama.quantize scheme, group 32, whose stored form keeps its integers; the mapping)
+KEPT = {"Q4_0": ("int4", q4_0_as_int4), "Q8_0": ("int8g", q8_0_as_int8)}
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:

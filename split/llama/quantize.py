@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization of a plain `Llama`, applied beside the model (model.py never knows).
+"""Weight-only int8 / int8g / int4 quantization of a plain `Llama`, applied beside the model (model.py never knows).
 
     from split.llama.quantize import quantize_model, quantized_state_dict, load_quantized
     model = quantize_model(load_llama(folder), "int4", group_size=32)   # swaps the nn.Linear layers in place
@@ -9,29 +9,53 @@
         model = Llama(config)                                            # no weight memory
     load_quantized(model, safetensors.torch.load_file("model-int8.safetensors"))  # never builds an fp32 weight
 
+Formats, by handler (handler(scheme, group_size); a plan stores to_dict(), handler_from_dict reads it back):
+  scheme  name      handler      what it is
+  int8    int8      Int8()       symmetric int8, one scale per output channel (a group_size is ignored)
+  int8g   int8-g32  Int8Group(G) symmetric int8, one scale per group of G input columns (G = 32: GGUF q8_0)
+  int4    int4-g32  Int4(G)      asymmetric int4, a scale and a float zero per group of G input columns
+G is one of GROUP_SIZES (the int4 kernel's), 32 by default. "int8" is per-channel whatever group size is
+passed with it (every caller passes one, --group-size's default included), so group-wise int8 is a
+scheme of its own.
+
 Stored format: per quantized linear `<name>` (HF-style names as in model.py, e.g. `layers.0.self_attn.q_proj`),
 plain tensors that safetensors saves without pickle and that slice per rank:
-  int8  <name>.weight  int8  (out, in)          w = weight * scales[:, None]; symmetric, -127..127
-        <name>.scales  bf16  (out,)
-  int4  <name>.weight  uint8 (out, in/2)        two 4-bit values q in 0..15 per byte: column 2j in the
-                                                low nibble, 2j+1 in the high one
-        <name>.scales  bf16  (out, in/group)    w[:, j] = (q[:, j] - 8) * scales[:, j//group] + zeros[:, j//group]
-        <name>.zeros   bf16  (out, in/group)    (the "float zero point" of torch's int4 CPU kernel)
+  int8   <name>.weight  int8  (out, in)          w = weight * scales[:, None]; symmetric, -127..127
+         <name>.scales  bf16  (out,)
+  int8g  <name>.weight  int8  (out, in)          w[:, j] = weight[:, j] * scales[:, j//group]; symmetric,
+         <name>.scales  bf16  (out, in/group)    -127..127 (the kernel also takes -128), no zeros
+  int4   <name>.weight  uint8 (out, in/2)        two 4-bit values q in 0..15 per byte: column 2j in the
+                                                 low nibble, 2j+1 in the high one
+         <name>.scales  bf16  (out, in/group)    w[:, j] = (q[:, j] - 8) * scales[:, j//group] + zeros[:, j//group]
+         <name>.zeros   bf16  (out, in/group)    (the "float zero point" of torch's int4 CPU kernel)
   <name>.bias, if any, stays as it was. Everything else in the state dict is unchanged.
 A column-parallel shard (q/k/v/gate/up) is a row slice [a, b) of every tensor; a row-parallel one
-(o_proj/down_proj) is a column slice [a, b) of the input in whole groups: int4 weight[:, a/2:b/2] and
-scales/zeros[:, a/group:b/group]; int8 weight[:, a:b] with all of scales. The scheme and group size
-are read back from the tensors (dtype of weight; group = in / scales.shape[1]), so a shard describes itself.
-Scales and zeros are rounded to bf16 before the weights are rounded against them, so the stored
-values are exactly what the kernel multiplies by (bf16 activations) and what `dequantize` returns.
+(o_proj/down_proj) is a column slice [a, b) of the input, in whole groups for int8g / int4 (`unit`):
+int8 weight[:, a:b] with all of scales; int8g weight[:, a:b], scales[:, a/group:b/group]; int4
+weight[:, a/2:b/2], scales/zeros[:, a/group:b/group]. The scheme and group size are read back from
+the tensors (handler_of: the weight's dtype, zeros or not, scales 1-D or 2-D; group = in /
+scales.shape[1]), so a shard describes itself. Scales and zeros are rounded to bf16 before the
+weights are rounded against them, so the stored values are exactly what the kernel multiplies by
+(bf16 activations) and what `dequantize` returns.
 
-Kernels (scripts/bench_quant_kernels.py, this CPU, 2 threads): torch's packed CPU kernels
-`aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` take a slow path with fp32
-activations and a fast one with bf16 activations, so the modules cast the activation to
-`compute_dtype` (bf16 by default) for the matmul and the result back to the input's dtype. The
-int4 weight is repacked into the kernel's (machine-specific) layout once, when a module is built;
-no weight is ever dequantized on the hot path. The modules hold only the kernel's tensors
-(non-persistent buffers): the stored form comes from `quantized_state_dict`, not model.state_dict().
+Kernels (split.llama.quant_kernels). The modules at 1.1B shapes, ms per call, fp32 in and out, bf16
+for the kernel (scripts/bench_quant_kernels.py --rounds 30: interleaved rounds, median; a 2-core
+AVX-512 VM shared with other work, 2 threads, warm weights):
+                   2048x2048 M=1   M=16   5632x2048 M=1   M=16
+  int8             0.20            0.92   0.42            2.28    aten._weight_int8pack_mm
+  int8-g32         0.32            1.78   0.68            4.44    the int4 kernel on two nibbles: K = 2 in
+  int4-g32         0.15            0.95   0.39            2.26    aten._weight_int4pack_mm_for_cpu
+  (int8-g32 dequantized to bf16 and F.linear on every call: 1.5 ms and 3.8 ms at best, at M=1 as at M=16)
+torch's packed CPU kernels take a slow path with fp32 activations and a fast one with bf16, so the
+modules cast the activation to `compute_dtype` (bf16 by default) for the matmul and the result back
+to the input's dtype. The int4 and int8g weights are repacked into the int4 kernel's
+(machine-specific) layout once, when a module is built; no weight is ever dequantized on the hot
+path. Group-wise int8 has no kernel of its own in torch: it runs on the int4 kernel with each code
+split into two nibbles, twice the int4 work (1.6x to 2x the time of the per-channel int8 kernel),
+its kernel tensors take 1.25 bytes a weight (kernel_bytes) where its stored form takes 1.0625 (g32),
+and building them costs about twice int4's repacking (~30 ms per 11.5M weights here). The modules hold
+only the kernel's tensors (non-persistent buffers): the stored form comes from `quantized_state_dict`,
+not model.state_dict().
 """
 
 from __future__ import annotations
@@ -41,8 +65,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Llama
+from .quant_kernels import (WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear, aligned,
+                            pack_int4, pack_int8_groups)
 
+SCHEMES = ("int8", "int8g", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+DEFAULT_GROUP_SIZE = 32
 INT4_OUT_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs out % 16 == 0
 INT8_IN_MULTIPLE = 16  # _weight_int8pack_mm with bf16 input returns NaN (or crashes) unless in % 16 == 0
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activation dtypes the kernels take
@@ -54,17 +82,17 @@ def _check_compute(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t, contiguous and 64-byte aligned (copied if not). The bf16 path of _weight_int8pack_mm crashes
-    (SIGSEGV) on a weight or activation at an unaligned address once M >= 4: a slice, or a tensor
-    read from a safetensors file, may be one."""
-    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
     """x (float32, > 0) rounded to the nearest bf16 that is >= x, so nothing clips against it."""
     y = x.to(torch.bfloat16)
     return torch.where(y.float() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+
+
+def _group_size(scheme: str, group_size: int | None) -> int:
+    g = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if g not in GROUP_SIZES:
+        raise ValueError(f"{scheme} group_size must be one of {GROUP_SIZES} (the CPU kernel's), got {group_size}")
+    return g
 
 
 class Int8:
@@ -72,12 +100,16 @@ class Int8:
 
     name = "int8"
     unit = INT8_IN_MULTIPLE  # a row-parallel slice of the input must be whole multiples of this
+    kernel_keys = ("weight", "scales")  # what kernel_tensors() returns, as the module's buffers
 
     def to_dict(self) -> dict:
         return {"scheme": "int8"}
 
     def stored_bytes(self, n_out: int, n_in: int) -> int:
         return n_out * n_in + 2 * n_out  # int8 weight, bf16 scales
+
+    def kernel_bytes(self, n_out: int, n_in: int) -> int:
+        return self.stored_bytes(n_out, n_in)  # the kernel takes them as stored (bf16 compute)
 
     def shell(self, n_out: int, n_in: int, bias: bool, compute_dtype=torch.bfloat16) -> "WeightOnlyInt8Linear":
         """The module with meta placeholders, for a pager to bind kernel_state() tensors into."""
@@ -104,7 +136,7 @@ class Int8:
         return tuple(t["weight"].shape)
 
     def kernel_tensors(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        return _aligned(t["weight"]), _aligned(t["scales"].to(dtype))
+        return aligned(t["weight"]), aligned(t["scales"].to(dtype))
 
     def narrow(self, t: dict[str, torch.Tensor], dim: int, a: int, b: int) -> dict[str, torch.Tensor]:
         """Output rows (dim 0) or input columns (dim 1) [a, b) of stored tensors; a column slice keeps
@@ -120,18 +152,21 @@ class Int8:
 class Int4:
     """Asymmetric int4 in groups of `group_size` input columns, scale and float zero per group."""
 
-    def __init__(self, group_size: int = 32):
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES} (the CPU kernel's), got {group_size}")
-        self.group_size = group_size
-        self.name = f"int4-g{group_size}"
-        self.unit = group_size  # a row-parallel slice of the input must be whole groups
+    kernel_keys = ("weight", "scales_and_zeros")
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE):
+        self.group_size = _group_size("int4", group_size)
+        self.name = f"int4-g{self.group_size}"
+        self.unit = self.group_size  # a row-parallel slice of the input must be whole groups
 
     def to_dict(self) -> dict:
         return {"scheme": "int4", "group_size": self.group_size}
 
     def stored_bytes(self, n_out: int, n_in: int) -> int:
         return n_out * n_in // 2 + 4 * n_out * (n_in // self.group_size)  # nibbles, bf16 scales and zeros
+
+    def kernel_bytes(self, n_out: int, n_in: int) -> int:
+        return self.stored_bytes(n_out, n_in)  # repacked nibbles, scales_and_zeros: the same sizes
 
     def shell(self, n_out: int, n_in: int, bias: bool, compute_dtype=torch.bfloat16) -> "WeightOnlyInt4Linear":
         """The module with meta placeholders, for a pager to bind kernel_state() tensors into."""
@@ -176,8 +211,7 @@ class Int4:
 
     def kernel_tensors(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The kernel's packed weight (machine-specific layout) and scales_and_zeros (in/group, out, 2)."""
-        q = self.unpack(t["weight"]).to(torch.int32)  # (out, in)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        packed = pack_int4(self.unpack(t["weight"]))  # (out, in) codes -> the kernel's layout
         scales_and_zeros = torch.stack((t["scales"], t["zeros"]), dim=-1).transpose(0, 1).to(dtype).contiguous()
         return packed, scales_and_zeros
 
@@ -197,9 +231,82 @@ class Int4:
                                     self.group_size, bias=bias)
 
 
-def quantize_rows(h: "Int8 | Int4", read_rows, n_out: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
+class Int8Group:
+    """Symmetric int8 in groups of `group_size` input columns, one bf16 scale per group and no zeros
+    (at 32, GGUF q8_0's layout: gguf_checkpoint.q8_0_as_int8 keeps a file's codes in it). Runs on
+    the int4 kernel, each code as two nibbles (quant_kernels.pack_int8_groups)."""
+
+    kernel_keys = ("weight", "scales_and_zeros")
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE):
+        self.group_size = _group_size("int8g", group_size)
+        self.name = f"int8-g{self.group_size}"
+        self.unit = self.group_size  # a row-parallel slice of the input must be whole groups
+
+    def to_dict(self) -> dict:
+        return {"scheme": "int8g", "group_size": self.group_size}
+
+    def stored_bytes(self, n_out: int, n_in: int) -> int:
+        return n_out * n_in + 2 * n_out * (n_in // self.group_size)  # int8 weight, bf16 scales
+
+    def kernel_bytes(self, n_out: int, n_in: int) -> int:
+        return n_out * n_in + 8 * n_out * (n_in // self.group_size)  # 2 nibbles a weight; 2 groups x (scale, zero)
+
+    def shell(self, n_out: int, n_in: int, bias: bool, compute_dtype=torch.bfloat16) -> WeightOnlyInt8GroupLinear:
+        """The module with meta placeholders, for a pager to bind kernel_state() tensors into."""
+        meta = dict(device="meta")
+        return WeightOnlyInt8GroupLinear(torch.empty(n_out, n_in, dtype=torch.uint8, **meta),
+                                         torch.empty(2 * n_in // self.group_size, n_out, 2, dtype=compute_dtype, **meta),
+                                         n_in, n_out, self.group_size, torch.empty(n_out, **meta) if bias else None)
+
+    def check(self, name: str, n_out: int, n_in: int) -> None:
+        if n_in % self.group_size:
+            raise ValueError(f"{name}: int8g group_size {self.group_size} does not divide in_features {n_in} "
+                             f"(weight ({n_out}, {n_in})); pick one of {GROUP_SIZES} that does")
+        if n_out % INT4_OUT_MULTIPLE:
+            raise ValueError(f"{name}: int8g needs out_features divisible by {INT4_OUT_MULTIPLE} (the int4 CPU "
+                             f"kernel's packing), got weight ({n_out}, {n_in})")
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        n_out, n_in = w.shape
+        g = w.detach().float().reshape(n_out, n_in // self.group_size, self.group_size)  # (out, groups, G)
+        scales = _bf16_at_least(g.abs().amax(dim=-1).clamp(min=1e-10) / 127)  # (out, groups)
+        q = torch.round(g / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)  # (out, groups, G)
+        return {"weight": q.reshape(n_out, n_in), "scales": scales}
+
+    def dequantize(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        n_out, n_in = t["weight"].shape
+        q = t["weight"].float().reshape(n_out, n_in // self.group_size, self.group_size)  # (out, groups, G)
+        return (q * t["scales"].float()[..., None]).reshape(n_out, n_in)  # (out, in) float32
+
+    def shapes(self, t: dict[str, torch.Tensor]) -> tuple[int, int]:
+        return tuple(t["weight"].shape)
+
+    def kernel_tensors(self, t: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The int4 kernel's packed weight of both nibbles (out, 2 in) and scales_and_zeros (2 in/group, out, 2)."""
+        return pack_int8_groups(t["weight"], t["scales"], dtype)
+
+    def narrow(self, t: dict[str, torch.Tensor], dim: int, a: int, b: int) -> dict[str, torch.Tensor]:
+        """Output rows (dim 0) or input columns (dim 1) [a, b) of stored tensors; columns in whole groups."""
+        if dim == 0:
+            return {k: v[a:b].contiguous() for k, v in t.items()}
+        g = self.group_size
+        if a % g or b % g:
+            raise ValueError(f"int8g column slice [{a}, {b}) is not in whole groups of {g}")
+        return {"weight": t["weight"][:, a:b].contiguous(), "scales": t["scales"][:, a // g:b // g].contiguous()}
+
+    def module(self, t, bias=None, compute_dtype=torch.bfloat16) -> WeightOnlyInt8GroupLinear:
+        n_out, n_in = self.shapes(t)
+        return WeightOnlyInt8GroupLinear(*self.kernel_tensors(t, _check_compute(compute_dtype)), n_in, n_out,
+                                         self.group_size, bias=bias)
+
+
+Format = Int8 | Int8Group | Int4
+
+
+def quantize_rows(h: Format, read_rows, n_out: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
     """h.quantize of a weight read `chunk` output rows at a time (read_rows(a, b) -> rows [a, b)):
-    the same tensors (both schemes are row-local), written into their final place chunk by chunk, so
+    the same tensors (every scheme is row-local), written into their final place chunk by chunk, so
     only one chunk is ever in float32."""
     out: dict[str, torch.Tensor] = {}
     for a in range(0, n_out, chunk):
@@ -211,32 +318,41 @@ def quantize_rows(h: "Int8 | Int4", read_rows, n_out: int, chunk: int = 1024) ->
     return out
 
 
-def handler(scheme: str, group_size: int = 32) -> Int8 | Int4:
-    """"int8" or "int4" (with its group size) -> the handler that quantizes, dequantizes and builds modules."""
+def handler(scheme: str, group_size: int | None = None) -> Format:
+    """The handler that quantizes, dequantizes and builds modules for a format (see the module docstring):
+    "int8" -> Int8() (per-channel; any group_size is ignored, as it always was), "int8g" -> Int8Group(G),
+    "int4" -> Int4(G), G = group_size or 32."""
     if scheme == "int8":
         return Int8()
+    if scheme == "int8g":
+        return Int8Group(_group_size(scheme, group_size))
     if scheme == "int4":
-        return Int4(group_size)
-    raise ValueError(f"scheme must be 'int8' or 'int4', got {scheme!r}")
+        return Int4(_group_size(scheme, group_size))
+    raise ValueError(f"scheme must be one of {', '.join(map(repr, SCHEMES))}, got {scheme!r}")
 
 
-def handler_from_dict(d: dict | None) -> Int8 | Int4 | None:
+def handler_from_dict(d: dict | None) -> Format | None:
     """What to_dict() wrote (a plan's "quantize" entry) back to its handler; None stays None."""
     if d is None:
         return None
-    if not isinstance(d, dict) or d.get("scheme") not in ("int8", "int4"):
-        raise ValueError(f"quantize must be {{'scheme': 'int8'}} or {{'scheme': 'int4', 'group_size': G}}, got {d!r}")
-    return handler(d["scheme"], int(d.get("group_size", 32)))
+    if not isinstance(d, dict) or d.get("scheme") not in SCHEMES:
+        raise ValueError(f"quantize must be {{'scheme': 'int8'}} or {{'scheme': 'int8g' | 'int4', 'group_size': G}}, "
+                         f"got {d!r}")
+    return handler(d["scheme"], None if d.get("group_size") is None else int(d["group_size"]))
 
 
-def handler_of(name: str, t: dict[str, torch.Tensor]) -> Int8 | Int4:
-    """The handler for stored tensors `t` ("weight", "scales"[, "zeros"]) of linear `name`, from their dtypes."""
+def handler_of(name: str, t: dict[str, torch.Tensor]) -> Format:
+    """The handler for stored tensors `t` ("weight", "scales"[, "zeros"]) of linear `name`, from their dtypes
+    and shapes: int8 weight with scales (out,): int8; with scales (out, in/group): int8g; uint8 with zeros: int4."""
     w, s = t["weight"], t["scales"]
     if w.dtype == torch.int8 and "zeros" not in t:
-        if w.ndim != 2 or s.shape != (w.shape[0],):
-            raise ValueError(f"{name}: int8 expects weight (out, in) and scales (out,), got "
-                             f"{tuple(w.shape)} and {tuple(s.shape)}")
-        return Int8()
+        if w.ndim == 2 and s.shape == (w.shape[0],):
+            return Int8()
+        if w.ndim == 2 and s.ndim == 2 and s.shape[0] == w.shape[0] and s.shape[1] and w.shape[1] % s.shape[1] == 0 \
+                and w.shape[1] // s.shape[1] in GROUP_SIZES:
+            return Int8Group(w.shape[1] // s.shape[1])
+        raise ValueError(f"{name}: int8 expects weight (out, in) with scales (out,), or (out, in/group) for a "
+                         f"group in {GROUP_SIZES}, got {tuple(w.shape)} and {tuple(s.shape)}")
     if w.dtype == torch.uint8 and "zeros" in t:
         n_out, n_in = (w.shape[0], 2 * w.shape[1]) if w.ndim == 2 else (0, 0)
         if w.ndim != 2 or s.ndim != 2 or s.shape[0] != n_out or s.shape[1] == 0 or n_in % s.shape[1] \
@@ -246,48 +362,6 @@ def handler_of(name: str, t: dict[str, torch.Tensor]) -> Int8 | Int4:
         return Int4(n_in // s.shape[1])
     raise ValueError(f"{name}: not a quantized linear: weight {w.dtype} {tuple(w.shape)}, "
                      f"{'with' if 'zeros' in t else 'without'} zeros (int8 weight without zeros, or uint8 with)")
-
-
-class WeightOnlyInt8Linear(nn.Module):
-    """y = x @ (weight * scales)^T + bias on aten._weight_int8pack_mm, the activation cast to the scales' dtype."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight, persistent=False)  # int8 (out, in)
-        self.register_buffer("scales", scales, persistent=False)  # (out,) in the compute dtype
-        self.register_buffer("bias", bias)  # (out,) or None; persistent, as nn.Linear's
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        x2 = _aligned(x.reshape(-1, self.in_features).to(self.scales.dtype))  # (M, in)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)  # (M, out)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scales.dtype}"
-
-
-class WeightOnlyInt4Linear(nn.Module):
-    """y = x @ W^T + bias on aten._weight_int4pack_mm_for_cpu, W held in the kernel's packed layout."""
-
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, out_features: int,
-                 group_size: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("weight", packed, persistent=False)  # uint8, the kernel's layout
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (in/group, out, 2)
-        self.register_buffer("bias", bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()  # (M, in)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, compute={self.scales_and_zeros.dtype}")
 
 
 def linears(model: Llama, head: bool = False) -> list[tuple[str, nn.Linear]]:
@@ -302,7 +376,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _checked(model: Llama, scheme: str, group_size: int, head: bool) -> tuple[Int8 | Int4, list]:
+def _checked(model: Llama, scheme: str, group_size: int, head: bool) -> tuple[Format, list]:
     h = handler(scheme, group_size)
     targets = linears(model, head)
     for name, lin in targets:  # every error before any work
@@ -332,7 +406,7 @@ def quantized_state_dict(model: Llama, scheme: str, group_size: int = 32,
 def quantize_model(model: Llama, scheme: str, group_size: int = 32, head: bool = False,
                    compute_dtype: torch.dtype = torch.bfloat16) -> Llama:
     """Replace the nn.Linear layers of a loaded `model` (and its LM head when `head`) with weight-only
-    int8 / int4 modules, in place; their float weights are dropped. Returns `model`."""
+    int8 / int8g / int4 modules, in place; their float weights are dropped. Returns `model`."""
     h, targets = _checked(model, scheme, group_size, head)
     for name, lin in targets:
         bias = None if lin.bias is None else lin.bias.detach()
@@ -376,9 +450,10 @@ def load_quantized(model: Llama, state: dict[str, torch.Tensor], compute_dtype: 
 # --------------------------------------------------------------------------- paged weights
 
 def kernel_state(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = torch.bfloat16) -> dict:
-    """A block's stored tensors -> what the quantized modules bind: for int8 `<name>.weight` (64-byte
-    aligned) and `<name>.scales` (compute dtype), for int4 `<name>.weight` in the kernel's packed layout
-    and `<name>.scales_and_zeros`. Tensors already in that form, and all others, pass unchanged."""
+    """A block's stored tensors -> what the quantized modules bind (the handler's kernel_keys): for int8
+    `<name>.weight` (64-byte aligned) and `<name>.scales` (compute dtype), for int4 and int8g
+    `<name>.weight` in the int4 kernel's packed layout and `<name>.scales_and_zeros`. Tensors already
+    in that form, and all others, pass unchanged."""
     out = dict(tensors)
     for key in [k for k in tensors if k.endswith(".scales")]:
         name = key[:-len(".scales")]
@@ -387,9 +462,7 @@ def kernel_state(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = 
             raise ValueError(f"{name}: {name}.scales is stored but {name}.weight is missing")
         h = handler_of(name, t)
         h.check(f"{name}.weight", *h.shapes(t))
-        weight, scales = h.kernel_tensors(t, compute_dtype)
-        out[f"{name}.weight"] = weight
-        out[f"{name}.{'scales' if isinstance(h, Int8) else 'scales_and_zeros'}"] = scales
+        out.update({f"{name}.{k}": v for k, v in zip(h.kernel_keys, h.kernel_tensors(t, compute_dtype))})
     return out
 
 
@@ -402,7 +475,7 @@ class CastLinear(nn.Linear):
         return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype)).to(x.dtype)
 
 
-def weight_shells(model: Llama, h: Int8 | Int4 | None, float_dtype: torch.dtype = torch.float32) -> Llama:
+def weight_shells(model: Llama, h: Format | None, float_dtype: torch.dtype = torch.float32) -> Llama:
     """Swap the layers' nn.Linear modules (as sliced, on meta) for modules of the stored format, with
     meta placeholders a pager binds into: quantized ones for `h`, CastLinear for float weights held
     in bf16/fp16, nothing for float32. The LM head is not touched. Returns `model`."""
