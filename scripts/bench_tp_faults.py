@@ -149,6 +149,7 @@ def fault_round(model: Path, world: int, fault: str, quantize, cache: Path, time
         lost = sum(a != b for a, b in zip(got, reference)) + abs(len(got) - len(reference))
         return dict(world=world, fault=fault, identical=got == reference, lost_or_repeated=lost,
                     recovery_s=round(recovery, 3), replan_s=state["last_recovery"]["seconds"],
+                    replan_parts={k: state["last_recovery"][k] for k in ("close_s", "ask_s", "form_s")},
                     ttft_new_plan_s=round(ttft, 3), deadline_s=timeout_s,
                     target_s=round(2 * ttft + timeout_s, 3), within_target=recovery <= 2 * ttft + timeout_s,
                     ms_per_token_before=median_ms(gaps[:FAULT_AT - 1]), ms_per_token_after=median_ms(gaps[FAULT_AT:]),

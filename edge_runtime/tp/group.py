@@ -311,13 +311,17 @@ class Group:
         self.log(f"tp group: lost {', '.join(m.name for m in blamed) or 'a peer'} at epoch {self.epoch}: {err}")
         self.master.close()
         self.master = None
-        deadline = time.monotonic() + self.tp.timeout_s + DESCRIBE_TIMEOUT_S
+        t_closed = time.monotonic()
+        deadline = t_closed + self.tp.timeout_s + DESCRIBE_TIMEOUT_S
         rest = [m for m in self.members if m not in blamed]
         alive = self._answering_by(rest, deadline)
+        t_asked = time.monotonic()
         self._form(alive, warm=False)
+        done = time.monotonic()
         self.recoveries.append({"lost": [m.name for m in self.known if m not in self.members],
                                 "reason": str(err), "world_before": world, "world_after": 1 + len(self.members),
-                                "seconds": round(time.monotonic() - t0, 3)})
+                                "seconds": round(done - t0, 3), "close_s": round(t_closed - t0, 3),
+                                "ask_s": round(t_asked - t_closed, 3), "form_s": round(done - t_asked, 3)})
 
     def _answering_by(self, peers: list[Member], deadline: float) -> list[Member]:
         """Peers that answer as idle before `deadline` (the survivors need a moment to see the abort)."""

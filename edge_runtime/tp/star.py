@@ -104,7 +104,9 @@ class StarPeer(Collective):
         if self._closed:
             return
         self._goodbye()
-        self._teardown(linger=500)
+        # a broken collective has told the others already (ABORT / BYE when it failed): do not wait
+        # half a second on a message queued for a peer that died or stalled
+        self._teardown(linger=500 if self._broken is None else 50)
 
     def _check(self) -> None:
         if self._closed:
