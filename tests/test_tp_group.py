@@ -37,21 +37,26 @@ N_NEW = 24
 FAULT_AFTER = 5  # tokens streamed before the fault
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """(folder, transformers' greedy ids): 8 query / 4 KV heads, so worlds 2, 3 and 4 all split it."""
+def write_model(path: Path, **shape) -> list[int]:
+    """A random Llama (8 query / 4 KV heads, so worlds 2, 3 and 4 all split it) written to `path`;
+    returns transformers' greedy ids after PROMPT."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
-                                   hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=8, num_key_value_heads=4)
+                                   num_attention_heads=8, num_key_value_heads=4, **shape)
     hf = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("group-model")
     hf.save_pretrained(path, safe_serialization=True)
     _write_tokenizer(path, 256)  # "t0".."t255": the agent's HTTP API answers in text
     prompt = torch.tensor([PROMPT])
     with torch.no_grad():
         ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N_NEW, do_sample=False)
-    return path, ids[0, len(PROMPT):].tolist()
+    return ids[0, len(PROMPT):].tolist()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """(folder, transformers' greedy ids) of a tiny model."""
+    path = tmp_path_factory.mktemp("group-model")
+    return path, write_model(path, hidden_size=64, intermediate_size=128, num_hidden_layers=3)
 
 
 class PeerProcess:
@@ -102,9 +107,9 @@ def peers(model, tmp_path_factory):
         p.stop()
 
 
-def make_group(model_dir, addresses, cache, logs, timeout_s=1.0, join_timeout_s=20.0) -> Group:
+def make_group(model_dir, addresses, cache, logs, timeout_s=1.0, join_timeout_s=20.0, profile=None) -> Group:
     config = TPConfig(master=f"127.0.0.1:{free_port()}", timeout_s=timeout_s, join_timeout_s=join_timeout_s)
-    return Group(model_dir, addresses, config, cache_dir=cache, log=logs.append)
+    return Group(model_dir, addresses, config, cache_dir=cache, log=logs.append, profile=profile)
 
 
 def wait_until(predicate, timeout_s=30.0, what="condition"):
@@ -239,31 +244,55 @@ def test_a_misbehaving_rank_is_dropped_like_a_dead_one(model, peers, tmp_path, m
         rogue.wait()
 
 
-def test_a_re_plan_that_no_longer_fits_fails_with_the_figures(model, tmp_path):
-    """Peers offering a budget that three ranks fit and two do not: losing one ends the request with
-    the figures, it does not hang or crash."""
+def _smallest_budget(config, world: int, resident: bool = False) -> int:
+    """The least memory every rank of an equal `world`-way plan fits in: all blocks resident, or with
+    its cheapest window."""
+    plan = make_format_plan(config, world, None)
+    windows = [0] if resident else range(2 * config.num_hidden_layers)
+    return max(min(rank_memory(config, plan, r, w) for w in windows) for r in range(world))
+
+
+def test_a_re_plan_pages_when_memory_requires_it_and_fails_with_the_figures_when_nothing_fits(tmp_path):
+    """Every rank offering a budget that three ranks fit resident: after a loss the two left page their
+    blocks (a smaller window), and after a second loss the one left cannot fit at all: the request
+    fails with the figures, without a hang or a crash. (Blocks large enough that paging saves memory
+    next to the streamed head's 4 MiB buffer.)"""
+    folder = tmp_path / "model"
+    model = (folder, write_model(folder, hidden_size=256, intermediate_size=1024, num_hidden_layers=6))
     config = LlamaConfig.from_dir(model[0])
-
-    def need(world):  # the smallest budget every rank fits in (with its cheapest window)
-        plan = make_format_plan(config, world, None)
-        n = 2 * config.num_hidden_layers
-        return max(min(rank_memory(config, plan, r, w) for w in range(n)) for r in range(world))
-
-    assert need(2) > need(3)
-    budget = (need(2) + need(3)) // 2
+    budget = _smallest_budget(config, 3, resident=True)
+    assert _smallest_budget(config, 2) <= budget < _smallest_budget(config, 2, resident=True)
+    assert budget < _smallest_budget(config, 1)
     cache = tmp_path / "cache"
     cache.mkdir()
     procs = [PeerProcess(model[0], cache, f"b{i}", "--max-memory", str(budget)) for i in (1, 2)]
     logs = []
-    group = make_group(model[0], [p.address for p in procs], cache, logs)
+    group = make_group(model[0], [p.address for p in procs], cache, logs, profile={"memory_bytes": budget})
     try:
-        assert group.describe()["world_size"] == 3
-        with pytest.raises(GroupError, match=r"no plan fits 2 rank\(s\).*MiB"):
-            generate_with_fault(group, lambda: procs[1].signal(signal.SIGKILL))
+        assert group.describe()["windows"] == [0, 0, 0]
+        assert generate_with_fault(group, lambda: procs[1].signal(signal.SIGKILL)) == model[1]
+        windows = group.describe()["windows"]
+        assert group.describe()["world_size"] == 2 and all(0 < w < 2 * config.num_hidden_layers for w in windows)
+        with pytest.raises(GroupError, match=r"no plan fits 1 rank\(s\).*MiB"):
+            generate_with_fault(group, lambda: procs[0].signal(signal.SIGKILL))
     finally:
         group.close()
         for p in procs:
             p.stop()
+
+
+def test_a_peer_offering_too_little_memory_is_left_out_with_a_log_line(model, peers, tmp_path):
+    procs, cache = peers
+    small = PeerProcess(model[0], cache, "small", "--max-memory", "1MiB")
+    logs = []
+    group = make_group(model[0], [procs[0].address, small.address], cache, logs)
+    try:
+        assert group.describe()["members"][1:] == [procs[0].name]
+        assert any("leaving out small" in line and "MiB" in line for line in logs), logs
+        assert list(group.generate(PROMPT, N_NEW)) == model[1]
+    finally:
+        group.close()
+        small.stop()
 
 
 def test_cli_generate_over_peers_reports_the_group(model, peers, capsys):

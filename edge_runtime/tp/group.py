@@ -232,6 +232,17 @@ class Group:
             raise GroupError(f"no plan fits {1 + len(members)} rank(s) ({', '.join(['this device', *(m.name for m in members)])}): "
                              f"{err}") from None
 
+    def _tightest(self, members: Sequence[Member]) -> Member | None:
+        """The peer offering less memory than every other rank (this device included), whose budget
+        binds every rank's plan; None when this device offers the least."""
+        def memory(p: dict) -> float:
+            m = p.get("memory_bytes")
+            return m if type(m) is int and m > 0 else float("inf")
+        if not members:
+            return None
+        peer = min(members, key=lambda m: memory(m.profile))
+        return peer if memory(peer.profile) < memory(self.profile) else None
+
     def _warm(self, members: Sequence[Member]) -> dict[str, list]:
         """For each member, the plans it keeps ready: the group without one other member."""
         warm: dict[str, list] = {m.address: [] for m in members}
@@ -262,7 +273,15 @@ class Group:
         from .launch import plan_checksum
 
         while True:
-            plan, weights, budget = self._plan(candidates)
+            try:
+                plan, weights, budget = self._plan(candidates)
+            except GroupError as err:
+                tightest = self._tightest(candidates)
+                if tightest is None:
+                    raise
+                self.log(f"tp group: leaving out {tightest.name} (it offers the least memory): {err}")
+                candidates = [m for m in candidates if m is not tightest]
+                continue
             world = 1 + len(candidates)
             self.epoch += 1
             keep = self._warm(candidates) if warm else {}
