@@ -93,6 +93,10 @@ class ShmLink:
         _fence()
         self._seq[box][0] = seq
 
+    def ready(self, box: int, seq: int) -> bool:
+        """Is message `seq` of mailbox `box` there now?"""
+        return int(self._seq[box][0]) == seq
+
     def get(self, box: int, seq: int, shape: tuple, idle) -> np.ndarray | None:
         """Message `seq` of mailbox `box` (a float32 copy of `shape`) once it is there. While waiting,
         idle() is called every ~1 ms; it raises to give up (deadline, the peer gone)."""

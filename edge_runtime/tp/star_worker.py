@@ -95,6 +95,9 @@ class StarWorker(StarPeer):
                 if recv_monitor_message(self._monitor)["event"] == zmq.EVENT_DISCONNECTED:
                     self._lost = True
             if self._sock.poll(0) or self._lost:
+                if self._link.ready(DOWN, self._seq):
+                    return  # the sum came first (this rank was off its core since it last looked): the
+                    # socket holds the master's next message, which the next operation reads
                 h, _ = self._recv(0.001, "the sum")  # raises on ABORT, BYE or a lost master
                 self._fail(f"rank {self.rank}: out of sync with the master: got {describe(h)}, expected "
                            f"SUM seq {self._seq} layer {layer} kind {kind} in shared memory")
