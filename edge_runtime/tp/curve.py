@@ -52,45 +52,46 @@ class _OnlyKey:
         return key == self.public
 
 
-def configure_master(context: zmq.Context, sock: zmq.Socket, directory: Path) -> ThreadAuthenticator:
-    """Make `sock` a CURVE server that admits only holders of worker.key_secret. Returns the
-    running authenticator (stop it when the socket closes). Call before bind."""
-    public, secret = _load(directory, MASTER, secret=True)
-    worker_public, _ = _load(directory, WORKER, secret=False)
+def _server(context: zmq.Context, sock: zmq.Socket, directory: Path, own: str, admitted: str) -> ThreadAuthenticator:
+    """Make `sock` a CURVE server holding the `own` pair that admits only the `admitted` public key.
+    Returns the running authenticator (stop it when the socket closes). Call before bind."""
+    public, secret = _load(directory, own, secret=True)
+    admitted_public, _ = _load(directory, admitted, secret=False)
     auth = ThreadAuthenticator(context)
     auth.start()
-    auth.configure_curve_callback("*", credentials_provider=_OnlyKey(worker_public))
+    auth.configure_curve_callback("*", credentials_provider=_OnlyKey(admitted_public))
     sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
     return auth
+
+
+def _client(sock: zmq.Socket, directory: Path, own: str, server: str, server_key: bytes | None = None) -> None:
+    """Make `sock` a CURVE client holding the `own` pair, of a server proving `server`'s key (or
+    `server_key`). Call before connect."""
+    public, secret = _load(directory, own, secret=True)
+    if server_key is None:
+        server_key, _ = _load(directory, server, secret=False)
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
+
+
+def configure_master(context: zmq.Context, sock: zmq.Socket, directory: Path) -> ThreadAuthenticator:
+    """The master's collective socket: admits only holders of worker.key_secret."""
+    return _server(context, sock, directory, MASTER, WORKER)
 
 
 def configure_worker(sock: zmq.Socket, directory: Path) -> None:
-    """Make `sock` a CURVE client of the master (needs worker.key_secret and master.key).
-    Call before connect."""
-    public, secret = _load(directory, WORKER, secret=True)
-    master_public, _ = _load(directory, MASTER, secret=False)
-    sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, master_public
+    """A worker dialing the master (needs worker.key_secret and master.key)."""
+    _client(sock, directory, WORKER, MASTER)
 
 
 def configure_control_server(context: zmq.Context, sock: zmq.Socket, directory: Path) -> ThreadAuthenticator:
-    """A peer's control port (control.py): a CURVE server with the worker pair that admits only the
-    master's public key. Returns the running authenticator. Call before bind."""
-    public, secret = _load(directory, WORKER, secret=True)
-    master_public, _ = _load(directory, MASTER, secret=False)
-    auth = ThreadAuthenticator(context)
-    auth.start()
-    auth.configure_curve_callback("*", credentials_provider=_OnlyKey(master_public))
-    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
-    return auth
+    """A peer's control port (control.py): the worker pair, admitting only the master's public key."""
+    return _server(context, sock, directory, WORKER, MASTER)
 
 
 def configure_control_client(sock: zmq.Socket, directory: Path, server_key: bytes | None = None) -> None:
-    """The master asking a peer (control.py): a CURVE client with the master pair; the peer must
-    hold the secret of `server_key` (default worker.key). Call before connect."""
-    public, secret = _load(directory, MASTER, secret=True)
-    if server_key is None:
-        server_key, _ = _load(directory, WORKER, secret=False)
-    sock.curve_secretkey, sock.curve_publickey, sock.curve_serverkey = secret, public, server_key
+    """The master asking a peer (control.py): the master pair; the peer must hold the secret of
+    `server_key` (default worker.key)."""
+    _client(sock, directory, MASTER, WORKER, server_key)
 
 
 def worker_public_key(directory: Path) -> bytes:

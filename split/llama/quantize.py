@@ -95,6 +95,16 @@ def _group_size(scheme: str, group_size: int | None) -> int:
     return g
 
 
+def _check_on_int4_kernel(name: str, scheme: str, group_size: int, n_out: int, n_in: int) -> None:
+    """The shape rules of a format the int4 CPU kernel runs (int4, int8g)."""
+    if n_in % group_size:
+        raise ValueError(f"{name}: {scheme} group_size {group_size} does not divide in_features {n_in} "
+                         f"(weight ({n_out}, {n_in})); pick one of {GROUP_SIZES} that does")
+    if n_out % INT4_OUT_MULTIPLE:
+        raise ValueError(f"{name}: {scheme} needs out_features divisible by {INT4_OUT_MULTIPLE} (the int4 CPU "
+                         f"kernel's packing), got weight ({n_out}, {n_in})")
+
+
 class Int8:
     """Symmetric int8, one scale per output channel."""
 
@@ -176,12 +186,7 @@ class Int4:
                                     n_in, n_out, self.group_size, torch.empty(n_out, **meta) if bias else None)
 
     def check(self, name: str, n_out: int, n_in: int) -> None:
-        if n_in % self.group_size:
-            raise ValueError(f"{name}: int4 group_size {self.group_size} does not divide in_features {n_in} "
-                             f"(weight ({n_out}, {n_in})); pick one of {GROUP_SIZES} that does")
-        if n_out % INT4_OUT_MULTIPLE:
-            raise ValueError(f"{name}: int4 needs out_features divisible by {INT4_OUT_MULTIPLE} (the CPU "
-                             f"kernel's packing), got weight ({n_out}, {n_in})")
+        _check_on_int4_kernel(name, "int4", self.group_size, n_out, n_in)
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         n_out, n_in = w.shape
@@ -260,12 +265,7 @@ class Int8Group:
                                          n_in, n_out, self.group_size, torch.empty(n_out, **meta) if bias else None)
 
     def check(self, name: str, n_out: int, n_in: int) -> None:
-        if n_in % self.group_size:
-            raise ValueError(f"{name}: int8g group_size {self.group_size} does not divide in_features {n_in} "
-                             f"(weight ({n_out}, {n_in})); pick one of {GROUP_SIZES} that does")
-        if n_out % INT4_OUT_MULTIPLE:
-            raise ValueError(f"{name}: int8g needs out_features divisible by {INT4_OUT_MULTIPLE} (the int4 CPU "
-                             f"kernel's packing), got weight ({n_out}, {n_in})")
+        _check_on_int4_kernel(name, "int8g", self.group_size, n_out, n_in)
 
     def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         n_out, n_in = w.shape
