@@ -157,7 +157,7 @@ def test_a_lost_peer_mid_generation_costs_no_token_and_rejoins_at_the_next_reque
             victim.signal(signal.SIGCONT)
         wait_until(lambda: group.describe()["returning"] == [victim.name], what="the group to see the returned peer")
         assert list(group.generate(PROMPT, N_NEW)) == model[1]
-        assert group.describe()["world_size"] == world and group.describe()["absent"] == []
+        assert group.describe()["world_size"] == world and group.describe()["absent"] == [], "\n".join(logs)
     finally:
         group.close()
         if victim.proc.poll() is not None:
@@ -176,7 +176,7 @@ ROGUE = textwrap.dedent('''
     from edge_runtime.tp.config import TPConfig
     from edge_runtime.tp.control import ControlServer
     from edge_runtime.tp.launch import plan_checksum
-    from edge_runtime.tp.plan import config_hash
+    from edge_runtime.tp.launch import model_fingerprint
     from edge_runtime.tp.prepare import make_format_plan
     from edge_runtime.tp.star_worker import StarWorker
     from edge_runtime.tp.wire import DType, Header, Msg, encode
@@ -193,7 +193,8 @@ ROGUE = textwrap.dedent('''
                 continue
             reply, req, sender = got
             if req["op"] == "describe":
-                reply({"ok": True, "name": "rogue", "profile": {}, "model": config_hash(config), "state": "idle"})
+                reply({"ok": True, "name": "rogue", "profile": {}, "model": model_fingerprint(Path(model)),
+                       "state": "idle"})
                 continue
             reply({"ok": True})
             world, rank = req["world_size"], req["rank"]
@@ -293,6 +294,28 @@ def test_a_peer_offering_too_little_memory_is_left_out_with_a_log_line(model, pe
     finally:
         group.close()
         small.stop()
+
+
+def test_a_peer_holding_other_weights_of_the_same_shape_is_left_out(model, peers, tmp_path):
+    """A fine-tune of the same architecture is another model: mixing its shards would give garbage."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    procs, cache = peers
+    other = tmp_path / "fine-tune"
+    shutil.copytree(model[0], other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    stranger = PeerProcess(other, cache, "tuned")
+    logs = []
+    group = make_group(model[0], [procs[0].address, stranger.address], cache, logs)
+    try:
+        assert group.describe()["members"][1:] == [procs[0].name]
+        assert any("peer tuned holds model" in line and "left out" in line for line in logs), logs
+    finally:
+        group.close()
+        stranger.stop()
 
 
 def test_cli_generate_over_peers_reports_the_group(model, peers, capsys):

@@ -97,14 +97,13 @@ class Group:
     def __init__(self, model: Path, peers: Sequence[str | Member] | Discovery, config: TPConfig, *, quantize=None,
                  cache_dir: Path | None = None, profile: dict | None = None, progress: bool = False, log=print):
         from .gguf_source import model_folder
-        from .launch import DEFAULT_CACHE
-        from .plan import config_hash
+        from .launch import DEFAULT_CACHE, model_fingerprint
 
         self.tp, self.quantize, self.log, self.progress = config, quantize, log, progress
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE)
         self.model_dir = model_folder(Path(model), self.cache_dir / "gguf", progress)
         self.llama = LlamaConfig.from_dir(self.model_dir)
-        self.identity = config_hash(self.llama)
+        self.identity = model_fingerprint(Path(model))  # peers must hold exactly these weights
         self.profile = dict(profile or {})
         if isinstance(peers, Discovery):
             peers = peers.members(self.identity, config, log)
@@ -197,13 +196,14 @@ class Group:
             answer = ask(m.address, {"op": "describe"}, DESCRIBE_TIMEOUT_S, self.tp.curve_keys, m.key)
             if answer is None:
                 self.log(f"tp group: peer {m.name} does not answer")
-            elif answer.get("model") != self.identity:
+                continue
+            if isinstance(answer.get("name"), str) and answer["name"] and m.name == m.address:
+                m.name = answer["name"][:64]
+            if answer.get("model") != self.identity:
                 self.log(f"tp group: peer {m.name} holds model {answer.get('model')!r}, not {self.identity}: left out")
             elif answer.get("state") == "idle":
                 if isinstance(answer.get("profile"), dict):
                     m.profile = answer["profile"]
-                if isinstance(answer.get("name"), str) and m.name == m.address:
-                    m.name = answer["name"]
                 found.append(m)
         return found
 

@@ -55,6 +55,24 @@ def plan_checksum(plan) -> bytes:
     return hashlib.sha256(plan.to_json().encode()).hexdigest()[:16].encode()
 
 
+def model_fingerprint(model: Path) -> str:
+    """Which weights a rank holds, so a group never mixes two checkpoints of one architecture (a
+    fine-tune and its base): a hash of every weight file's name, size and first and last 64 KiB (a
+    .gguf file itself, or a folder's *.safetensors) and of its config.json. The same download hashes
+    alike on every machine, whatever its path or mtime."""
+    model = Path(model)
+    files = [model] if model.is_file() else sorted(model.glob("*.safetensors")) + [model / "config.json"]
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(1 << 16)
+            fh.seek(max(0, size - (1 << 16)))
+            tail = fh.read(1 << 16)
+        h.update(f"{f.name}:{size}:".encode() + hashlib.sha256(head + tail).digest())
+    return h.hexdigest()[:16]
+
+
 def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True,
                   max_rank_memory: int | None = None, quantize=None, ranks=None) -> Path:
     """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>;

@@ -49,8 +49,7 @@ class Peer:
 
         from .engine import run_worker  # imported now, so a serve request is answered at once
         from .gguf_source import model_folder
-        from .launch import DEFAULT_CACHE
-        from .plan import config_hash
+        from .launch import DEFAULT_CACHE, model_fingerprint
 
         from .prepare import make_format_plan
         self.setup, self.log = setup, log
@@ -58,7 +57,7 @@ class Peer:
         self.cache_dir = Path(setup.cache_dir or DEFAULT_CACHE)
         self.model_dir = model_folder(Path(setup.model), self.cache_dir / "gguf", False)
         self.config = LlamaConfig.from_dir(self.model_dir)
-        self.identity = config_hash(self.config)
+        self.identity = model_fingerprint(Path(setup.model))
         self.profile = dict(setup.profile)  # what it tells masters about itself
         self.served = 0
 
