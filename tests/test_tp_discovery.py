@@ -22,7 +22,7 @@ import pytest
 import zmq
 from hypothesis import given, settings, strategies as st
 
-from edge_runtime.tp.discovery import (Advertisement, PeerRecord, RefusedRecord, TrustPolicy, discover,
+from edge_runtime.tp.discovery import (Advertisement, PeerRecord, RefusedRecord, TrustPolicy, browse, discover,
                                        encode_txt, load_known_keys, parse_record)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +163,8 @@ def test_discover_checks_its_arguments():
         discover(0, 1.0)
     with pytest.raises(ValueError, match="timeout_s must be"):
         discover(1, 0)
+    with pytest.raises(ValueError, match="browse: timeout_s must be"):
+        browse(0)
 
 # ---------------------------------------------------------------- two namespaces, real multicast DNS
 
@@ -460,3 +462,58 @@ def test_a_group_forms_over_discovered_peers_and_refuses_an_unpinned_key(lan, ti
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+_LATE_PEER = """
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+from edge_runtime.tp.config import TPConfig
+from edge_runtime.tp.group import Discovery, Group
+from edge_runtime.tp.launch import free_port
+model, cache = sys.argv[1], Path(sys.argv[2])
+env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def peer(name):
+    log = cache / (name + ".log")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "tp", "worker", "--model", model, "--listen",
+                             f"127.0.0.1:{free_port()}", "--advertise", name, "--cache-dir", str(cache)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 90
+    while "advertised on the local network" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc
+procs = [peer("late-a"), peer("late-b")]
+logs = []
+group = Group(Path(model), Discovery(2, timeout_s=30), TPConfig(master=f"127.0.0.1:{free_port()}", timeout_s=1.0),
+              cache_dir=cache, log=logs.append)
+out = {"formed": group.describe()["members"]}
+first = []
+for tok in group.generate([5, 77, 31], 8):
+    first.append(tok)
+    if len(first) == 3:
+        procs[1].kill()
+out.update(first=first, after_loss=group.describe()["members"])
+procs.append(peer("late-c"))
+deadline = time.monotonic() + 60
+while "late-c" not in group.describe()["returning"] and time.monotonic() < deadline:
+    time.sleep(0.1)
+out.update(second=list(group.generate([5, 77, 31], 8)), after_return=group.describe()["members"], log=logs)
+group.close()
+for p in procs:
+    p.kill()
+print(json.dumps(out))
+"""
+
+
+def test_a_discovered_group_takes_in_a_peer_advertised_later(lan, tiny_model, tmp_path):
+    """discover = 2: one of the two peers dies mid-generation (no token lost, the group goes on with
+    the other), then a third peer starts advertising: the group finds it and takes it in at the next
+    request. Everything runs in one namespace (multicast looped back to its own processes)."""
+    model, expected = tiny_model
+    done = subprocess.run(["ip", "netns", "exec", lan.discovering, sys.executable, "-c", _LATE_PEER, str(model),
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["formed"][1:] == ["late-a", "late-b"]
+    assert out["first"] == expected and out["after_loss"][1:] == ["late-a"]
+    assert out["second"] == expected and out["after_return"][1:] == ["late-a", "late-c"], out["log"]

@@ -322,12 +322,30 @@ def discover(count: int, timeout_s: float, *, model: str | None = None, pinned: 
     if not timeout_s > 0:
         raise ValueError(f"discover: timeout_s must be > 0, got {timeout_s!r}")
     search = _Search(count, model, TrustPolicy(pinned, known_keys, trust_on_first_use, require_key), log)
+    if not _search(search, timeout_s, lambda: len(search.accepted) >= count):
+        raise TimeoutError(search.shortfall(timeout_s))
+    return sorted(search.accepted.values(), key=lambda peer: peer.name)[:count]
+
+
+def browse(timeout_s: float, *, model: str | None = None, pinned: set[bytes] | None = None,
+           known_keys: Path | None = None, trust_on_first_use: bool = False, require_key: bool = True,
+           log=print) -> list[PeerRecord]:
+    """Every suitable peer seen within timeout_s, sorted by name (a group looking for newcomers)."""
+    if not timeout_s > 0:
+        raise ValueError(f"browse: timeout_s must be > 0, got {timeout_s!r}")
+    search = _Search(0, model, TrustPolicy(pinned, known_keys, trust_on_first_use, require_key), log)
+    _search(search, timeout_s, lambda: False)
+    return sorted(search.accepted.values(), key=lambda peer: peer.name)
+
+
+def _search(search: _Search, timeout_s: float, enough) -> bool:
+    """Browse and resolve records into `search` until enough() (True) or timeout_s (False)."""
     deadline = time.monotonic() + timeout_s
     with contextlib.closing(Zeroconf(ip_version=IPVersion.V4Only)) as zc, \
             ServiceBrowser(zc, SERVICE, handlers=[search.on_change]):
-        while len(search.accepted) < count:
+        while not enough():
             left_s = deadline - time.monotonic()
             if left_s <= 0:
-                raise TimeoutError(search.shortfall(timeout_s))
+                return False
             search.step(zc, left_s)
-    return sorted(search.accepted.values(), key=lambda peer: peer.name)[:count]
+    return True

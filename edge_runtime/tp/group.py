@@ -43,6 +43,8 @@ DESCRIBE_TIMEOUT_S = 2.0  # a peer's answer to describe (at once, unless it is b
 SERVE_TIMEOUT_S = 5.0  # its answer to serve (it checks that the plan fits first)
 PROBE_EVERY_S = 1.0  # how often absent peers are asked whether they are back
 SHARE_STEP = 0.05  # shares from profiles are rounded to this
+REDISCOVER_EVERY_S = 5.0  # with discovery, how often a group short of its count looks for new peers
+BROWSE_S = 2.0  # how long one such look lasts
 
 
 @dataclass(eq=False)  # a member is itself: compared by identity, not by what it advertised
@@ -80,13 +82,24 @@ class Discovery:
     trust_on_first_use: bool = False
 
     def members(self, model_identity: str, tp: TPConfig, log) -> list[Member]:
-        from . import curve
+        """The first `count` suitable peers; TimeoutError when fewer answer within timeout_s."""
         from .discovery import discover
-        pinned = {curve.worker_public_key(tp.curve_keys)} if tp.curve_keys is not None else None
-        found = discover(self.count, self.timeout_s, model=model_identity, pinned=pinned, known_keys=self.known_keys,
-                         trust_on_first_use=self.trust_on_first_use, require_key=tp.curve_keys is not None, log=log)
+        found = discover(self.count, self.timeout_s, **self._rules(model_identity, tp), log=log)
         log(f"tp group: discovered {', '.join(f'{r.name} ({r.host}:{r.port})' for r in found)}")
         return [Member(f"{r.host}:{r.port}", r.name, r.profile, r.key) for r in found]
+
+    def seen(self, model_identity: str, tp: TPConfig, timeout_s: float) -> list[Member]:
+        """Every suitable peer advertised now (seen within timeout_s)."""
+        from .discovery import browse
+        found = browse(timeout_s, **self._rules(model_identity, tp), log=lambda line: None)
+        return [Member(f"{r.host}:{r.port}", r.name, r.profile, r.key) for r in found]
+
+    def _rules(self, model_identity: str, tp: TPConfig) -> dict:
+        """Which records are suitable: this model, and (with CURVE keys) a pinned or known key."""
+        from . import curve
+        pinned = {curve.worker_public_key(tp.curve_keys)} if tp.curve_keys is not None else None
+        return dict(model=model_identity, pinned=pinned, known_keys=self.known_keys,
+                    trust_on_first_use=self.trust_on_first_use, require_key=tp.curve_keys is not None)
 
 
 class GroupError(RuntimeError):
@@ -105,8 +118,9 @@ class Group:
         self.llama = LlamaConfig.from_dir(self.model_dir)
         self.identity = model_fingerprint(Path(model))  # peers must hold exactly these weights
         self.profile = dict(profile or {})
-        if isinstance(peers, Discovery):
-            peers = peers.members(self.identity, config, log)
+        self.discovery = peers if isinstance(peers, Discovery) else None
+        if self.discovery is not None:
+            peers = self.discovery.members(self.identity, config, log)
         self.known = [p if isinstance(p, Member) else Member(str(p)) for p in peers]
         self.members: list[Member] = []
         self.master = None
@@ -357,12 +371,31 @@ class Group:
         return [m for m in peers if m in alive]
 
     def _probe_absent(self) -> None:
+        """Ask absent peers whether they are back; with discovery, while the group is short of its
+        count, also look for peers advertised since (they join at the next request too)."""
+        browsed = time.monotonic()
         while not self._stop.wait(PROBE_EVERY_S):
+            if (self.discovery is not None and len(self.members) < self.discovery.count and not self._back
+                    and time.monotonic() - browsed > REDISCOVER_EVERY_S):
+                self._discover_new()
+                browsed = time.monotonic()
             for m in [m for m in self.known if m not in self.members]:
                 answer = ask(m.address, {"op": "describe"}, 0.5, self.tp.curve_keys, m.key)
                 if answer is not None and answer.get("state") == "idle" and answer.get("model") == self.identity:
                     with self._lock:
                         self._back.add(m.address)
+
+    def _discover_new(self) -> None:
+        """Add peers advertised since the group formed to the known ones."""
+        known = {m.address for m in self.known}
+        try:
+            found = self.discovery.seen(self.identity, self.tp, BROWSE_S)
+        except OSError:
+            return  # no network for multicast just now: look again later
+        for m in found:
+            if m.address not in known:
+                self.log(f"tp group: discovered {m.name} ({m.address}): it joins at the next request")
+                self.known = [*self.known, m]  # a new list: other threads iterate the old one safely
 
     def _take_back_returned(self) -> None:
         with self._lock:
