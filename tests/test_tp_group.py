@@ -318,6 +318,39 @@ def test_a_peer_holding_other_weights_of_the_same_shape_is_left_out(model, peers
         stranger.stop()
 
 
+def test_a_peer_refuses_garbage_and_keeps_serving(model, peers):
+    """Requests a stranger (or a broken master) could send to a peer's control port: each gets a clear
+    refusal, nothing crashes the peer, and a group forms over it afterwards."""
+    import zmq
+
+    from edge_runtime.tp.control import ask
+    from edge_runtime.tp.launch import model_fingerprint
+    procs, cache = peers
+    address = procs[0].address
+    good = {"op": "serve", "model": model_fingerprint(model[0]), "world_size": 2, "rank": 1, "weights": None,
+            "quantize": None, "max_rank_memory": None, "epoch": 1, "master_port": 1, "timeout_s": 1.0}
+    garbage = [{"op": "dance"}, {"op": "serve", "model": "feed"}, {**good, "world_size": "2"}, {**good, "rank": 0},
+               {**good, "rank": 2}, {**good, "world_size": 10**9}, {**good, "weights": "abc"},
+               {**good, "weights": [1.0]}, {**good, "weights": {"a": 1}}, {**good, "quantize": {"scheme": "int3"}},
+               {**good, "quantize": "int4"}, {**good, "max_rank_memory": -5}, {**good, "max_rank_memory": 1},
+               {**good, "timeout_s": [1]}, {**good, "master_port": 0}, {**good, "epoch": None}]
+    for request in garbage:
+        answer = ask(address, request, 10.0)
+        assert answer is not None and answer["ok"] is False and answer["error"], (request, answer)
+    ctx = zmq.Context.instance()  # not JSON, not an object, no id: dropped without an answer
+    with ctx.socket(zmq.DEALER) as sock:
+        sock.connect(f"tcp://{address}")
+        for frames in ([b"\xff\xfe"], [b"[1, 2]"], [b'{"op": "describe"}'], [b"a", b"b"]):
+            sock.send_multipart(frames)
+    assert ask(address, {"op": "describe"}, 10.0)["state"] == "idle"
+    logs = []
+    group = make_group(model[0], [address], cache, logs)
+    try:
+        assert list(group.generate(PROMPT, N_NEW)) == model[1]
+    finally:
+        group.close()
+
+
 def test_cli_generate_over_peers_reports_the_group(model, peers, capsys):
     import json
 

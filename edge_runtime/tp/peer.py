@@ -78,8 +78,13 @@ class Peer:
             raise ValueError(f"world_size {world!r} / rank {rank!r}: expected 1 <= rank < world_size <= 256")
         if not (type(job["master_port"]) is int and 1 <= job["master_port"] <= 65535 and type(job["epoch"]) is int):
             raise ValueError("master_port and epoch must be integers")
+        if job["timeout_s"] is not None and not (type(job["timeout_s"]) in (int, float) and 0 < job["timeout_s"] <= 600):
+            raise ValueError(f"timeout_s must be a number of seconds in (0, 600], got {job['timeout_s']!r}")
+        budget = job["max_rank_memory"]
+        if budget is not None and not (type(budget) is int and budget > 0):
+            raise ValueError(f"max_rank_memory must be a positive integer or null, got {budget!r}")
         job["format"] = handler_from_dict(job["quantize"])
-        self.make_plan(self.config, world, job["weights"], job["format"], job["max_rank_memory"])  # fits?
+        self.make_plan(self.config, world, job["weights"], job["format"], budget)  # fits?
         job["warm"] = [w for w in request.get("warm") or [] if isinstance(w, dict)]
         return job
 
@@ -108,7 +113,7 @@ class Peer:
             plan = ShardPlan.load(folder / "plan.json")
             token = plan_checksum(plan) + f".{job['epoch']}".encode()
             collective = make_collective(config, rank, token)
-        except (CollectiveError, ValueError, OSError) as err:
+        except (CollectiveError, ValueError, TypeError, OSError) as err:
             self.log(f"tp peer: could not join as rank {rank} of {world}: {err}")
             return
         self.served += 1
@@ -183,9 +188,9 @@ def _answer(server: ControlServer, peer: Peer, name: str, log) -> None:
         elif op == "serve":
             try:
                 job = peer.check(request)
-            except (ValueError, TypeError, KeyError) as err:
-                log(f"tp peer {name}: refused a serve request from {sender}: {err}")
-                reply({"ok": False, "error": str(err)})
+            except Exception as err:  # whatever a request holds, the peer answers and stays
+                log(f"tp peer {name}: refused a serve request from {sender}: {type(err).__name__}: {err}")
+                reply({"ok": False, "error": f"{type(err).__name__}: {err}"})
                 continue
             reply({"ok": True})
             peer.serve(job, sender)
