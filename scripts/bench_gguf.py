@@ -1,6 +1,6 @@
 """Issue 22, GGUF: `tp prepare` time and peak memory for the 1.1B shape's q4_0 GGUF against its Hugging Face folder.
 
-    .venv/bin/python scripts/bench_gguf.py --rounds 3 --out docs/bench_gguf.jsonl  # docs/: ~4 min on 2 cores, ~7 GB of disk
+    .venv/bin/python scripts/bench_gguf.py --rounds 3 --out docs/bench_gguf.jsonl  # docs/: ~2 min on 2 cores, 1.4 GB of disk at most
     .venv/bin/python scripts/bench_gguf.py --world-sizes 1                          # 2 rounds, world size 1
     .venv/bin/python scripts/bench_gguf.py --model .cache/bench_llm/tiny --cache /tmp/bg --out /tmp/bg.jsonl  # smoke
 
@@ -19,15 +19,19 @@ as bench_prepare.py does (devices.telemetry.ResidentSet: baseline after the impo
 read; the GGUF path's modules imported before the baseline for both), `edge-runtime tp prepare` through
 edge_runtime.cli.main:
 
-    tp prepare --model <gguf> --world-size W --quantize int4 --group-size 32 --out DIR   (conversion + prepare)
+    tp prepare --model <gguf> --world-size W --quantize int4 --group-size 32 --out DIR   (model folder + prepare)
     tp prepare --model <HF folder> --world-size W --quantize int4 --group-size 32 --out DIR
 
-with EDGEFOLD_CACHE under <cache>/gguf/edgefold and the GGUF's converted-folder cache deleted before every
-GGUF run, so each one converts (dequantizes to a float32 HF folder plus prequantized/int4-g32) and prepares.
-The machine is shared: each run records the cores other processes used during it (from /proc/stat, less the
-child's own CPU time) and the load average.
+with EDGEFOLD_CACHE under <cache>/gguf/edgefold and the GGUF's cached model folder deleted before every
+GGUF run, so each one makes it (edge_runtime.tp.gguf_source.model_folder: reads the file's header and
+tokenizer, writes config / tokenizer files and the tensor index, no weights) and prepares, reading every
+tensor straight from the .gguf (the Q4_0 projections' integers as they are). The machine is shared: each
+run records the cores other processes used during it (from /proc/stat, less the child's own CPU time) and
+the load average.
 
-The shards and the converted folder are deleted at the end unless --keep.
+Each run's shards are measured and deleted (disk), all kept with --keep. --quantize int8 (per-channel int8:
+every weight requantized from the dequantized floats) or none (float32 shards, every tensor dequantized;
+4.2 GB for the 1.1B shape) instead of int4 group 32; the run rows say which ("quantize").
 
 Output: one JSON object per row on stdout and in --out (JSON lines), progress on stderr. Rows (bench "gguf"):
   * kind "machine": CPU, cores, memory, package versions, date;
@@ -35,11 +39,11 @@ Output: one JSON object per row on stdout and in --out (JSON lines), progress on
   * kind "write_gguf": the GGUF's bytes, tensor types, output type, tokenizer source, and writing it: seconds,
     peak RSS above baseline (cached: whether it was written by an earlier run);
   * kind "run": one per prepare: source (gguf | hf), world size, round, seconds (in the child, from before
-    model_folder to the end), wall_s (the subprocess), above_baseline_mib; GGUF: convert_s and the peak above
-    baseline by the end of the conversion (convert_above_mib), converted_mib (the cached HF folder, of which
-    prequantized_mib), q4_0_kept (prepare said the Q4_0 projections were taken as stored); out_mib (shards
-    written), written_mib (shards + converted folder); others_cores, loadavg;
-  * kind "median": per source and world size, the medians over the rounds (and the GGUF's conversion share
+    model_folder to the end), wall_s (the subprocess), above_baseline_mib; GGUF: folder_s (model_folder) and
+    the peak above baseline by its end (folder_above_mib), folder_kib (the cached model folder), q4_0_kept
+    (prepare said the Q4_0 projections were taken as stored); out_mib (shards written), written_mib (shards +
+    model folder); others_cores, loadavg;
+  * kind "median": per source and world size, the medians over the rounds (and the GGUF's model_folder share
     of the time);
   * kind "ratio": per world size, GGUF / HF of the median seconds, peak above baseline and bytes written.
 """
@@ -98,13 +102,12 @@ model_folder = gguf_source.model_folder
 def timed(*a, **k):
     t = time.perf_counter()
     folder = model_folder(*a, **k)
-    conv.update(convert_s=time.perf_counter() - t, convert_peak=rss.peak())
+    conv.update(folder_s=time.perf_counter() - t, folder_peak=rss.peak())
     return folder
 gguf_source.model_folder = timed      # cli._prepare imports it from the module when called
 rss = ResidentSet()
 t0 = time.perf_counter()
-rc = cli.main(["tp", "prepare", "--model", sys.argv[1], "--world-size", sys.argv[2], "--quantize", "int4",
-               "--group-size", "32", "--out", sys.argv[3]])
+rc = cli.main(["tp", "prepare", "--model", sys.argv[1], "--world-size", sys.argv[2], "--out", sys.argv[3], *sys.argv[4:]])
 print(json.dumps(dict(rc=rc, seconds=time.perf_counter() - t0, peak=rss.peak(), baseline=rss.baseline, **conv)))
 """
 
@@ -173,30 +176,34 @@ def write_once(model: Path, path: Path, output_type: str) -> dict:
     return r
 
 
-def prepare_once(source: str, model: Path, world: int, work: Path, rnd: int) -> dict:
+QUANTIZE = {"int4": ["--quantize", "int4", "--group-size", "32"], "int8": ["--quantize", "int8"], "none": []}
+
+
+def prepare_once(source: str, model: Path, world: int, work: Path, rnd: int, keep: bool, quantize: str) -> dict:
     edgefold_cache = work / "edgefold"
-    converted_root = edgefold_cache / "tp-shards" / "gguf"
+    folder_root = edgefold_cache / "tp-shards" / "gguf"
     out = work / f"prepare-{source}-w{world}"
     shutil.rmtree(out, ignore_errors=True)
     if source == "gguf":
-        shutil.rmtree(converted_root, ignore_errors=True)  # converted again by every GGUF run
+        shutil.rmtree(folder_root, ignore_errors=True)  # made again by every GGUF run
     env = dict(os.environ, EDGEFOLD_CACHE=str(edgefold_cache), HF_HUB_OFFLINE="1")
-    r, run = child(PREPARE, [str(model), str(world), str(out)], env=env)
+    r, run = child(PREPARE, [str(model), str(world), str(out), *QUANTIZE[quantize]], env=env)
     assert r["rc"] == 0, r
-    row = dict(bench="gguf", kind="run", source=source, world_size=world, round=rnd, seconds=round(r["seconds"], 1),
+    row = dict(bench="gguf", kind="run", source=source, quantize=quantize, world_size=world, round=rnd,
+               seconds=round(r["seconds"], 1),
                wall_s=run["wall_s"], above_baseline_mib=round((r["peak"] - r["baseline"]) / MIB, 1),
                baseline_rss_mib=round(r["baseline"] / MIB, 1))
     out_bytes = du(out)
     row["out_mib"] = round(out_bytes / MIB, 1)
     written = out_bytes
+    if not keep:
+        shutil.rmtree(out)
     if source == "gguf":
-        converted = du(converted_root)
-        pre = sum(du(p) for p in converted_root.glob("*/prequantized"))
-        written += converted
-        row.update(convert_s=round(r["convert_s"], 2), convert_share=round(r["convert_s"] / r["seconds"], 2),
-                   convert_above_mib=round((r["convert_peak"] - r["baseline"]) / MIB, 1),
-                   converted_mib=round(converted / MIB, 1), prequantized_mib=round(pre / MIB, 1),
-                   q4_0_kept="int4-g32 weights taken as stored" in r["stderr"])
+        folder = du(folder_root)
+        written += folder
+        row.update(folder_s=round(r["folder_s"], 2), folder_share=round(r["folder_s"] / r["seconds"], 2),
+                   folder_above_mib=round((r["folder_peak"] - r["baseline"]) / MIB, 1),
+                   folder_kib=round(folder / 1024, 1), q4_0_kept="int4-g32 weights taken as stored" in r["stderr"])
     row["written_mib"] = round(written / MIB, 1)
     row.update(others_cores=run["others_cores"], loadavg=run["loadavg"])
     return row
@@ -204,15 +211,17 @@ def prepare_once(source: str, model: Path, world: int, work: Path, rnd: int) -> 
 
 def median_row(rows: list[dict]) -> dict:
     m = lambda k: round(statistics.median(r[k] for r in rows), 1)  # noqa: E731
-    row = dict(bench="gguf", kind="median", source=rows[0]["source"], world_size=rows[0]["world_size"],
+    row = dict(bench="gguf", kind="median", source=rows[0]["source"], quantize=rows[0]["quantize"],
+               world_size=rows[0]["world_size"],
                rounds=len(rows), seconds=m("seconds"), seconds_each=[r["seconds"] for r in rows], wall_s=m("wall_s"),
                above_baseline_mib=m("above_baseline_mib"), above_each=[r["above_baseline_mib"] for r in rows],
                out_mib=m("out_mib"), written_mib=m("written_mib"), others_cores_max=max(r["others_cores"] for r in rows))
     if row["source"] == "gguf":
-        row.update(convert_s=m("convert_s"), convert_share=round(statistics.median(r["convert_share"] for r in rows), 2),
-                   prepare_after_convert_s=round(m("seconds") - m("convert_s"), 1),
-                   convert_above_mib=m("convert_above_mib"), converted_mib=m("converted_mib"),
-                   prequantized_mib=m("prequantized_mib"), q4_0_kept=all(r["q4_0_kept"] for r in rows))
+        row.update(folder_s=round(statistics.median(r["folder_s"] for r in rows), 2),
+                   folder_share=round(statistics.median(r["folder_share"] for r in rows), 2),
+                   prepare_after_folder_s=round(m("seconds") - m("folder_s"), 1),
+                   folder_above_mib=m("folder_above_mib"), folder_kib=m("folder_kib"),
+                   q4_0_kept=all(r["q4_0_kept"] for r in rows))
     return row
 
 
@@ -222,9 +231,11 @@ def main() -> None:
     ap.add_argument("--world-sizes", type=lambda t: [int(x) for x in t.split(",")], default=[1, 4])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--output-type", default="Q8_0", choices=["Q8_0", "F16"], help="output.weight's GGUF type")
+    ap.add_argument("--quantize", default="int4", choices=list(QUANTIZE),
+                    help="the shards' format: int4 (group 32, the q4_0 integers kept), int8 or none (float32)")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "bench_llm"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_gguf.jsonl"))
-    ap.add_argument("--keep", action="store_true", help="keep the last shards and converted folder (several GB)")
+    ap.add_argument("--keep", action="store_true", help="keep every run's shards and the model folder (GBs)")
     args = ap.parse_args()
     cache = Path(args.cache).resolve()
     if args.model:
@@ -253,7 +264,8 @@ def main() -> None:
         for rnd in range(args.rounds):
             for source in ("gguf", "hf") if rnd % 2 == 0 else ("hf", "gguf"):
                 print(f"prepare {source} world {world} round {rnd + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
-                row = prepare_once(source, gguf_path if source == "gguf" else model, world, work, rnd + 1)
+                row = prepare_once(source, gguf_path if source == "gguf" else model, world, work, rnd + 1, args.keep,
+                                   args.quantize)
                 runs.setdefault((source, world), []).append(row)
                 emit(row)
     medians = {}
@@ -265,7 +277,7 @@ def main() -> None:
         emit(dict(bench="gguf", kind="ratio", world_size=world, gguf_over_hf_seconds=round(g["seconds"] / h["seconds"], 2),
                   gguf_over_hf_above_baseline=round(g["above_baseline_mib"] / h["above_baseline_mib"], 2),
                   gguf_over_hf_written=round(g["written_mib"] / h["written_mib"], 2),
-                  gguf_prepare_after_convert_over_hf_seconds=round(g["prepare_after_convert_s"] / h["seconds"], 2)))
+                  gguf_prepare_after_folder_over_hf_seconds=round(g["prepare_after_folder_s"] / h["seconds"], 2)))
     if not args.keep:  # the GGUF file (and its .json) stay: they are the cache
         for d in [work / "edgefold", *work.glob("prepare-*-w*")]:
             shutil.rmtree(d, ignore_errors=True)

@@ -1,7 +1,12 @@
-"""Writing a Llama / Qwen2 checkpoint as a GGUF file with the `gguf` package (gguf.GGUFWriter,
-gguf.quants.quantize), as llama.cpp's convert_hf_to_gguf.py lays it out: llama.cpp's tensor names, its
-q/k row permutation for "llama" (LlamaModel.permute, done here independently of
-split.llama.gguf_checkpoint, so the tests check one against the other), norms and biases F32.
+"""Writing a Llama / Qwen2 / Qwen3 / Phi-3 checkpoint as a GGUF file with the `gguf` package
+(gguf.GGUFWriter, gguf.quants.quantize), as llama.cpp's convert_hf_to_gguf.py lays it out: llama.cpp's
+tensor names (gguf.constants.TENSOR_NAMES: Qwen3's q_norm / k_norm as attn_q_norm / attn_k_norm,
+Phi-3's fused qkv_proj / gate_up_proj as attn_qkv / ffn_up, as they are), its q/k row permutation for
+"llama" (LlamaModel.permute, done here independently of split.llama.gguf_checkpoint, so the tests check
+one against the other), norms and biases F32, and its metadata per architecture (head_dim as
+attention.key_length / value_length where the config has one, TextModel; Phi-3's rope dimension count
+partial_rotary_factor * hidden / heads, its original context length and sliding window, 0 for none,
+Phi3MiniModel).
 
     from gguf_write import write_gguf, from_state_dict, from_safetensors
     write_gguf(path, "llama", config_dict, from_state_dict(model.state_dict()), Q.Q8_0, tokenizer=...)
@@ -25,6 +30,10 @@ from split.llama.gguf_checkpoint import gpt2_byte_spelling  # a fixed table: the
 BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+BLOCK_QWEN3 = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+BLOCK_PHI3 = {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}  # fused, rows as they are
+ALL_BLOCK = {**BLOCK, **BLOCK_QWEN3, **BLOCK_PHI3}
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
        "lm_head.weight": "output.weight"}
 
@@ -40,7 +49,7 @@ def gguf_name(hf_name: str) -> str:
     if hf_name.startswith("model.layers."):
         _, _, i, rest = hf_name.split(".", 3)
         module, kind = rest.rsplit(".", 1)
-        return f"blk.{i}.{BLOCK[module]}.{kind}"
+        return f"blk.{i}.{ALL_BLOCK[module]}.{kind}"
     return TOP[hf_name]
 
 
@@ -48,7 +57,7 @@ def _order(hf_name: str):  # llama.cpp's order: token_embd, blk.0 .. blk.N-1, ou
     if hf_name.startswith("model.layers."):
         _, _, i, rest = hf_name.split(".", 3)
         module = rest.rsplit(".", 1)[0]
-        return (1, int(i), list(BLOCK).index(module) if module in BLOCK else 99, rest)
+        return (1, int(i), list(ALL_BLOCK).index(module), rest)
     return ({"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(hf_name, 3), 0, 0, hf_name)
 
 
@@ -126,8 +135,8 @@ def vocab_from_tokenizer_json(path: str | Path) -> dict:
 
 
 def add_tokenizer(w, tok: dict) -> None:
-    """tokenizer.ggml.* from a dict: model, tokens, types, scores / merges / pre (optional), bos / eos / unk ids,
-    add_bos, chat_template (optional)."""
+    """tokenizer.ggml.* from a dict: model, tokens, types, scores / merges / pre (optional), bos / eos / unk / pad
+    ids, add_bos, chat_template (optional)."""
     w.add_tokenizer_model(tok["model"])
     if tok.get("pre"):
         w.add_tokenizer_pre(tok["pre"])
@@ -137,7 +146,8 @@ def add_tokenizer(w, tok: dict) -> None:
     w.add_token_types(tok["types"])
     if tok.get("merges"):
         w.add_token_merges(tok["merges"])
-    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id)):
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
         if tok.get(key) is not None:
             add(tok[key])
     if tok.get("add_bos") is not None:
@@ -148,10 +158,33 @@ def add_tokenizer(w, tok: dict) -> None:
 
 # --------------------------------------------------------------------------- the file
 
+def add_hyperparameters(w, arch: str, cfg: dict) -> None:
+    """{arch}.* metadata from a config.json dict, as convert_hf_to_gguf.py writes it for that architecture."""
+    rope = cfg.get("rope_parameters") or {}
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "phi3":  # Phi3MiniModel
+        rotary = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+        w.add_rope_dimension_count(int(rotary * cfg["hidden_size"]) // cfg["num_attention_heads"])
+        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings", cfg["max_position_embeddings"]))
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+    elif arch == "qwen3":  # TextModel: the head size where the config has one, no rope dimension count
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    else:
+        w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
 def write_gguf(path, arch: str, cfg: dict, tensors: Iterable[Tensor], qtype, tokenizer: dict | None = None,
                types: dict | None = None, drop=(), shape_override=None, name: str = "tiny", keep: bool = True,
                progress: bool = False) -> dict:
-    """Write `tensors` (Hugging Face names) as GGUF `path` for `arch` ("llama" / "qwen2"). 1-D tensors are F32
+    """Write `tensors` (Hugging Face names) as GGUF `path` for `arch` (ARCHITECTURES). 1-D tensors are F32
     (as llama.cpp writes norms and biases); 2-D ones `types.get(gguf name, qtype)`. `tokenizer`: add_tokenizer's
     dict, or None for no tokenizer metadata ({arch}.vocab_size instead). drop / shape_override (gguf name ->
     rows kept): broken files for the tests. Returns {gguf name: (stored array, type)} if keep, else
@@ -161,21 +194,13 @@ def write_gguf(path, arch: str, cfg: dict, tensors: Iterable[Tensor], qtype, tok
     from gguf.quants import quant_shape_to_byte_shape, quantize
     from tqdm import tqdm
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
     types = types or {}
     tie = bool(cfg.get("tie_word_embeddings"))
-    rope = cfg.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(theta)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+    add_hyperparameters(w, arch, cfg)
     if tokenizer is not None:
         add_tokenizer(w, tokenizer)
     else:

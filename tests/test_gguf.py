@@ -1,36 +1,44 @@
-"""`--model FILE.gguf` (issue 22 item 3, phase 1): a GGUF file dequantized by the `gguf` package into a
-cached Hugging Face folder, against the `gguf` package and transformers' own GGUF loader.
+"""`--model FILE.gguf` (issue 22 item 3): a GGUF file as a small cached model folder whose tensors are read
+straight from the file and dequantized by the `gguf` package, against the `gguf` package and transformers'
+own GGUF loader.
 
     .venv/bin/python -m pytest -q tests/test_gguf.py
 
 The GGUF files are written with gguf.GGUFWriter and gguf.quants.quantize (scripts/gguf_write.py, shared
 with scripts/bench_gguf.py) from tiny random transformers models, under llama.cpp's tensor names and
-with its q/k row permutation for "llama" (done there independently of split.llama.gguf_checkpoint): a
-Llama-architecture file with a SentencePiece ("llama") tokenizer and a Qwen2 one with a byte-level BPE
-("gpt2") tokenizer. Checks:
-- every converted tensor equals gguf.quants.dequantize of the file's tensor (inverse permutation
-  applied), for F32, F16, BF16, Q8_0 and Q4_0; config values are the metadata's;
+with its q/k row permutation for "llama" (done there independently of split.llama.gguf_checkpoint):
+Llama and Phi-3 files with a SentencePiece ("llama") tokenizer, Qwen2 and Qwen3 ones with a byte-level
+BPE ("gpt2") tokenizer; Qwen3's q_norm / k_norm as attn_q_norm / attn_k_norm, Phi-3's fused qkv_proj /
+gate_up_proj as attn_qkv / ffn_up, as llama.cpp's convert_hf_to_gguf writes them. Checks:
+- the model folder holds no weights (config, tokenizer files and the tensor index only), and every
+  tensor read through it equals gguf.quants.dequantize of the file's tensor (inverse permutation
+  applied), for F32, F16, BF16, Q8_0 and Q4_0; a read of some rows or columns equals the whole tensor
+  sliced; config values are the metadata's;
+- a folder whose GGUF file changed or is gone refuses to read it, saying what to do;
 - greedy generation of `tp generate --model tiny.gguf --json` equals transformers' greedy generation
   of AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (the same dequantized weights, fp32)
-  token for token, for F32, F16 and Q8_0, world size 1 (and 2 with a real worker for one file);
+  token for token, for F32, F16 and Q8_0 files of the four architectures, world size 1 (and 2 with a
+  real worker for one file);
 - our tokenizer.json encodes and decodes like AutoTokenizer.from_pretrained(dir, gguf_file=...);
 - a truncated file, an unknown architecture, a tensor shape that disagrees with the metadata, missing
   tokenizer metadata: a ValueError naming it;
-- phase 2 (q4_0 kept): `tp prepare --model q4_0.gguf --quantize int4 --group-size 32` stores every Q4_0
+- q4_0 kept: `tp prepare --model q4_0.gguf --quantize int4 --group-size 32` stores every Q4_0
   projection with the file's integer codes, scale d rounded fp16 -> bf16 and zero 0 (its dequantization
   within 8 * |d - bf16(d)| <= |d| / 32 of gguf's, per block), `tp generate --quantize int4` on it equals
   our one-process int4 model built from those tensors, and `--quantize int8` (or int4 g64) requantizes
   from the floats and says so;
-- q8_0 kept: converting a Q8_0 file also writes prequantized/int8-g32/ (group-wise int8, group 32: the
-  file's int8 codes, scale d rounded fp16 -> bf16, within |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 of
-  gguf's dequantization per weight); `prepare` at world size 2 with int8g group 32 takes every projection
-  as stored, each rank's slice in whole groups; `tp generate --shards` on it (world size 1) equals our
-  one-process int8g model built from the gguf package's dequantization, token for token; int8 (per
-  channel) or int4 on a Q8_0 file, and int8g on a Q4_0 one, requantize from the floats.
+- q8_0 kept: a Q8_0 projection reads as group-wise int8, group 32 (the file's int8 codes, scale d
+  rounded fp16 -> bf16, within |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 of gguf's
+  dequantization per weight); `prepare` at world size 2 with the kept format takes every projection as
+  stored (Phi-3's fused ones as their parts' rows), each rank's slice in whole groups; `tp generate
+  --shards` on int8g shards (world size 1) equals our one-process int8g model built from the gguf
+  package's dequantization, token for token; int8 (per channel) or int4 on a Q8_0 file, and int8g on a
+  Q4_0 one, requantize from the floats.
 """
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,6 +57,7 @@ from gguf.quants import dequantize  # noqa: E402
 from edge_runtime import cli as edge_cli  # noqa: E402
 from edge_runtime.tp.gguf_source import model_folder  # noqa: E402
 from hf_random import randomize_norms_and_biases  # noqa: E402
+from split.llama import Source  # noqa: E402
 from split.llama.gguf_checkpoint import read_gguf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -63,6 +72,7 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, rms_norm_eps=1e-5,
              rope_theta=5000.0)
 BLOCK = gguf_write.BLOCK
+SPM_ARCHS = ("llama", "phi3")  # SentencePiece vocabularies; qwen2 / qwen3: byte-level BPE
 
 
 # --------------------------------------------------------------------------- building GGUF files
@@ -94,13 +104,14 @@ def bpe_vocab():
 
 
 def write_gguf(path, arch, hf, qtype, tokenizer=True, drop=(), shape_override=None, name="tiny"):
-    """`hf` as GGUF `path` (scripts/gguf_write.py): every 2-D tensor `qtype`, norms and biases F32, the llama arch
-    with spm_vocab() and the qwen2 one with bpe_vocab() unless tokenizer is False. Returns {gguf name: (stored
-    array, type)}."""
+    """`hf` as GGUF `path` (scripts/gguf_write.py): every 2-D tensor `qtype`, norms and biases F32, the llama and
+    phi3 archs with spm_vocab() (phi3 with a padding id, as its config has one) and the qwen2 / qwen3 ones with
+    bpe_vocab() unless tokenizer is False. Returns {gguf name: (stored array, type)}."""
     tok = None
-    if tokenizer and arch == "llama":
+    if tokenizer and arch in SPM_ARCHS:
         tokens, scores, types = spm_vocab()
-        tok = dict(model="llama", tokens=tokens, scores=scores, types=types, bos=1, eos=2, unk=0)
+        tok = dict(model="llama", tokens=tokens, scores=scores, types=types, bos=1, eos=2, unk=0,
+                   pad=0 if arch == "phi3" else None)
     elif tokenizer:
         tokens, merges, types = bpe_vocab()
         eot = tokens.index("<|endoftext|>")
@@ -113,22 +124,33 @@ def write_gguf(path, arch, hf, qtype, tokenizer=True, drop=(), shape_override=No
 
 
 def tiny_hf(arch, vocab, tie=False, seed=0):
+    """A tiny random transformers model of `arch`. Qwen3's head_dim is 128 (not hidden / heads = 16), so our
+    reader takes it from attention.key_length; transformers' GGUF config for qwen3 reads no head size and
+    takes Qwen3Config's default, 128, as real Qwen3 files have it. Phi-3 ids within the small vocabulary."""
     torch.manual_seed(seed)
-    cls, cfg_cls = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config")}[arch]
+    extra = {"qwen3": dict(head_dim=128),
+             "phi3": dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, original_max_position_embeddings=256)}
+    cls, cfg_cls = {"llama": ("LlamaForCausalLM", "LlamaConfig"), "qwen2": ("Qwen2ForCausalLM", "Qwen2Config"),
+                    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config"), "phi3": ("Phi3ForCausalLM", "Phi3Config")}[arch]
     hf = getattr(transformers, cls)(getattr(transformers, cfg_cls)(vocab_size=vocab, tie_word_embeddings=tie,
-                                                                   **SHAPE)).eval()
+                                                                   **SHAPE, **extra.get(arch, {}))).eval()
     return randomize_norms_and_biases(hf)
+
+
+FILES = (("llama", Q.F32, False), ("llama", Q.Q8_0, False), ("llama", Q.Q4_0, False),
+         ("qwen2", Q.F16, True), ("qwen2", Q.Q8_0, True), ("qwen2", Q.BF16, True),
+         ("qwen3", Q.F16, True), ("qwen3", Q.Q8_0, True), ("qwen3", Q.Q4_0, False),
+         ("phi3", Q.F32, False), ("phi3", Q.Q8_0, False), ("phi3", Q.Q4_0, False))
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """(arch, qtype name) -> (gguf path, {gguf name: (stored array, type)})."""
+    """(arch, qtype name) -> (gguf path, {gguf name: (stored array, type)}) for every FILES entry."""
     root = tmp_path_factory.mktemp("gguf")
     out = {}
     n_spm, n_bpe = len(spm_vocab()[0]), len(bpe_vocab()[0])
-    for arch, qtype, tie in (("llama", Q.F32, False), ("llama", Q.Q8_0, False), ("llama", Q.Q4_0, False),
-                             ("qwen2", Q.F16, True), ("qwen2", Q.Q8_0, True), ("qwen2", Q.BF16, True)):
-        hf = tiny_hf(arch, n_spm if arch == "llama" else n_bpe, tie)
+    for arch, qtype, tie in FILES:
+        hf = tiny_hf(arch, n_spm if arch in SPM_ARCHS else n_bpe, tie)
         d = root / f"{arch}-{qtype.name}"
         d.mkdir()
         path = d / "tiny.gguf"
@@ -166,40 +188,119 @@ def generate(path, tmp_path, capsys, world=1):
 
 # --------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("key", [("llama", "F32"), ("llama", "Q8_0"), ("llama", "Q4_0"), ("qwen2", "F16"),
-                                 ("qwen2", "Q8_0"), ("qwen2", "BF16")])
-def test_converted_tensors_equal_gguf_dequantization(files, tmp_path, key):
+def hf_of(g, arch):
+    """Our reading of GGUF tensor name `g` as a Hugging Face one (Phi-3's ffn_up is its fused gate_up_proj)."""
+    if not g.startswith("blk."):
+        return {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}[g]
+    _, i, mod, kind = g.split(".")
+    inverse = {v: k for k, v in {**gguf_write.BLOCK, **gguf_write.BLOCK_QWEN3}.items()}
+    if arch == "phi3":
+        inverse.update({v: k for k, v in gguf_write.BLOCK_PHI3.items()})
+    return f"model.layers.{i}.{inverse[mod]}.{kind}"
+
+
+def gguf_dequantized(written, g, config):
+    """The gguf package's dequantization of written tensor `g`, float32, llama.cpp's q / k permutation undone."""
+    stored, qtype = written[g]
+    want = dequantize(stored, qtype).astype(np.float32)
+    module = g.split(".")[2] if g.startswith("blk.") else None
+    n = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(module)
+    return gguf_unpermute(want, n) if config["model_type"] == "llama" and n else want
+
+
+@pytest.mark.parametrize("key", [(arch, qtype.name) for arch, qtype, _ in FILES])
+def test_tensors_read_from_the_gguf_equal_its_dequantization(files, tmp_path, key):
+    """The model folder holds no weights, only config / tokenizer files and the tensor index (a few KiB); every
+    tensor read through it (tensor_source) is the gguf package's dequantization of the file's tensor, for F32,
+    F16, BF16, Q8_0 and Q4_0, Qwen3's q_norm / k_norm and Phi-3's fused qkv / gate_up included."""
+    from split.llama.checkpoint import tensor_source
+    from split.llama.gguf_checkpoint import FOLDER_INDEX
     path, written = files[key]
     folder = model_folder(path, tmp_path, progress=False, log=lambda m: None)
-    sd = load_file(folder / "model.safetensors")
+    assert sorted(f.name for f in folder.iterdir()) == sorted(
+        ["config.json", "generation_config.json", "gguf.json", FOLDER_INDEX, "tokenizer.json", "tokenizer_config.json"])
+    assert sum(f.stat().st_size for f in folder.iterdir() if f.name != "tokenizer.json") < 32 * 1024
+    source = tensor_source(folder)
     config = json.loads((folder / "config.json").read_text())
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    back = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
-            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    for g, (stored, qtype) in written.items():
-        want = dequantize(stored, qtype).astype(np.float32)
-        if g.startswith("blk."):
-            _, i, mod, kind = g.split(".")
-            name = f"model.layers.{i}.{back[mod]}.{kind}"
-            n = heads if mod == "attn_q" else kv if mod == "attn_k" else None
-            if key[0] == "llama" and n is not None:  # llama.cpp's permutation, undone
-                d = want.shape[0] // n // 2
-                want = want.reshape(n, d, 2, *want.shape[1:]).swapaxes(1, 2).reshape(want.shape)
-        else:
-            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                    "output.weight": "lm_head.weight"}[g]
-        got = sd.pop(name)
+    assert set(source.names()) == {hf_of(g, key[0]) for g in written}
+    for g in written:
+        name = hf_of(g, key[0])
+        got = source.read(Source(name))
         assert got.dtype == torch.float32  # norms are F32 in every file here: float32 throughout
-        assert torch.equal(got.float(), torch.from_numpy(want)), name
-    assert not sd  # nothing else
+        assert torch.equal(got, torch.from_numpy(gguf_dequantized(written, g, config))), name
     assert config["model_type"] == key[0] and config["hidden_size"] == 64 and config["num_hidden_layers"] == 2
     assert config["rope_theta"] == 5000.0 and config["rms_norm_eps"] == pytest.approx(1e-5)
-    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] == (key[0] == "qwen2")
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] == (key in TIED)
     assert config["max_position_embeddings"] == 256 and config["intermediate_size"] == 128
+    assert config["head_dim"] == (128 if key[0] == "qwen3" else 16)
+    if key[0] == "phi3":  # llama.cpp writes sliding_window 0 for none
+        assert config["sliding_window"] is None and config["partial_rotary_factor"] == 1.0
 
 
-@pytest.mark.parametrize("key", [("llama", "F32"), ("qwen2", "F16"), ("llama", "Q8_0"), ("qwen2", "Q8_0")])
+TIED = {(arch, qtype.name) for arch, qtype, tie in FILES if tie}
+
+
+@pytest.mark.parametrize("key", [("llama", "Q4_0"), ("phi3", "Q8_0"), ("qwen3", "Q4_0"), ("qwen2", "BF16")])
+def test_rows_and_columns_read_alone_equal_the_whole_tensor_sliced(files, tmp_path, key):
+    """A read of rows [a, b) or columns [a, b) (not on block boundaries) takes only those from the file and equals
+    the whole tensor sliced: llama's un-permuted q / k rows, a fused Phi-3 tensor's part (hf_source), a bias."""
+    from split.llama import LlamaConfig, hf_source
+    from split.llama.checkpoint import tensor_source
+    path, _ = files[key]
+    folder = model_folder(path, tmp_path, progress=False, log=lambda m: None)
+    source, config = tensor_source(folder), LlamaConfig.from_dir(folder)
+    names = ["layers.1.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight", "layers.1.mlp.up_proj.weight",
+             "layers.0.self_attn.o_proj.weight", "lm_head.weight" if key not in TIED else "embed_tokens.weight"]
+    names += ["layers.1.self_attn.k_proj.bias"] if key[0] == "qwen2" else []
+    for name in names:
+        src = hf_source(config, name)
+        whole = source.read(src)
+        if key[0] == "phi3" and "proj" in name and "o_proj" not in name:  # rows of the fused tensor
+            assert src.rows is not None and torch.equal(whole, source.read(Source(src.name))[slice(*src.rows)])
+        for rows in ((3, 29), (0, whole.shape[0]), (whole.shape[0] - 5, whole.shape[0])):
+            assert torch.equal(source.read(src, rows=rows), whole[slice(*rows)]), (name, rows)
+        if whole.ndim == 2:
+            for cols in ((5, 45), (32, 64), (0, 1)):
+                assert torch.equal(source.read(src, cols=cols), whole[:, slice(*cols)]), (name, cols)
+
+
+def test_a_changed_or_missing_gguf_file_is_refused_by_its_folder(files, tmp_path):
+    """The folder reads tensors from the file it indexed: a changed file (size or mtime) or a missing one is an
+    error saying to open the .gguf again, and model_folder then makes a new folder (a new cache key); a folder
+    of an older layout is made again; load_llama given the .gguf file itself says which folder to give."""
+    from split.llama import load_llama
+    from split.llama.checkpoint import tensor_source
+    from split.llama.gguf_checkpoint import FOLDER_INDEX
+    path, _ = files["qwen2", "F16"]
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(path.read_bytes())
+    folder = model_folder(copy, tmp_path / "cache", progress=False, log=lambda m: None)
+    load_llama(folder)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / FOLDER_INDEX).write_text("{}")
+    with pytest.raises(ValueError, match=f"{FOLDER_INDEX}: not a GGUF tensor index .*open the .gguf file again"):
+        tensor_source(damaged)
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"copy.gguf: changed \(size or mtime\) since .* open the .gguf file again"):
+        tensor_source(folder)
+    again = model_folder(copy, tmp_path / "cache", progress=False, log=lambda m: None)
+    assert again != folder and torch.equal(load_llama(again).lm_head.weight, load_llama(again).embed_tokens.weight)
+    info = json.loads((again / "gguf.json").read_text())
+    (again / "gguf.json").write_text(json.dumps({**info, "layout": 3}))
+    logged = []
+    assert model_folder(copy, tmp_path / "cache", progress=False, log=logged.append) == again
+    assert json.loads((again / "gguf.json").read_text())["layout"] == info["layout"] and "cached" not in logged[0]
+    with pytest.raises(ValueError, match="copy.gguf: a GGUF file, not a model folder.*model_folder"):
+        load_llama(copy)
+    copy.unlink()
+    with pytest.raises(FileNotFoundError, match="copy.gguf, which no longer exists; open the .gguf file again"):
+        load_llama(again)
+
+
+@pytest.mark.parametrize("key", [("llama", "F32"), ("qwen2", "F16"), ("llama", "Q8_0"), ("qwen2", "Q8_0"),
+                                 ("qwen3", "Q8_0"), ("phi3", "Q8_0"), ("phi3", "F32")])
 def test_generate_matches_transformers_on_the_same_gguf(files, tmp_path, capsys, key):
     path, _ = files[key]
     want, _ = reference_greedy(path)
@@ -215,10 +316,10 @@ def test_generate_world_size_2_with_a_worker(files, tmp_path, capsys):
     assert result["token_ids"] == want and result["world_size"] == 2
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tokenizer_matches_transformers(files, tmp_path, arch):
+@pytest.mark.parametrize("key", [("llama", "F32"), ("qwen2", "F16"), ("qwen3", "F16"), ("phi3", "F32")])
+def test_tokenizer_matches_transformers(files, tmp_path, key):
     from tokenizers import Tokenizer
-    path, _ = files[arch, "F32" if arch == "llama" else "F16"]
+    path, _ = files[key]
     folder = model_folder(path, tmp_path, progress=False, log=lambda m: None)
     ours = Tokenizer.from_file(str(folder / "tokenizer.json"))
     ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -274,18 +375,31 @@ def q8_0_expected(stored, n_rows_heads=None):
     return {"weight": q, "scales": torch.from_numpy(d).to(torch.bfloat16)}, torch.from_numpy(want), torch.from_numpy(d)
 
 
+def projection_rows(module, config):
+    """[(our projection, its rows [a, b))] of GGUF block tensor `module` ("attn_q", Phi-3's fused "attn_qkv"
+    / "ffn_up": q | k | v and gate | up rows); [] for one that is not a projection (a norm)."""
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv, inter = config["num_key_value_heads"] * config["head_dim"], config["intermediate_size"]
+    if config["model_type"] == "phi3" and module in gguf_write.BLOCK_PHI3.values():
+        return ([("self_attn.q_proj", (0, q)), ("self_attn.k_proj", (q, q + kv)), ("self_attn.v_proj", (q + kv, q + 2 * kv))]
+                if module == "attn_qkv" else [("mlp.gate_proj", (0, inter)), ("mlp.up_proj", (inter, 2 * inter))])
+    ours = {v: k for k, v in BLOCK.items()}.get(module, "")
+    return [(ours, (0, None))] if ours.endswith("_proj") else []
+
+
 def q4_0_projections(written, config, qtype=Q.Q4_0):
     """{our name "layers.i.self_attn.q_proj": (expected stored tensors, gguf dequantization, d)} for a Q4_0 file
-    (or, with qtype Q8_0, a Q8_0 one); q/k rows un-permuted for llama, which llama.cpp permutes."""
-    back = {v: k for k, v in BLOCK.items()}
+    (or, with qtype Q8_0, a Q8_0 one); q/k rows un-permuted for llama, which llama.cpp permutes; Phi-3's fused
+    tensors as their parts' rows."""
     expected = {Q.Q4_0: q4_0_expected, Q.Q8_0: q8_0_expected}[qtype]
     out = {}
     for g, (stored, t) in written.items():
-        _, i, mod, kind = g.split(".") if g.startswith("blk.") else (None, None, None, None)
-        if t != qtype or mod is None or not back[mod].endswith("_proj"):
+        if t != qtype or not g.startswith("blk."):
             continue
+        _, i, mod, _ = g.split(".")
         n = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(mod)
-        out[f"layers.{i}.{back[mod]}"] = expected(stored, n if config["model_type"] == "llama" else None)
+        for ours, (a, b) in projection_rows(mod, config):
+            out[f"layers.{i}.{ours}"] = expected(stored[a:b], n if config["model_type"] == "llama" else None)
     return out
 
 
@@ -424,25 +538,30 @@ def quiet_folder(path, cache):
     return model_folder(path, cache, progress=False, log=logged.append), "\n".join(logged)
 
 
-def test_q8_0_converts_to_int8g_g32_with_its_integers(files, tmp_path):
-    """The kept folder prequantized/int8-g32/ holds every Q8_0 projection as the file's int8 codes with
-    scale d rounded fp16 -> bf16 (bf16 keeps 8 significant bits: |d - bf16(d)| <= 2^-8 |d|), so it
-    dequantizes to the gguf package's weights within |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 per
-    weight (half a q8_0 step), and to exactly q * bf16(d). Embeddings and LM head are not kept."""
-    from split.llama.quantize import Int8Group
-    path, written = files["llama", "Q8_0"]
+@pytest.mark.parametrize("key", [("llama", "Q8_0"), ("phi3", "Q8_0")])
+def test_q8_0_reads_as_int8g_g32_with_its_integers(files, tmp_path, key):
+    """Every Q8_0 projection reads (read_stored) as the file's int8 codes with scale d rounded fp16 -> bf16
+    (bf16 keeps 8 significant bits: |d - bf16(d)| <= 2^-8 |d|), so it dequantizes to the gguf package's
+    weights within |q| * |d - bf16(d)| <= 127 * 2^-8 * |d| < |d| / 2 per weight (half a q8_0 step), and to
+    exactly q * bf16(d); Phi-3's fused qkv / gate_up as each part's rows. Embeddings and LM head are not kept."""
+    from split.llama import LlamaConfig, hf_source
+    from split.llama.checkpoint import tensor_source
+    from split.llama.quantize import Int4, Int8Group
+    path, written = files[key]
     folder, notice = quiet_folder(path, tmp_path)
-    assert "with --quantize int8g --group-size 32 its 14 Q8_0 projections keep their q8_0 integers" in notice
+    n = sum(g.startswith("blk.") and t == Q.Q8_0 for g, (_, t) in written.items())  # 14 for llama, 8 fused phi3
+    assert f"with --quantize int8g --group-size 32 its {n} Q8_0 projections keep their q8_0 integers" in notice
     assert "Q4_0" not in notice.split(";", 1)[1]  # no int4-g32 kept from a Q8_0 file
     info = json.loads((folder / "gguf.json").read_text())
-    assert len(info["kept"]["int8-g32"]) == 14 and info["kept"]["int4-g32"] == []
-    assert not (folder / "prequantized" / "int4-g32").exists()
-    kept = load_file(folder / "prequantized" / "int8-g32" / "model.safetensors")
+    assert len(info["kept"]["int8-g32"]) == n and info["kept"]["int4-g32"] == []
+    source, config = tensor_source(folder), LlamaConfig.from_dir(folder)
+    assert source.kept(Int4(32)) == set() and len(source.kept(Int8Group(32))) == n
     expected = q4_0_projections(written, json.loads((folder / "config.json").read_text()), Q.Q8_0)
-    assert {k.rsplit(".", 1)[0] for k in kept} == {f"model.{n}" for n in expected}
+    assert len(expected) == 14
     h = Int8Group(32)
     for name, (want_t, want, d) in expected.items():
-        got = {k: kept[f"model.{name}.{k}"] for k in ("weight", "scales")}
+        got = source.read_stored(hf_source(config, f"{name}.weight"), h)
+        assert got.keys() == {"weight", "scales"}
         for k in got:
             assert got[k].dtype == want_t[k].dtype and torch.equal(got[k], want_t[k]), (name, k)
         w = h.dequantize(got).reshape(want.shape[0], -1, 32)
@@ -467,31 +586,37 @@ def rank_blocks(out, world, layer):
     return by_module
 
 
-def test_prepare_world_size_2_int8g_takes_the_q8_0_integers_as_stored(files, tmp_path, capsys):
-    """`prepare` at world size 2 with int8g group 32 on a converted Q8_0 file stores every projection as the
-    file's integers (taken as stored, none requantized): each rank's slice is rows (q/k/v/gate/up) or whole
-    groups of columns (o/down) of the expected tensors, and the slices put back together are them."""
+@pytest.mark.parametrize("key, scheme", [(("llama", "Q8_0"), "int8g"), (("phi3", "Q4_0"), "int4"),
+                                         (("qwen3", "Q8_0"), "int8g")])
+def test_prepare_world_size_2_takes_the_integers_as_stored(files, tmp_path, capsys, key, scheme):
+    """`prepare` at world size 2 with the kept format (int8g / int4, group 32) of a Q8_0 / Q4_0 file stores every
+    projection as the file's integers (taken as stored, none requantized; Phi-3's fused qkv / gate_up as their
+    parts' rows): each rank's slice is rows (q/k/v/gate/up) or whole groups of columns (o/down) of the expected
+    tensors, and the slices put back together are them."""
     from edge_runtime.tp.prepare import prepare
     from split.llama.quantize import handler
-    path, written = files["llama", "Q8_0"]
+    path, written = files[key]
     folder, _ = quiet_folder(path, tmp_path / "cache")
-    out = tmp_path / "shards"
-    plan = prepare(folder, 2, None, out, progress=False, quantize=handler("int8g", 32))
+    out, fmt = tmp_path / "shards", handler(scheme, 32)
+    plan = prepare(folder, 2, None, out, progress=False, quantize=fmt)
     err = capsys.readouterr().err
-    assert "int8-g32 weights taken as stored" in err and "self_attn.q_proj x2" in err and "mlp.down_proj x2" in err
-    assert "quantized from floats: none" in err
-    assert plan.extra["quantize"] == {"scheme": "int8g", "group_size": 32}
+    assert f"{fmt.name} weights taken as stored" in err and "self_attn.q_proj x2" in err and "mlp.down_proj x2" in err
+    assert "mlp.up_proj x2" in err and "quantized from floats: none" in err
+    assert plan.extra["quantize"] == {"scheme": scheme, "group_size": 32}
     assert all(a % 32 == 0 and b % 32 == 0 for a, b in plan.mlp)
-    expected = q4_0_projections(written, json.loads((folder / "config.json").read_text()), Q.Q8_0)
+    expected = q4_0_projections(written, json.loads((folder / "config.json").read_text()), Q[key[1]])
+    modules = rank_blocks(out, 2, 0).keys()
+    assert len(modules) == 7
     for layer in (0, 1):
         for module, parts in rank_blocks(out, 2, layer).items():
             want = expected[f"layers.{layer}.{module}"][0]
             cols = module.endswith(("o_proj", "down_proj"))  # row-parallel: input columns per rank
-            for k in ("weight", "scales"):
-                assert all(p.keys() == {"weight", "scales"} for p in parts)
+            assert all(p.keys() == want.keys() for p in parts)
+            for k in want:
                 assert torch.equal(torch.cat([p[k] for p in parts], dim=1 if cols else 0), want[k]), (module, k)
             if cols:
-                assert all(p["weight"].shape[1] == 32 * p["scales"].shape[1] for p in parts)
+                assert all(p["scales"].shape[1] * 32 == p["weight"].shape[1] * (2 if scheme == "int4" else 1)
+                           for p in parts)
 
 
 def one_process_int8g(folder, written, qtype=Q.Q8_0):
@@ -512,7 +637,7 @@ def one_process_int8g(folder, written, qtype=Q.Q8_0):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 def test_generate_int8g_q8_0_equals_our_one_process_model(files, tmp_path, capsys, arch):
     """`tp generate --shards` on int8g group-32 shards of a Q8_0 file (world size 1) against our one-process
     model (one_process_int8g): bitwise the same tensors through the same kernels, so token for token; as for

@@ -46,7 +46,7 @@ def add_parser(commands) -> None:
 
     p = sub.add_parser("prepare", help="cut a Hugging Face folder into per-rank, per-layer shards")
     p.add_argument("--model", required=True, help="Hugging Face folder (config.json + *.safetensors) or a "
-                   ".gguf file (dequantized once into a cached folder)")
+                   ".gguf file (read from the file; its config and tokenizer cached in a small folder)")
     p.add_argument("--world-size", type=int, required=True)
     w = p.add_mutually_exclusive_group()
     w.add_argument("--weights", help="per-rank shares, e.g. 1,1,2 (default equal)")
@@ -195,7 +195,7 @@ def _prepare(args) -> int:
         weights = parse_weights(args.weights, args.world_size)
     from .gguf_source import DEFAULT_GGUF_CACHE, model_folder
 
-    model = model_folder(args.model, DEFAULT_GGUF_CACHE)  # a .gguf: its converted folder, made once
+    model = model_folder(args.model, DEFAULT_GGUF_CACHE)  # a .gguf: its small model folder, made once
     plan = prepare(model, args.world_size, weights, args.out, max_rank_memory=_budget(args), quantize=_quantize(args))
     print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp, "windows": plan_windows(plan),
                       "max_rank_memory": plan.extra.get("max_rank_memory"), "quantize": plan.extra.get("quantize")}))

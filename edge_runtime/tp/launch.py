@@ -78,8 +78,8 @@ def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progre
     """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>;
     the plan holds the weight format (`quantize`, a split.llama.quantize handler) and the budget.
     `ranks`: only those ranks' folders (a peer of an elastic group prepares its own part; the folder
-    name then ends in -r<ranks>). A `.gguf` file is first converted once into a Hugging Face folder
-    under cache_dir/gguf (gguf_source)."""
+    name then ends in -r<ranks>). A `.gguf` file is first indexed once into a small model folder
+    under cache_dir/gguf (gguf_source: config, tokenizer, no weights; prepare reads the file itself)."""
     from split.llama import LlamaConfig
 
     from .gguf_source import model_folder

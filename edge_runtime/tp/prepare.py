@@ -16,8 +16,10 @@ Layout (a worker needs only its own rank folder):
     OUT/rank0/embed.safetensors                  embed_tokens.weight
     OUT/rank0/head.safetensors                   norm.weight, lm_head.weight (the embeddings when tied)
 
-Rows of q/k/v and gate/up, columns of o and down, are read with safetensors slices straight from
-the memory-mapped checkpoint, one tensor at a time, so memory stays at about one shard block.
+Rows of q/k/v and gate/up, columns of o and down, are read one tensor at a time through the model
+folder's split.llama.checkpoint.tensor_source, so memory stays at about one shard block: safetensors
+slices of the memory-mapped checkpoint, or, for a GGUF file's folder (edge_runtime.tp.gguf_source),
+those rows / columns read straight from the .gguf and dequantized (split.llama.gguf_checkpoint).
 Where a family fuses tensors (Phi-3's qkv_proj, gate_up_proj) a rank's rows of q, k, v (gate, up)
 are sliced out of the fused tensor the same way (split.llama.hf_source), and the shards hold the
 plain model's names, so workers never know the family. Tensors keep the checkpoint's dtype.
@@ -29,9 +31,9 @@ scale each (llama.cpp likewise keeps its q4_0 output layer at higher precision).
 quantized whole, a row chunk at a time, before it is sliced per rank, so a rank's slice holds
 exactly the values one device would. The MLP is split in whole groups (plan.make_plan's
 mlp_unit) and every slice is checked against the kernels' shape rules before anything is written.
-A projection the model folder already holds in the asked format (HF_DIR/prequantized/<format name>/,
-e.g. int4-g32 / int8-g32: a GGUF's Q4_0 / Q8_0 integers, edge_runtime.tp.gguf_source) is taken as stored instead of
-quantized from its floats, and stderr says which were taken and which quantized.
+A projection the checkpoint already holds in the asked format (TensorSource.kept: a GGUF's Q4_0 /
+Q8_0 integers for int4-g32 / int8-g32, split.llama.gguf_checkpoint.KEPT) is taken as stored instead
+of quantized from its floats, and stderr says which were taken and which quantized.
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from split.llama import Llama, LlamaConfig, Source, checkpoint_index, hf_source, read_tensor
+from split.llama import Llama, LlamaConfig, Source, hf_source
+from split.llama.checkpoint import TensorSource, tensor_source
 from split.llama.quantize import Int4, Int8, handler_of, quantize_rows
 
 from .blockfile import block_path, malloc_trim
@@ -55,7 +57,6 @@ from .budget import apply_budget
 from .plan import ShardPlan, make_plan
 
 BLOCK_KINDS = ("attn", "mlp")
-PREQUANTIZED = "prequantized"  # HF_DIR/prequantized/<format name>/: projections stored in that format
 
 
 def block_order(num_layers: int) -> list[tuple[int, str]]:
@@ -94,18 +95,17 @@ def block_spec(config: LlamaConfig, plan: ShardPlan, rank: int, layer: int, kind
     return spec
 
 
-def _read(files: dict[str, Path], src: Source, shape: tuple[int, ...], how: str = "full", span=None) -> torch.Tensor:
+def _read(source: TensorSource, src: Source, shape: tuple[int, ...], how: str = "full", span=None) -> torch.Tensor:
     """Our tensor of `shape` (the model's, from config.json) from the checkpoint: whole, or the
     rows / columns [a, b) of it. A missing tensor or one of another shape is a ValueError naming it."""
-    if src.name not in files:
-        raise ValueError(f"checkpoint is missing tensor {src.name!r}")
+    if src.name not in source.names():
+        raise ValueError(f"checkpoint {source.where} is missing tensor {src.name!r}")
     want = (src.total, *shape[1:]) if src.total is not None else tuple(shape)  # a fused tensor: all its rows
-    with safe_open(files[src.name], framework="pt") as f:  # opened per tensor: nothing stays mapped
-        got = tuple(f.get_slice(src.name).get_shape())
-        if got != want:
-            raise ValueError(f"checkpoint tensor {src.name!r} in {files[src.name].name} has shape {list(got)}, "
-                             f"expected {list(want)} from config.json")
-        t = read_tensor(f, src, rows=span if how == "rows" else None, cols=span if how == "cols" else None)
+    got = tuple(source.shape(src.name))
+    if got != want:
+        raise ValueError(f"checkpoint tensor {src.name!r} in {source.where} has shape {list(got)}, "
+                         f"expected {list(want)} from config.json")
+    t = source.read(src, rows=span if how == "rows" else None, cols=span if how == "cols" else None)
     return t.contiguous()
 
 
@@ -143,14 +143,14 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
     model_dir, out = Path(model_dir), Path(out)
     config = LlamaConfig.from_dir(model_dir)
     plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
-    files = checkpoint_index(model_dir)
+    source = tensor_source(model_dir)
     if out.exists() and not _replaceable(out):
         raise ValueError(f"--out: {out} exists and is not a shard folder (no plan.json); give a new or empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     tmp.chmod(0o755)  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
-        _write(model_dir, config, plan, files, tmp, progress, quantize, range(world_size) if ranks is None else ranks)
+        _write(model_dir, config, plan, source, tmp, progress, quantize, range(world_size) if ranks is None else ranks)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -166,7 +166,7 @@ def _replaceable(out: Path) -> bool:
                                     or all(e.is_dir() and e.name.startswith("rank") for e in entries))
 
 
-def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, out: Path, progress: bool,
+def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, source: TensorSource, out: Path, progress: bool,
            quantize: Int8 | Int4 | None, ranks: Sequence[int]) -> None:
     from tqdm import tqdm
 
@@ -185,23 +185,23 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
     with torch.device("meta"):
         shapes = {name: tuple(p.shape) for name, p in Llama(config).named_parameters(remove_duplicate=False)}
 
-    def read(name: str, how: str = "full", span=None, source: Source | None = None) -> torch.Tensor:
+    def read(name: str, how: str = "full", span=None, src: Source | None = None) -> torch.Tensor:
         """Our tensor `name` (a fused one's rows for Phi-3: split.llama.hf_source)."""
-        return _read(files, source or hf_source(config, name), shapes[name], how, span)
+        return _read(source, src or hf_source(config, name), shapes[name], how, span)
 
-    kept, taken = _prequantized(model_dir, quantize), {}  # name -> file; our name -> taken as stored?
+    kept, taken = source.kept(quantize), {}  # checkpoint names held in quantize's form; our name -> taken?
 
-    def stored(name: str, fmt, source: Source | None = None) -> dict[str, torch.Tensor]:
-        """Our weight `name` as stored: as read, as the folder holds it already quantized in `fmt`,
+    def stored(name: str, fmt, src: Source | None = None) -> dict[str, torch.Tensor]:
+        """Our weight `name` as stored: as read, as the checkpoint holds it already quantized in `fmt`,
         or quantized a row chunk at a time by `fmt`."""
-        src = source or hf_source(config, name)
+        src = src or hf_source(config, name)
         if fmt is quantize and kept:
-            taken[name] = src.name in kept and src.rows is None  # (a fused tensor's rows: quantized)
+            taken[name] = src.name in kept
             if taken[name]:
-                return _read_stored(kept, src, fmt, shapes[name])
+                return _read_stored(source, src, fmt, shapes[name])
         if fmt is None:
-            return {"weight": read(name, source=source)}
-        out = quantize_rows(fmt, lambda a, b: read(name, "rows", (a, b), source), shapes[name][0])
+            return {"weight": read(name, src=src)}
+        out = quantize_rows(fmt, lambda a, b: read(name, "rows", (a, b), src), shapes[name][0])
         malloc_trim()  # the float32 chunks' heap goes back to the OS (+300 MiB of peak RSS without)
         return out
 
@@ -216,7 +216,7 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
         save_file(prefixed("embed_tokens", stored("embed_tokens.weight", table)), rank_dirs[0] / "embed.safetensors")
         bar.update()
         head_src = hf_source(config, "lm_head.weight")
-        if head_src.name not in files and config.tie_word_embeddings:
+        if head_src.name not in source.names() and config.tie_word_embeddings:
             head_src = hf_source(config, "embed_tokens.weight")
         save_file({"norm.weight": read("norm.weight"), **prefixed("lm_head", stored("lm_head.weight", table, head_src))},
                   rank_dirs[0] / "head.safetensors")
@@ -239,7 +239,7 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
                 bar.update()
     bar.close()
     if kept:
-        print(f"edge-runtime: prepare: {quantize.name} weights taken as stored in {model_dir / PREQUANTIZED / quantize.name}"
+        print(f"edge-runtime: prepare: {quantize.name} weights taken as stored from {source.where.name}"
               f" (a GGUF's own integers): {_summary(n for n, t in taken.items() if t)}; quantized from floats: "
               f"{_summary(n for n, t in taken.items() if not t)}; embeddings and LM head: int8 rows from floats",
               file=sys.stderr)
@@ -248,24 +248,13 @@ def _write(model_dir: Path, config: LlamaConfig, plan: ShardPlan, files: dict, o
     plan.save(out / "plan.json")
 
 
-def _prequantized(model_dir: Path, fmt: Int8 | Int4 | None) -> dict[str, Path]:
-    """Tensor name -> file for what model_dir/prequantized/<fmt.name>/ (a checkpoint folder of
-    `<module>.weight`, `.scales`[, `.zeros`] in fmt's stored form) holds; {} without one."""
-    folder = model_dir / PREQUANTIZED / fmt.name if fmt is not None else None
-    return checkpoint_index(folder) if folder is not None and folder.is_dir() else {}
-
-
-def _read_stored(kept: dict[str, Path], src: Source, fmt: Int8 | Int4, shape: tuple[int, ...]) -> dict:
-    """The stored tensors of `src` (a whole tensor) from the prequantized folder, checked."""
+def _read_stored(source: TensorSource, src: Source, fmt: Int8 | Int4, shape: tuple[int, ...]) -> dict:
+    """Our projection `src` as the checkpoint holds it in `fmt`'s stored form, checked against `shape`."""
     module = src.name[:-len(".weight")]
-    t = {}
-    for k in ("weight", "scales", "zeros"):
-        if f"{module}.{k}" in kept:
-            with safe_open(kept[f"{module}.{k}"], framework="pt") as f:
-                t[k] = f.get_tensor(f"{module}.{k}")
+    t = source.read_stored(src, fmt)
     h = handler_of(module, t)
     if h.to_dict() != fmt.to_dict() or tuple(h.shapes(t)) != tuple(shape):
-        raise ValueError(f"{PREQUANTIZED}/{fmt.name}: {module} is stored as {h.name} {list(h.shapes(t))}, "
+        raise ValueError(f"{source.where}: {module} is stored as {h.name} {list(h.shapes(t))}, "
                          f"expected {fmt.name} {list(shape)}")
     return t
 

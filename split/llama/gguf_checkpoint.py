@@ -1,27 +1,31 @@
-"""A llama.cpp GGUF file read as a Hugging Face checkpoint: config.json, HF-named float tensors, tokenizer.
+"""A llama.cpp GGUF file read as a Hugging Face checkpoint: config.json, HF-named tensors, tokenizer.
 
-    g = read_gguf("model.gguf")          # GGUFModel: metadata parsed and checked, tensors not yet read
+    g = read_gguf("model.gguf")          # GGUFModel: metadata parsed and checked, no tensor read yet
     g.config                             # the config.json dict (model_type llama / qwen2 / qwen3 / phi3)
     g.tokenizer                          # a tokenizers.Tokenizer built from tokenizer.ggml.* metadata
     g.tokenizer_config, g.generation_config
     g.types                              # {"Q8_0": 14, "F32": 5}: the GGUF tensor types found
-    for hf_name, tensor in g.tensors():  # one tensor at a time, dequantized by gguf.quants.dequantize
-        ...
-    for module, stored in g.kept_projections("Q4_0"):  # Q4_0 projections as int4 group-32, integers kept
-        ...                                              # (and "Q8_0": as int8g group-32; see KEPT)
+    source = g.source()                  # GGUFTensors: a split.llama.checkpoint TensorSource
+    source.read(Source("model.layers.0.self_attn.q_proj.weight"), rows=(0, 64))   # float32, dequantized
+    source.read_stored(src, Int4(32))    # a Q4_0 projection's integers as they are (see KEPT)
+    source.write_index(folder)           # FOLDER_INDEX: what tensor_source(folder) reads the file by
 
 Architectures ("general.architecture"): "llama" (also Mistral: llama.cpp writes it as llama; read as
 model_type "llama", i.e. without a sliding window, as llama.cpp runs it), "qwen2", "qwen3", "phi3".
-Every tensor type goes through the `gguf` package's own dequantization (`gguf.quants.dequantize`) to
-float32 (bfloat16 where the file holds only BF16 tensors, exactly as stored). llama.cpp's converter
-permutes the rows of the q and k projections of "llama" models for its RoPE layout; the inverse
-permutation is applied here (as transformers' GGUF loader does). Phi-3's fused attn_qkv / ffn_up are
-Hugging Face's qkv_proj / gate_up_proj as they are.
+GGUFTensors reads one tensor at a time straight from the file (only the rows asked for; columns in
+whole blocks), and dequantizes it with the `gguf` package's own `gguf.quants.dequantize` to float32
+(bfloat16 where the file holds only BF16 tensors, exactly as stored): no float copy of the model is
+written anywhere, and memory holds about one tensor. llama.cpp's converter permutes the rows of the q
+and k projections of "llama" models for its RoPE layout; the inverse permutation is applied here (as
+transformers' GGUF loader does), by reading the rows in our order. Qwen3's attn_q_norm / attn_k_norm
+are its q_norm / k_norm; Phi-3's fused attn_qkv / ffn_up are Hugging Face's qkv_proj / gate_up_proj
+as they are (rows q | k | v, gate | up).
 
 Two GGUF types also map onto a split.llama.quantize stored form keeping their integers (KEPT), so a
 projection quantized by llama.cpp need not be requantized from its dequantized floats: Q4_0 onto
-int4 group 32 (q4_0_as_int4) and Q8_0 onto group-wise int8, group 32 (int8g, q8_0_as_int8). The one
-difference from llama.cpp's weights is the scale d: fp16 in the file, bf16 for our kernels.
+int4 group 32 (q4_0_as_int4) and Q8_0 onto group-wise int8, group 32 (int8g, q8_0_as_int8); Phi-3's
+fused tensors too, a part's rows read on their own. The one difference from llama.cpp's weights is
+the scale d: fp16 in the file, bf16 for our kernels.
 
 Tokenizers (`tokenizer.ggml.model`): "gpt2" (byte-level BPE: tokens + merges, the split regex from
 `tokenizer.ggml.pre`) and "llama" (SentencePiece BPE: tokens + scores, merges from the file or derived
@@ -30,23 +34,28 @@ the same metadata. Anything else is refused by name.
 
 Every problem is a ValueError naming the file and the key or tensor: not a GGUF or truncated, an
 unknown architecture, a missing key, a tensor whose shape disagrees with the metadata, LongRoPE or
-another rope scaling the model cannot run. Nothing here imports transformers.
+another rope scaling the model cannot run, a file changed since its folder index was written.
+Nothing here imports transformers.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, KeysView
 
 import numpy as np
 import torch
 
+from .families import Source
+
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}  # GGUF arch -> model_type
 TOKENIZER_MODELS = ("gpt2", "llama")
+FOLDER_INDEX = "gguf_tensors.json"  # in a model folder: its tensors are read from this GGUF file (GGUFTensors)
 
 # llama.cpp tensor names inside a block -> Hugging Face ones (after "model.layers.N.")
 _BLOCK = {
@@ -82,51 +91,154 @@ class GGUFModel:
     tokenizer_config: dict
     generation_config: dict
     types: dict[str, int]  # GGUF tensor type name -> how many tensors have it
-    dtype: torch.dtype  # what tensors() yields
+    dtype: torch.dtype  # what its tensors are read as
     _reader: Any = field(repr=False, default=None)
     _names: dict[str, str] = field(repr=False, default_factory=dict)  # GGUF tensor name -> HF name
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float tensor) for every tensor, in file order, one at a time."""
-        from gguf.quants import dequantize
-
-        heads, kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
-        for t in self._reader.tensors:
-            if t.name not in self._names:
-                continue
-            try:
-                w = np.asarray(dequantize(t.data, t.tensor_type))
-            except Exception as err:  # a bad type or a short tensor: name it
-                raise ValueError(f"{self.path}: cannot dequantize tensor {t.name!r} "
-                                 f"({t.tensor_type.name}): {err}") from None
-            w = w.reshape(tuple(reversed([int(n) for n in t.shape])))
-            if self.arch == "llama" and t.name.endswith((".attn_q.weight", ".attn_q.bias")):
-                w = unpermute(w, heads)
-            elif self.arch == "llama" and t.name.endswith((".attn_k.weight", ".attn_k.bias")):
-                w = unpermute(w, kv)
-            yield self._names[t.name], torch.from_numpy(np.array(w, dtype=np.float32)).to(self.dtype)
-
-    def kept_projections(self, qtype: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-        """(HF module name, stored tensors) for every projection of GGUF type `qtype` (a key of KEPT:
-        "Q4_0" -> int4 group 32, "Q8_0" -> int8g group 32), its integers kept as they are; not yet
-        Phi-3's fused qkv_proj / gate_up_proj (those are requantized from the floats). llama's q / k
-        rows are un-permuted like tensors() does (the permutation moves whole rows and a block runs
-        along a row, so it commutes with the mapping)."""
-        if qtype not in KEPT:
-            raise ValueError(f"GGUF type {qtype!r} has no kept form (only {', '.join(KEPT)})")
-        as_stored = KEPT[qtype][1]
-        heads, kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+    def source(self) -> GGUFTensors:
+        """Its tensors under Hugging Face names, each read from the file when asked for (from the
+        reader's table: offsets, types and shapes; no tensor data is read here)."""
+        heads = {"attn_q": self.config["num_attention_heads"], "attn_k": self.config["num_key_value_heads"]}
+        entries = {}
         for t in self._reader.tensors:
             hf = self._names.get(t.name)
-            if hf is None or t.tensor_type.name != qtype or not hf.endswith("_proj.weight") \
-                    or hf.endswith(("qkv_proj.weight", "gate_up_proj.weight")):  # Phi-3's fused: requantized
+            if hf is None:
                 continue
-            n_out, n_in = (int(n) for n in reversed(t.shape))
-            out = as_stored(t.data, n_out, n_in)
-            n = heads if t.name.endswith(".attn_q.weight") else kv if t.name.endswith(".attn_k.weight") else None
-            if self.arch == "llama" and n is not None:
-                out = {k: unpermute(v, n).contiguous() for k, v in out.items()}
-            yield hf[:-len(".weight")], out
+            kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
+            entries[hf] = Entry(t.name, t.tensor_type.name, tuple(reversed([int(n) for n in t.shape])),
+                                int(t.data_offset), int(t.n_bytes), heads.get(kind) if self.arch == "llama" else None)
+        return GGUFTensors(self.path, entries, self.dtype)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one tensor lies in a GGUF file."""
+    gguf: str  # llama.cpp's name, for messages
+    type: str  # its GGUF type name: "Q4_0", "F32", ...
+    shape: tuple[int, ...]  # (rows, columns) or (n,): torch's order, the file's reversed
+    offset: int  # of its first byte in the file
+    n_bytes: int
+    heads: int | None = None  # llama's q / k: rows permuted by llama.cpp within this many heads
+
+
+class GGUFTensors:
+    """A GGUF file's tensors under Hugging Face names: a split.llama.checkpoint TensorSource. Each read
+    opens the file, reads the rows asked for (one span) and dequantizes them, columns in whole blocks,
+    with gguf.quants.dequantize; nothing stays mapped, so memory holds about what one read returns."""
+
+    def __init__(self, file: str | Path, entries: dict[str, Entry], dtype: torch.dtype):
+        self.where, self.entries, self.dtype = Path(file), entries, dtype
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> GGUFTensors:
+        """What write_index left in `folder`, checked against the file it names (the same size and mtime)."""
+        folder = Path(folder)
+        again = "open the .gguf file again for a new folder (edge_runtime.tp.gguf_source.model_folder; --model FILE.gguf)"
+        try:
+            info = json.loads((folder / FOLDER_INDEX).read_text())
+            file = Path(info["file"])
+            entries = {name: Entry(**{**e, "shape": tuple(e["shape"])}) for name, e in info["tensors"].items()}
+        except (ValueError, KeyError, TypeError) as err:  # not JSON, a key missing or unknown
+            raise ValueError(f"{folder / FOLDER_INDEX}: not a GGUF tensor index ({type(err).__name__}: {err}); "
+                             f"{again}") from None
+        if not file.is_file():
+            raise FileNotFoundError(f"{folder}: its tensors are read from {file}, which no longer exists; {again}")
+        st = file.stat()
+        if (st.st_size, st.st_mtime_ns) != (info["size"], info["mtime_ns"]):
+            raise ValueError(f"{file}: changed (size or mtime) since {folder} indexed its tensors; {again}")
+        if info["dtype"] not in ("float32", "bfloat16"):
+            raise ValueError(f"{folder / FOLDER_INDEX}: dtype {info['dtype']!r} is not float32 or bfloat16")
+        return cls(file, entries, getattr(torch, info["dtype"]))
+
+    def write_index(self, folder: str | Path) -> None:
+        """FOLDER_INDEX in `folder`: the file (its size and mtime, checked by from_folder) and every
+        tensor's entry, a few lines each, which tensor_source(folder) reads instead of the GGUF header."""
+        st = self.where.stat()
+        info = {"file": str(self.where.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "tensors": {name: asdict(e) for name, e in self.entries.items()}}
+        (Path(folder) / FOLDER_INDEX).write_text(json.dumps(info, indent=1))
+
+    def names(self) -> KeysView[str]:
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def read(self, src: Source, rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """Our parameter from tensor src.name (its rows src.rows in a fused one): all of it, or its rows
+        [a, b) / columns [a, b), dequantized to float32 (self.dtype), llama's q / k rows un-permuted."""
+        e = self._entry(src.name)
+        span = src.span(*rows) if rows else src.rows
+        order = self._order(e)
+        if len(e.shape) == 1:  # a norm or a bias, one "row" in the file: read whole, then its elements
+            w = self._dequantized(e, np.zeros(1, np.int64))[0][order]  # (n,)
+            w = w[slice(*span)] if span else w
+        else:
+            w = self._dequantized(e, order[slice(*span)] if span else order, cols)  # (rows, columns)
+        return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(self.dtype)
+
+    def kept(self, fmt) -> set[str]:
+        """The projections (HF weight names) whose integers this file holds in the stored form of `fmt`
+        (a split.llama.quantize handler, or None): its Q4_0 ones for int4 group 32, Q8_0 for int8g group 32."""
+        qtype = kept_type(fmt)
+        return {n for n, e in self.entries.items() if e.type == qtype and n.endswith("_proj.weight")}
+
+    def read_stored(self, src: Source, fmt) -> dict[str, torch.Tensor]:
+        """Our projection (rows src.rows of a fused tensor) in the stored form of `fmt`, its integers as
+        the file has them (KEPT); llama's q / k rows un-permuted (whole rows move, blocks run along rows)."""
+        e = self._entry(src.name)
+        if src.name not in self.kept(fmt):
+            raise ValueError(f"{self.where}: tensor {e.gguf!r} ({e.type}) holds no integers to keep as {fmt.name}")
+        order = self._order(e)
+        rows = order[slice(*src.rows)] if src.rows else order
+        return KEPT[e.type][1](self._bytes(e, rows), len(rows), e.shape[1])
+
+    def _entry(self, name: str) -> Entry:
+        if name not in self.entries:
+            raise ValueError(f"{self.where}: no tensor {name!r} in this GGUF file")
+        return self.entries[name]
+
+    @staticmethod
+    def _order(e: Entry) -> np.ndarray:
+        """Our row i is the file's row order[i] (llama's q / k: llama.cpp's permutation undone)."""
+        order = np.arange(e.shape[0])
+        return unpermute(order, e.heads) if e.heads else order
+
+    def _bytes(self, e: Entry, rows: np.ndarray) -> np.ndarray:
+        """The file's bytes of rows `rows` of tensor e, in that order: (len(rows), bytes per row) uint8,
+        read as the one span they lie in (for llama's q / k, within the same heads)."""
+        row_bytes = e.n_bytes // (e.shape[0] if len(e.shape) == 2 else 1)
+        if len(rows) == 0:
+            return np.zeros((0, row_bytes), np.uint8)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        with open(self.where, "rb") as f:
+            f.seek(e.offset + lo * row_bytes)
+            raw = np.fromfile(f, np.uint8, (hi - lo) * row_bytes)
+        if raw.size != (hi - lo) * row_bytes:
+            raise ValueError(f"{self.where}: tensor {e.gguf!r} ends past the end of the file (truncated?)")
+        raw = raw.reshape(hi - lo, row_bytes)
+        return raw if np.array_equal(rows, np.arange(lo, hi)) else raw[rows - lo]
+
+    def _dequantized(self, e: Entry, rows: np.ndarray, cols: tuple[int, int] | None = None) -> np.ndarray:
+        """Columns [a, b) (default all) of rows `rows` of tensor e, float32 (len(rows), b - a): the bytes of
+        the blocks that hold them, dequantized by gguf.quants.dequantize."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype = GGMLQuantizationType[e.type]
+        block, size = GGML_QUANT_SIZES[qtype]  # elements per block, bytes per block
+        a, b = cols or (0, e.shape[-1])
+        first, end = a // block, -(-b // block)  # the blocks holding columns [a, b)
+        raw = self._bytes(e, rows)[:, first * size:end * size]
+        if raw.shape[0] == 0:
+            return np.zeros((0, b - a), np.float32)
+        try:
+            w = dequantize(np.ascontiguousarray(raw), qtype)
+        except Exception as err:  # a type the package cannot dequantize, a short tensor: name it
+            raise ValueError(f"{self.where}: cannot dequantize tensor {e.gguf!r} ({e.type}): {err}") from None
+        return w[:, a - first * block:b - first * block]
 
 
 def q4_0_as_int4(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Tensor]:
@@ -137,11 +249,13 @@ def q4_0_as_int4(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Ten
     only difference from llama.cpp's weights is that rounding: at most 8 * |d - bf16(d)| <= |d| / 32."""
     blocks = np.asarray(data, dtype=np.uint8).reshape(n_out, n_in // 32, 18)
     d = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]  # (out, in/32)
-    qs = blocks[..., 2:]  # (out, in/32, 16)
-    q = np.concatenate((qs & 15, qs >> 4), axis=-1).reshape(n_out, n_in)  # elements in order, 0..15
+    qs = blocks[..., 2:]  # (out, in/32, 16): byte i holds elements i (low nibble) and 16 + i (high)
+    even, odd = qs[..., 0::2], qs[..., 1::2]  # (out, in/32, 8) each
+    # our byte j holds elements 2j (low) and 2j + 1 (high): j < 8 from low nibbles, j >= 8 from high ones
+    packed = np.concatenate(((even & 15) | (odd << 4), (even >> 4) | (odd & 0xF0)), axis=-1)  # (out, in/32, 16)
     scales = torch.from_numpy(d.astype(np.float32)).to(torch.bfloat16)
-    return {"weight": torch.from_numpy(np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << 4))),
-            "scales": scales, "zeros": torch.zeros_like(scales)}
+    return {"weight": torch.from_numpy(packed.reshape(n_out, n_in // 2)), "scales": scales,
+            "zeros": torch.zeros_like(scales)}
 
 
 def q8_0_as_int8(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Tensor]:
@@ -160,8 +274,15 @@ def q8_0_as_int8(data: np.ndarray, n_out: int, n_in: int) -> dict[str, torch.Ten
 KEPT = {"Q4_0": ("int4", q4_0_as_int4), "Q8_0": ("int8g", q8_0_as_int8)}
 
 
+def kept_type(fmt) -> str | None:
+    """The GGUF type whose integers `fmt` (a split.llama.quantize handler, or None) keeps as they are, if any."""
+    d = fmt.to_dict() if fmt is not None else None
+    return next((qtype for qtype, (scheme, _) in KEPT.items() if d == {"scheme": scheme, "group_size": 32}), None)
+
+
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's convert_hf_to_gguf `permute` of q / k rows (per head: interleaved -> halves)."""
+    """Undo llama.cpp's convert_hf_to_gguf `permute` of q / k rows (per head: interleaved -> halves); on
+    np.arange(rows), the file's row behind each of ours."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -218,7 +339,7 @@ def _value(reader, key: str, path: Path, default: Any = ..., kind=None):
 
 
 def read_gguf(path: str | Path) -> GGUFModel:
-    """Parse and check a GGUF file's metadata and tensor table (tensors are read by .tensors())."""
+    """Parse and check a GGUF file's metadata and tensor table (tensors are read by .source())."""
     path = Path(path)
     reader = _open(path)
     arch = _value(reader, "general.architecture", path, kind=str)
@@ -249,7 +370,11 @@ def read_gguf(path: str | Path) -> GGUFModel:
         rope_theta=key("rope.freq_base", 10000.0, float), torch_dtype="float32")
     if arch == "phi3":
         config["partial_rotary_factor"] = (rope_dim or head_dim) / head_dim
-        config["sliding_window"] = key("attention.sliding_window", None)
+        window = _value(reader, f"{arch}.attention.sliding_window", path, 0)
+        if type(window) is not int or window < 0:
+            raise ValueError(f"{path}: GGUF metadata '{arch}.attention.sliding_window' must be an integer >= 0, "
+                             f"got {window!r}")
+        config["sliding_window"] = window or None  # llama.cpp writes 0 for none (Phi-4, and Phi-3 without one)
     elif rope_dim is not None and rope_dim != head_dim:
         raise ValueError(f"{path}: {arch}.rope.dimension_count ({rope_dim}) must equal the head dimension "
                          f"({head_dim}) for architecture {arch!r}")
