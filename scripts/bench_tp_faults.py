@@ -40,18 +40,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_tp import emit  # noqa: E402  (scripts/ is on sys.path: this script runs by its path)
 PROMPT = list(range(11, 27))  # 16 tokens
 N_NEW, FAULT_AT = 40, 16
 PROFILE = "raspberry-pi-5"
-
-
-def emit(row: dict, out) -> dict:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if out is not None:
-        out.write(line + "\n")
-        out.flush()
-    return row
 
 
 class Peers:
