@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from split.llama.gguf_checkpoint import gpt2_byte_spelling  # a fixed table: the tests check tokenizers against transformers
+from split.llama.gguf_tokenizer import gpt2_byte_spelling  # a fixed table: the tests check tokenizers against transformers
 
 BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from split.llama.gguf_checkpoint import gpt2_byte_spelling
+from split.llama.gguf_tokenizer import gpt2_byte_spelling
 from edge_runtime.llm_api import (
     SSE_DONE, ApiError, ChatRequest, ChatTemplate, ChatTemplateError, CompletionRequest, IncrementalDetokenizer,
     MessageError, NoChatTemplate, StopStrings, chat_chunk, chat_response, completion_chunk, completion_response,
