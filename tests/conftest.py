@@ -31,3 +31,12 @@ def split_deployment(tmp_path_factory):
     deployed: (device dir, repository, net, bottleneck)."""
     from split_models import deploy_res_cnn
     return deploy_res_cnn(tmp_path_factory.mktemp("split"))
+
+
+@pytest.fixture(scope="session")
+def gguf_files(tmp_path_factory):
+    """(arch, qtype name) -> (gguf path, written tensors): tests/gguf_files.py's FILES, built once."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from gguf_files import build_files
+    return build_files(tmp_path_factory.mktemp("gguf"))
