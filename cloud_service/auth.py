@@ -150,20 +150,21 @@ def _guarded(handler, resolve, count):
     set and reset around the call, and around each step of a stream); the call runs in its own task."""
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
-    async def refuse(err, context, requests=None):
-        count(err.code)
-        if requests is not None:
-            await _drain(requests)
-        await context.abort(err.code, err.message)
+    async def caller_of(request, context):
+        """resolve(context)'s caller, or the call refused (a refused stream's requests drained first)."""
+        try:
+            return resolve(context)
+        except ServiceError as err:
+            count(err.code)
+            if handler.request_streaming:
+                await _drain(request)
+            await context.abort(err.code, err.message)
 
     if handler.response_streaming:
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         async def streaming(request, context):
-            try:
-                caller = resolve(context)
-            except ServiceError as err:
-                await refuse(err, context, request if handler.request_streaming else None)
+            caller = await caller_of(request, context)
             replies = behavior(request, context)
             try:
                 while True:
@@ -182,10 +183,7 @@ def _guarded(handler, resolve, count):
     behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
     async def unary(request, context):
-        try:
-            caller = resolve(context)
-        except ServiceError as err:
-            await refuse(err, context, request if handler.request_streaming else None)
+        caller = await caller_of(request, context)
         token = CURRENT.set(caller)         # acting_as(caller), without contextlib's cost on every call
         try:
             return await behavior(request, context)
