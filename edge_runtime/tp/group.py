@@ -203,23 +203,31 @@ class Group:
         self.close()
 
     # --- forming ------------------------------------------------------------------------------------
-    def _answering(self, peers: Sequence[Member]) -> list[Member]:
-        """The peers that answer as idle holders of this model (their advertised profile taken in)."""
-        found = []
-        for m in peers:
-            answer = ask(m.address, {"op": "describe"}, DESCRIBE_TIMEOUT_S, self.tp.curve_keys, m.key)
-            if answer is None:
-                self.log(f"tp group: peer {m.name} does not answer")
-                continue
-            if isinstance(answer.get("name"), str) and answer["name"] and m.name == m.address:
-                m.name = answer["name"][:64]
-            if answer.get("model") != self.identity:
-                self.log(f"tp group: peer {m.name} holds model {answer.get('model')!r}, not {self.identity}: left out")
-            elif answer.get("state") == "idle":
+    def _answering(self, peers: Sequence[Member], within_s: float = DESCRIBE_TIMEOUT_S) -> list[Member]:
+        """The peers that answer as idle holders of this model within within_s (asked again while busy or
+        silent: survivors of a loss need a moment to see the abort); their advertised name and profile
+        taken in. The others are left out with a log line."""
+        deadline = time.monotonic() + within_s
+        waiting, found = list(peers), []
+        while waiting and time.monotonic() < deadline:
+            for m in list(waiting):
+                answer = ask(m.address, {"op": "describe"}, min(0.5, max(0.05, deadline - time.monotonic())),
+                             self.tp.curve_keys, m.key)
+                if answer is None or answer.get("state") != "idle":
+                    continue
+                waiting.remove(m)
+                if isinstance(answer.get("name"), str) and answer["name"] and m.name == m.address:
+                    m.name = answer["name"][:64]
+                if answer.get("model") != self.identity:
+                    self.log(f"tp group: peer {m.name} holds model {answer.get('model')!r}, not {self.identity}: "
+                             "left out")
+                    continue
                 if isinstance(answer.get("profile"), dict):
                     m.profile = answer["profile"]
                 found.append(m)
-        return found
+        for m in waiting:
+            self.log(f"tp group: peer {m.name} does not answer: left out")
+        return [m for m in peers if m in found]
 
     def _shares(self, members: Sequence[Member]) -> list[float] | None:
         """Shares proportional to advertised memory bandwidth, in steps of SHARE_STEP (so a measured
@@ -345,9 +353,8 @@ class Group:
         self.master.close()
         self.master = None
         t_closed = time.monotonic()
-        deadline = t_closed + self.tp.timeout_s + DESCRIBE_TIMEOUT_S
         rest = [m for m in self.members if m not in blamed]
-        alive = self._answering_by(rest, deadline)
+        alive = self._answering(rest, self.tp.timeout_s + DESCRIBE_TIMEOUT_S)
         t_asked = time.monotonic()
         self._form(alive, warm=False)
         done = time.monotonic()
@@ -355,20 +362,6 @@ class Group:
                                 "reason": str(err), "world_before": world, "world_after": 1 + len(self.members),
                                 "seconds": round(done - t0, 3), "close_s": round(t_closed - t0, 3),
                                 "ask_s": round(t_asked - t_closed, 3), "form_s": round(done - t_asked, 3)})
-
-    def _answering_by(self, peers: list[Member], deadline: float) -> list[Member]:
-        """Peers that answer as idle before `deadline` (the survivors need a moment to see the abort)."""
-        waiting, alive = list(peers), []
-        while waiting and time.monotonic() < deadline:
-            for m in list(waiting):
-                answer = ask(m.address, {"op": "describe"}, min(0.5, max(0.05, deadline - time.monotonic())),
-                             self.tp.curve_keys, m.key)
-                if answer is not None and answer.get("state") == "idle" and answer.get("model") == self.identity:
-                    alive.append(m)
-                    waiting.remove(m)
-        for m in waiting:
-            self.log(f"tp group: peer {m.name} did not answer after the loss: left out")
-        return [m for m in peers if m in alive]
 
     def _probe_absent(self) -> None:
         """Ask absent peers whether they are back; with discovery, while the group is short of its
@@ -408,5 +401,5 @@ class Group:
         self.master.close()
         self.master = None
         order = {m.address: i for i, m in enumerate(self.known)}
-        self._form(sorted(self._answering_by(current + returned, time.monotonic() + DESCRIBE_TIMEOUT_S),
+        self._form(sorted(self._answering(current + returned),
                           key=lambda m: order[m.address]), warm=True)
