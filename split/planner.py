@@ -19,6 +19,13 @@ validation data at the deployment's thresholds) and the device time up to it. A 
 leaves pays that device time only (no network, no cloud); a frame that reaches the cut pays the
 whole row above. Every figure is the expectation over frames; `offload` is the fraction of frames
 sent to the cloud. With no exits (or p_exit = 0: threshold 1.0) this is the row above, exactly.
+
+Adaptive pairs: a local candidate may list the models an adaptive switch runs instead, as
+(share, device_s): the fraction of frames each runs on (measured on validation data at the
+switch's settings; the small model on every frame, or fewer under a hold, the big one on the
+escalated share) and its time per frame here. Its device time is the sum of share x the model's
+time on the profile, each run paying the profile's overhead: the big model's share, not the
+worst case, sets the expected latency and energy per frame.
 """
 from dataclasses import dataclass, field
 
@@ -34,6 +41,7 @@ class Candidate:
     down_bytes: int = 0          # bytes received per frame
     accuracy: float | None = None
     exits: tuple[tuple[float, float], ...] = ()   # (p_exit, device_s up to the exit), in stage order
+    models: tuple[tuple[float, float], ...] = ()  # adaptive pair: (share of frames, device_s) per model
 
 
 @dataclass
@@ -72,6 +80,8 @@ def scale(seconds: float, host_gflops: float, profile=None, precision: str = "fp
 def predict(c: Candidate, link, device=None, cloud=None, host_gflops: float = 1.0, precision: str = "fp32",
             rpc_overhead_s: float = 0.0005) -> Prediction:
     device_s = scale(c.device_s, host_gflops, device, precision)
+    if c.models:  # an adaptive pair: each model's expected share of the frames
+        device_s = sum(share * scale(s, host_gflops, device, precision) for share, s in c.models)
     cloud_s = scale(c.cloud_s, host_gflops, cloud, "fp32")
     network_s = upload_s = 0.0
     if c.up_bytes:

@@ -233,3 +233,18 @@ def test_deployment_with_exit_rates_plans_with_them_and_without_them_plans_as_be
     rows, measured = measure_candidates(Deployment.load(old), repeats=3)
     assert all(r.exits == () for r in rows)
     assert len(measured["notes"]) == 1 and "stage1, stage2 not accounted for" in measured["notes"][0]
+
+
+def test_an_adaptive_pair_costs_its_expected_big_model_share_on_each_profile():
+    from split.planner import predict
+    pi4, gap8 = load_profile("raspberry-pi-4"), load_profile("gap8-nano-drone")
+    small_s, big_s, host = 0.0002, 0.002, 100.0
+    pair = Candidate("adaptive", device_s=big_s, models=((1.0, small_s), (0.25, big_s)))
+    for profile, precision in ((pi4, "fp32"), (gap8, "int8")):
+        got = predict(pair, parse_link("10mbit,40ms"), profile, host_gflops=host, precision=precision)
+        rate = profile.int8_gops if precision == "int8" else profile.fp32_gflops
+        one = lambda s: s * host / rate + profile.overhead_ms / 1e3  # noqa: E731
+        assert got.device_s == pytest.approx(one(small_s) + 0.25 * one(big_s))
+        big_only = predict(Candidate("big", device_s=big_s), parse_link("10mbit,40ms"), profile, host_gflops=host,
+                           precision=precision)
+        assert got.device_s < big_only.device_s and got.network_s == 0
