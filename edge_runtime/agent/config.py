@@ -43,8 +43,10 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     early-exit   exit_thresholds = { stage1 = 0.9 } (over the deployment's calibrated ones),
                  slowdown = 1.0 | "profile" (stretch device compute to the profile's speed: emulation)
     split        the same, plus placement, deadline_s, accuracy_floor (for "auto")
-    adaptive     switch = { confidence = 0.9, max_jump = 0.015, hold = 2 } (over adaptive.json's),
-                 deadline_s (the cloud's copy of the big model)
+    adaptive     switch = { strategy = "combined", aux_threshold = 0.05, hold = 2, fuse = 0.3 } (over
+                 adaptive.json's: edge_runtime.vision.switch.SwitchConfig's names but regression and aux,
+                 checked when the pipeline opens), deadline_s (the cloud's copy of the big model),
+                 max_streams = 64 (the streams, named by the request parameter `stream`, it remembers)
     llm          a Llama-family HF checkpoint on this device alone: quantize = "int8" | "int8g" | "int4",
                  group_size = 32, window (blocks resident; 0 or absent: all), dtype = "fp32" | "bf16",
                  max_new_tokens, cache_dir (where its blocks are prepared; default: the tp CLI's cache)

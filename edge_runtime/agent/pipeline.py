@@ -3,8 +3,8 @@ it names for ModelMetadata (TensorInfo), what pipelines share (Context), and the
 that does not fit gets (PipelineInputError, served as INVALID_ARGUMENT).
 
 Every pipeline answers `infer(inputs, params) -> outputs` with numpy arrays and takes the offload
-policy's decisions through `adapt`. The kinds are in vision_pipelines.py and llm_pipelines.py;
-pipeline_factory.open_pipeline builds the one an agent.toml [[pipeline]] names.
+policy's decisions through `adapt`. The kinds are in vision_pipelines.py, adaptive_pipeline.py and
+llm_pipelines.py; pipeline_factory.open_pipeline builds the one an agent.toml [[pipeline]] names.
 """
 from dataclasses import dataclass, field
 
@@ -59,6 +59,10 @@ class Pipeline:
 
     def describe(self) -> dict:
         return {"kind": self.kind}
+
+    def forget_requests(self) -> None:
+        """Drop what requests left behind for the next ones (an adaptive pipeline's per-stream
+        history): a smoke inference is not a request (rollout.smoke_test)."""
 
     def close(self) -> None:
         pass

@@ -9,19 +9,20 @@ Kinds:
 - early-exit  a split deployment's stage chain with its exits, every frame on the device
 - split       the same, offloading the rest through the cloud (placement string or "auto": the
               planner, re-run when the policy changes objective or the link's RTT changes)
-- adaptive    a small and a big model switched per frame on temporal consistency and confidence,
-              escalating to the cloud's copy of the big model when the link is good
+- adaptive    a small and a big model switched per frame (temporal consistency, the small model's
+              predicted error, or both; per client stream), escalating to the cloud's copy of the
+              big model when the link is good
 - llm         a Llama-family checkpoint on this device alone (the tp engine at world size 1: paging,
               int8 / int4 weights)
 - collab-llm  the collaborative LLM (edge layers + exit head; the cloud finishes the rest)
 - tp          rank 0 of a tensor-parallel group (workers started here, or an elastic group over peers)
-The kinds live in vision_pipelines.py (local, early-exit, split, adaptive) and llm_pipelines.py
+The kinds live in vision_pipelines.py (local, early-exit, split), adaptive_pipeline.py and llm_pipelines.py
 (llm, collab-llm, tp; each also streams tokens: LlmPipeline.stream); torch is imported only when
 one of the LLM kinds is opened.
 """
 from pathlib import Path
 
-from edge_runtime.agent import llm_pipelines, vision_pipelines
+from edge_runtime.agent import adaptive_pipeline, llm_pipelines, vision_pipelines
 from edge_runtime.agent.pipeline import Context, Pipeline
 
 
@@ -32,7 +33,7 @@ def open_pipeline(spec, folder: Path, ctx: Context) -> Pipeline:
     if spec.kind in ("early-exit", "split"):
         return vision_pipelines.VisionPipeline(spec.name, spec.kind, folder, spec.options, ctx)
     if spec.kind == "adaptive":
-        return vision_pipelines.AdaptivePipeline(spec.name, folder, spec.options, ctx)
+        return adaptive_pipeline.AdaptivePipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "llm":
         return llm_pipelines.LocalLlmPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "collab-llm":

@@ -15,7 +15,9 @@ The smoke inference's inputs: `smoke.safetensors` in the version folder if it is
 tensor per declared input, by name; safetensors, so no pickle), else built from the pipeline's
 declared inputs (Pipeline.inputs): zeros of each shape with -1 dims as 1, BYTES inputs a short
 text. LLM pipelines generate one token (max_new_tokens = 1); one without a tokenizer gets
-`prompt_ids` [0]. Its counters are left as they were: a smoke inference is not a request.
+`prompt_ids` [0]. Its counters are left as they were and what it left for later requests is
+forgotten (Pipeline.forget_requests: an adaptive pipeline's stream history): a smoke inference is
+not a request.
 """
 from collections import deque
 from dataclasses import dataclass
@@ -113,6 +115,7 @@ def smoke_test(pipe: Pipeline, folder: Path) -> None:
     finally:
         pipe.counters.clear()
         pipe.counters.update(before)
+        pipe.forget_requests()
     if not isinstance(outputs, dict) or not outputs:
         raise SmokeError("smoke inference answered no output tensors")
 

@@ -1,6 +1,7 @@
 """The agent's vision pipelines (the interface: pipeline.py): `local` (one ONNX model), `early-exit`
-and `split` (a split deployment's stage chain with exits, offloading through the cloud), and
-`adaptive` (a small and a big model switched per frame). ONNX Runtime only; no torch.
+and `split` (a split deployment's stage chain with exits, offloading through the cloud). The
+`adaptive` kind (a small and a big model switched per frame) is adaptive_pipeline.py. ONNX Runtime
+only; no torch.
 """
 import threading
 from pathlib import Path
@@ -129,70 +130,3 @@ class VisionPipeline(Pipeline):
     def close(self) -> None:
         for runtime in self._runtimes.values():
             runtime.close()
-
-
-# --- adaptive: a small and a big model, switched per frame -----------------------------------------
-class AdaptivePipeline(Pipeline):
-    """A folder from split.vision.adaptive.build_adaptive (small.onnx, big.onnx, adaptive.json).
-    Frames of one stream, in order: the small model answers unless its output is temporally
-    inconsistent or unconfident, then the big one (or the cloud's copy when the link is good) does,
-    for `hold` frames (edge_runtime.vision.switch). The device state (battery, heat, link quality)
-    is the agent's, from devices.telemetry and heartbeats. Outputs `y` (B, classes + regression), `ran`
-    (e.g. b"small,cloud") and `degraded` (the cloud did not answer; the big model did, here)."""
-
-    def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
-        import json
-
-        from edge_runtime.vision.deployment import session
-        from edge_runtime.vision.switch import AdaptiveSwitch, DeviceState, SwitchConfig
-        super().__init__(name, "adaptive", "edgefold_adaptive")
-        manifest = json.loads((folder / "adaptive.json").read_text())
-        self.shape = tuple(manifest["input"]["shape"])
-        small, big = session(folder / "small.onnx", ctx.threads), session(folder / "big.onnx", ctx.threads)
-        settings = {**manifest.get("switch", {}), **options.get("switch", {}), "regression": manifest["regression"]}
-        try:
-            config = SwitchConfig(**settings)
-        except TypeError as err:
-            raise ValueError(f"pipeline '{name}': bad switch settings {settings}: {err}") from None
-        cloud_model = manifest.get("cloud_model")
-        self.client = ctx.client(float(options.get("deadline_s", 0.5))) if cloud_model and ctx.cloud else None
-
-        def run_cloud(x):      # the cloud's copy of the big model; None: the switch runs the big one here
-            import grpc
-            try:
-                out = self.client.infer(cloud_model, {"x": x[None]})["y"][0]
-                self.counters["offloaded"] += 1
-                return out
-            except grpc.RpcError:
-                self.counters["degraded"] += 1
-                return None
-        self.switch = AdaptiveSwitch(lambda x: small.run(None, {"x": x[None]})[0][0],
-                                     lambda x: big.run(None, {"x": x[None]})[0][0], config,
-                                     run_cloud if self.client else None)
-        self.state = DeviceState()
-        self._lock = threading.Lock()
-        self.inputs = (TensorInfo("x", "FP32", (-1, *self.shape)),)
-        self.outputs = (TensorInfo("y", "FP32", (-1, -1)), TensorInfo("ran", "BYTES", (-1,)),
-                        TensorInfo("degraded", "BOOL", (-1,)))
-
-    def adapt(self, decision: Decision, link) -> None:
-        self.state = decision.state
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "cloud": self.client is not None}
-
-    def infer(self, inputs: dict, params: dict) -> dict:
-        x = one_input(inputs, "x", "f").astype(np.float32, copy=False)
-        if x.shape[1:] != self.shape or not np.isfinite(x).all():
-            raise PipelineInputError(f"input 'x': expected finite frames of shape [-1, {', '.join(map(str, self.shape))}]"
-                                     f", got {list(x.shape)}")
-        with self._lock:                       # one stream: frames in order
-            answers = [self.switch.step(frame, self.state) for frame in x]
-        ran = np.empty(len(answers), dtype=object)
-        ran[:] = [",".join(a.ran).encode() for a in answers]
-        return {"y": np.stack([a.output for a in answers]).astype(np.float32), "ran": ran,
-                "degraded": np.array([a.ran[-2:] == ("cloud", "big") for a in answers], bool)}
-
-    def close(self) -> None:
-        if self.client:
-            self.client.close()
