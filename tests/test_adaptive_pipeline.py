@@ -169,6 +169,7 @@ def test_stream_ids_and_the_lru(packages):
     pipe.infer({"x": B[:1]}, {"stream": "b"})
     pipe.infer({"x": B[:1]}, {})                                 # the default stream: a third one
     assert pipe.describe()["streams"] == 2 and pipe.counters["streams_forgotten"] == 1
+    assert pipe.counters["frames"] == 7 and pipe.describe()["big_share"] == pipe.counters["big_frames"] / 7 > 0
     assert list(pipe.infer({"x": A[5:6]}, {"stream": 5})["ran"]) == [b"small"]   # forgotten: afresh, no hold
     for bad in ("x" * 65, "", ["a"], True, 1.5, 10 ** 70):
         with pytest.raises(PipelineInputError, match="parameter 'stream'"):

@@ -163,7 +163,7 @@ class AdaptivePipeline(Pipeline):
         self.state = DeviceState()
         self._streams = OrderedDict()          # stream id (None: the default) -> (StreamState, Lock), LRU first
         self._lock = threading.Lock()          # guards _streams
-        self.counters["streams_forgotten"] = 0
+        self.counters.update(streams_forgotten=0, frames=0, big_frames=0)   # big_frames: the big model (or the cloud) answered
         self.inputs = (TensorInfo("x", "FP32", (-1, *self.shape)),)
         self.outputs = (TensorInfo("y", "FP32", (-1, wb)), TensorInfo("ran", "BYTES", (-1,)),
                         TensorInfo("degraded", "BOOL", (-1,)), TensorInfo("predicted_error", "FP32", (-1,)))
@@ -174,7 +174,8 @@ class AdaptivePipeline(Pipeline):
     def describe(self) -> dict:
         return {"kind": self.kind, "cloud": self.client is not None, "strategy": self.config.strategy,
                 "streams": len(self._streams), "max_streams": self.max_streams,
-                "streams_forgotten": self.counters["streams_forgotten"]}
+                "streams_forgotten": self.counters["streams_forgotten"],
+                "big_share": self.counters["big_frames"] / max(self.counters["frames"], 1)}
 
     def forget_requests(self) -> None:
         with self._lock:
@@ -204,6 +205,9 @@ class AdaptivePipeline(Pipeline):
         state = self.state
         with lock:                             # one stream: its frames in order
             answers = [self.switch.step(frame, state, stream) for frame in x]
+        with self._lock:                       # counters: shared by the streams
+            self.counters["frames"] += len(answers)
+            self.counters["big_frames"] += sum(a.ran != ("small",) for a in answers)
         ran = np.empty(len(answers), dtype=object)
         ran[:] = [",".join(a.ran).encode() for a in answers]
         y = np.stack([a.output for a in answers]).astype(np.float32) if answers else np.zeros((0, self.width), np.float32)
