@@ -4,6 +4,8 @@ the frame-stream models. Each shows a progress bar; seeds are fixed.
     train_exit_net(net, x, y, epochs=8)
     train_bottleneck(backbone, k, bn, x, y)          # stage 1 distil, stage 2 fine-tune
     train_frame_model(model, stream, epochs=8)
+    train_pose_model(model, frames, pose, epochs=10)  # pose models: L1 on the normalised 4-DoF pose
+    train_pose_aux(model, frames, pose)               # small pose models, stage 2: the predicted-error output
 """
 import copy
 
@@ -131,4 +133,64 @@ def train_frame_model(model: nn.Sequential, frames: np.ndarray, labels: np.ndarr
             opt.step()
             sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def train_pose_model(model: nn.Sequential, frames: np.ndarray, pose: np.ndarray, epochs: int = 10, lr: float = 3e-3,
+                     batch: int = 64, seed: int = 0, channels_last: bool = False, desc: str = "pose") -> nn.Sequential:
+    """Pose regression (split.vision.pose_models): L1 loss on output columns 0-3 against the normalised
+    pose (N, 4). A small model's aux branch (head.aux) is left out here (see train_pose_aux).
+    `channels_last` trains in that memory format (faster for depthwise convs on CPU); the model
+    comes back contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    xt, pt = torch.from_numpy(frames), torch.from_numpy(pose)
+    steps = (len(xt) + batch - 1) // batch
+    params = [p for name, p in model.named_parameters() if not name.startswith("head.aux.")]
+    opt, sched = _sgd(params, epochs, steps, lr)
+    model.train()
+    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
+        total = 0.0
+        for idx in batches(len(xt), batch, g):
+            loss = F.l1_loss(model(xt[idx].contiguous(memory_format=fmt))[:, :4], pt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        bar.set_postfix(l1=f"{total / len(xt):.4f}")
+    return model.to(memory_format=torch.contiguous_format).eval()
+
+
+def train_pose_aux(model: nn.Sequential, frames: np.ndarray, pose: np.ndarray, epochs: int = 30, lr: float = 3e-3,
+                   batch: int = 128, seed: int = 0, desc: str = "pose aux") -> nn.Sequential:
+    """Second stage for a small pose model: everything but the aux branch is frozen (and in eval
+    mode); the aux branch (model.head.aux) learns to predict the model's own per-frame error, the mean
+    over the 4 DoF of |pose - true| (normalised), by MSE. Give it TRAINING-split frames that stage 1
+    did not see (e.g. pose_frames_iid("train", n, draw=1)), so the targets are unseen-frame errors."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = model.head
+    model.eval()
+    with torch.no_grad():                                         # frozen: the aux inputs once
+        xt = torch.from_numpy(frames)
+        parts = [head.aux_input(model[:-1](xt[i:i + 256])) for i in range(0, len(xt), 256)]
+        pred = torch.cat([p for p, _ in parts])                                   # (N, 4)
+        z = torch.cat([a for _, a in parts])                                      # (N, hidden + 4 + C)
+        err = (pred - torch.from_numpy(pose)).abs().mean(1, keepdim=True)         # (N, 1)
+    steps = (len(z) + batch - 1) // batch
+    opt, sched = _sgd(head.aux.parameters(), epochs, steps, lr)
+    head.aux.train()
+    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
+        total = 0.0
+        for idx in batches(len(z), batch, g):
+            loss = F.mse_loss(head.aux(z[idx]), err[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        bar.set_postfix(rmse=f"{(total / len(z)) ** 0.5:.4f}")
     return model.eval()

@@ -3,6 +3,7 @@
     net = exit_net("res_cnn")            # EarlyExitNet, trained jointly with its exits
     bn, tail = bottleneck("res_cnn", "stage2", 8)
     small, big = frame_model("frame_small"), frame_model("frame_big")
+    small, big = pose_model("pose_mobile_small"), pose_model("pose_mobile_big")   # issue 18's pose pairs
 
 The cache key names the recipe version; bump RECIPES[...] when a recipe or an architecture changes.
 """
@@ -11,19 +12,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from split.vision import data
+from split.vision import data, pose
 from split.vision.bottleneck import Bottleneck
 from split.vision.cut import cut_index
 from split.vision.exits import attach_exits
 from split.vision.models import INPUT_SHAPES, build
-from split.vision.train import train_bottleneck, train_exit_net, train_frame_model
+from split.vision.pose_models import build_pose, has_aux
+from split.vision.train import train_bottleneck, train_exit_net, train_frame_model, train_pose_aux, train_pose_model
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "split" / "weights"
-RECIPES = {"exits": "v2", "bottleneck": "v2", "frame_small": "v3", "frame_big": "v2"}
+RECIPES = {"exits": "v2", "bottleneck": "v2", "frame_small": "v3", "frame_big": "v2",
+           "pose_cnn_small": "v1", "pose_cnn_big": "v1", "pose_mobile_small": "v2", "pose_mobile_big": "v2"}
 EXITS = {"seq_cnn": ["conv2"], "res_cnn": ["stage1", "stage2"], "vit": ["block1", "block2"]}
 EPOCHS = {"seq_cnn": 8, "res_cnn": 8, "vit": 30}
 FRAMES = 12000
 FRAME_EPOCHS = {"frame_small": 20, "frame_big": 12}
+# Each pair shares one recipe (frames, epochs, lr), sized so its big model trains in about 6-7 min on 2 CPU
+# cores; channels_last speeds up the big MobileNet's depthwise convs there.
+POSE_FRAMES, POSE_AUX_FRAMES, POSE_AUX_EPOCHS = 24000, 30000, 60
+POSE_RECIPE = {"pose_cnn_small": (12, 3e-3, False), "pose_cnn_big": (12, 3e-3, False),     # (epochs, lr, channels_last)
+               "pose_mobile_small": (9, 8e-3, False), "pose_mobile_big": (9, 8e-3, True)}
 
 
 def _cached(path: Path, module: torch.nn.Module, train) -> torch.nn.Module:
@@ -67,3 +75,18 @@ def frame_model(name: str):
     s = data.frames_iid("train", FRAMES)
     return _cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model,
                    lambda: train_frame_model(model, s.frames, s.labels, s.xy, epochs=FRAME_EPOCHS[name], desc=name))
+
+
+def pose_model(name: str):
+    """A trained pose model (split.vision.pose_models) on pose_frames_iid("train", POSE_FRAMES); a small
+    model's aux output is then trained on an independent draw of training frames (train_pose_aux)."""
+    model = build_pose(name)
+
+    def train():
+        s = pose.pose_frames_iid("train", POSE_FRAMES)
+        epochs, lr, channels_last = POSE_RECIPE[name]
+        train_pose_model(model, s.frames, s.pose, epochs=epochs, lr=lr, channels_last=channels_last, desc=name)
+        if has_aux(model):
+            a = pose.pose_frames_iid("train", POSE_AUX_FRAMES, draw=1)
+            train_pose_aux(model, a.frames, a.pose, epochs=POSE_AUX_EPOCHS, desc=f"{name} aux")
+    return _cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model, train)
