@@ -13,7 +13,7 @@ the issue's targets to OUT/summary.json. Sections:
              local, full offload (PNG frame), every cut, and the planner's choice, on this machine
              and on emulated slower devices (the runtime sleeps to stretch device compute x20, x200)
   profiles   the planner's choice for device profiles on the same two links (predictions only)
-  frames     frame stream: big-only, small-only, adaptive switching (compute per frame and error)
+  frames     the 4-DoF pose stream: big-only, small-only and six adaptive systems (bench_pose.py)
 Baselines are measured in the same run: unsplit accuracy, local latency, big-only compute.
 """
 import argparse
@@ -32,7 +32,6 @@ from edge_runtime.client.oip_client import OipClient
 from edge_runtime.vision.deployment import Deployment
 from edge_runtime.vision.placement_costs import measure_candidates
 from edge_runtime.vision.runtime import Runtime
-from edge_runtime.vision.switch import AdaptiveSwitch, SwitchConfig
 from split.codec import decode, encode
 from split.planner import plan
 from split.vision import data, zoo
@@ -41,6 +40,7 @@ from split.vision.deploy import build_deployment
 from split.vision.exits import calibrate_threshold, first_exit, max_softmax
 from split.vision.flops import macs
 
+import bench_pose  # noqa: E402  (scripts/ is on sys.path: this script runs by its path)
 from split_services import CloudService, LinkEmu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,86 +274,6 @@ def section_latency(out: Path, accuracy: dict, exits: dict, n_frames: int) -> di
     return summary
 
 
-def section_frames(out: Path) -> dict:
-    small, big = zoo.frame_model("frame_small"), zoo.frame_model("frame_big")
-    example = torch.rand(1, 1, 96, 96)
-    cost = {"small": macs(small, example), "big": macs(big, example)}
-    torch.set_num_threads(1)
-    ms = {}
-    for name, m in (("small", small), ("big", big)):
-        with torch.no_grad():
-            for _ in range(5):
-                m(example)
-            t = []
-            for _ in range(50):
-                start = time.perf_counter()
-                m(example)
-                t.append(time.perf_counter() - start)
-        ms[name] = 1e3 * float(np.median(t))
-
-    def outputs(split):
-        s = data.frame_stream(split)
-        return s, run_batched(small, s.frames), run_batched(big, s.frames)
-
-    def run(stream, so, bo, config):
-        sw, preds, ran = None, [], []
-        for i in range(len(stream.frames)):
-            if i == 0 or stream.sequence[i] != stream.sequence[i - 1]:
-                sw = AdaptiveSwitch(lambda j: so[j], lambda j: bo[j], config)   # a new sequence starts cold
-            a = sw.step(i)
-            preds.append(a.output)
-            ran.append(a.ran)
-        return np.stack(preds), ran
-
-    def errors(stream, pred):
-        return {"class_error": float((pred[:, :10].argmax(1) != stream.labels).mean()),
-                "position_error_px": float(np.abs(pred[:, 10:] - stream.xy).mean() * 96)}
-
-    val, vs, vb = outputs("val")
-    test, ts, tb = outputs("test")
-    big_val = errors(val, vb)
-    # choose the switch setting on the validation stream: least compute at big-only's error (class
-    # error no higher, position error within 1%); if none gets there, the lowest validation position
-    # error (reported as such). Test figures are reported exactly, beside big-only's.
-    grid = [SwitchConfig(confidence=c, max_jump=j, hold=h) for c in (0.9, 0.99)
-            for j in (0.01, 0.0125, 0.015, 0.02, 0.03) for h in (2, 6, 12)]
-    scored = []
-    for config in grid:
-        pred, ran = run(val, vs, vb, config)
-        e = errors(val, pred)
-        c = float(np.mean([sum(cost[m] for m in r) for r in ran]))
-        meets = e["class_error"] <= big_val["class_error"] and \
-            e["position_error_px"] <= big_val["position_error_px"] * 1.01
-        scored.append((config, e, c, meets))
-        tpred, tran = run(test, ts, tb, config)
-        emit({"section": "frames", "policy": "adaptive_grid", **errors(test, tpred),
-              "mean_macs": float(np.mean([sum(cost[m] for m in r) for r in tran])),
-              "config": {"confidence": config.confidence, "max_jump": config.max_jump, "hold": config.hold},
-              "val": {**e, "mean_macs": c, "meets_big_error": meets}}, out)
-    meeting = [x for x in scored if x[3]]
-    best = min(meeting, key=lambda x: x[2])[0] if meeting else min(scored, key=lambda x: x[1]["position_error_px"])[0]
-    rows = {}
-    for label, pred, ran in (("big_only", tb, [("big",)] * len(tb)), ("small_only", ts, [("small",)] * len(ts)),
-                             ("adaptive", *run(test, ts, tb, best))):
-        per_frame = [sum(cost[m] for m in r) for r in ran]
-        rows[label] = {"section": "frames", "policy": label, **errors(test, pred),
-                       "mean_macs": float(np.mean(per_frame)),
-                       "mean_ms": float(np.mean([sum(ms[m] for m in r) for r in ran])),
-                       "big_fraction": float(np.mean(["big" in r for r in ran]))}
-        if label == "adaptive":
-            rows[label]["config"] = {"confidence": best.confidence, "max_jump": best.max_jump, "hold": best.hold,
-                                     "chosen_on_val_because": "least compute at big-only error (position within 1%)"
-                                     if meeting
-                                     else "no setting reached big-only error on val: lowest val position error"}
-        emit(rows[label], out)
-    a, b = rows["adaptive"], rows["big_only"]
-    return {"compute_saving": 1 - a["mean_macs"] / b["mean_macs"],
-            "time_saving": 1 - a["mean_ms"] / b["mean_ms"],
-            "error_not_worse": a["class_error"] <= b["class_error"] and a["position_error_px"] <= b["position_error_px"],
-            "position_error_vs_big": a["position_error_px"] / b["position_error_px"] - 1,
-            "adaptive": a, "big_only": b, "model_ms": ms, "model_macs": cost}
-
-
 def plots(out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -387,18 +307,6 @@ def plots(out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=120)
-    frames = [r for r in ROWS if r["section"] == "frames"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    grid = [r for r in frames if r["policy"] == "adaptive_grid"]
-    ax.scatter([r["mean_macs"] / 1e6 for r in grid], [r["position_error_px"] for r in grid], s=12, c="gray",
-               label="adaptive settings (test)")
-    for r in frames:
-        if r["policy"] != "adaptive_grid":
-            ax.scatter(r["mean_macs"] / 1e6, r["position_error_px"], s=40, label=r["policy"])
-    ax.set(xlabel="MMAC per frame", ylabel="mean position error (px)", title="frame stream: compute vs error")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "frames.png", dpi=120)
 
 
 def main() -> None:
@@ -414,8 +322,9 @@ def main() -> None:
     accuracy = section_codec(args.out)
     exits = section_exits(args.out)
     latency = section_latency(args.out, accuracy, exits, args.frames)
-    frames = section_frames(args.out)
+    frames = bench_pose.section(args.out, emit)
     plots(args.out)
+    bench_pose.plot(args.out, frames)
     by = {r["placement"]: r for r in ROWS if r["section"] == "codec" and r["model"] == "res_cnn"}
     targets = {
         "bottleneck_int8": {p: {"reduction": by[p]["reduction"], "accuracy_loss_pt": by[p]["accuracy_loss_pt"],
@@ -424,9 +333,7 @@ def main() -> None:
         "planner_within_10pct": {k: {"choice": v["choice"], "best": v["best"],
                                      "choice_over_best": v["choice_over_best"], "met": v["choice_over_best"] <= 0.10}
                                  for k, v in latency.items() if isinstance(v, dict)},
-        "adaptive_25pct_less_compute": {"compute_saving": frames["compute_saving"],
-                                        "error_not_worse": frames["error_not_worse"],
-                                        "met": frames["compute_saving"] >= 0.25 and frames["error_not_worse"]},
+        **frames["targets"],
     }
     summary = {"targets": targets, "latency": latency, "frames": frames, "exits_calibrated": exits["rows"]["calibrated"],
                "seconds": time.time() - start, "machine": f"{os.cpu_count()} cores, shared; client, link emulator "

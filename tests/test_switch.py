@@ -136,6 +136,12 @@ def test_frugal_device_doubles_the_aux_threshold_and_halves_the_hold():
     assert escalations(answers) == [20, 23] and [a.ran for a in answers[21:23]] == [("big",)] * 2
 
 
+def test_frugal_device_doubles_the_jump_threshold():
+    config = SwitchConfig(regression=4, aux=1, max_jump=0.15, hold=2)
+    assert escalations(run(config)[0]) == [JUMP]                                  # a 0.2 jump > 0.15
+    assert escalations(run(config, state=DeviceState(temperature_c=90))[0]) == []  # <= 2 x 0.15 when hot
+
+
 def test_interleaved_streams_keep_their_own_state():
     config = SwitchConfig(strategy="combined", regression=4, aux=1, max_jump=0.1, aux_threshold=0.05, hold=2)
     alone_a, _, _ = run(config)

@@ -15,8 +15,8 @@ strategies decide which frames those are:
 
 When both models ran on a frame, the regression answer is fused: fuse * small + (1 - fuse) * big,
 per output (`fuse`, fitted on validation data; 0 keeps the big model's answer). Device state
-shifts every strategy: a low battery or a hot device relaxes the triggers (no confidence or jump
-trigger, twice the aux threshold) and halves the hold; a good link sends escalations to the cloud.
+shifts every strategy: a low battery or a hot device relaxes the triggers (no confidence trigger,
+twice the jump and aux thresholds) and halves the hold; a good link sends escalations to the cloud.
 
     switch = AdaptiveSwitch(run_small, run_big, SwitchConfig(strategy="combined", aux=1, regression=4))
     stream = StreamState()                          # one per camera: the last answer, the hold
@@ -141,7 +141,7 @@ class AdaptiveSwitch:
             prev_logits, prev_reg = self._parts(stream.previous)
             if logits.size and logits.argmax() != prev_logits.argmax():
                 return "class changed"
-            if not frugal and reg.size and np.abs(reg - prev_reg).max() > self.config.max_jump:
+            if reg.size and np.abs(reg - prev_reg).max() > self.config.max_jump * (2 if frugal else 1):
                 return "position jumped"
         if not frugal and logits.size and confidence(logits) <= self.config.confidence:
             return "low confidence"
