@@ -164,13 +164,14 @@ def describe(config: SwitchConfig) -> dict:
     return {**out, "fuse": config.fuse}
 
 
-def measure(pred: np.ndarray, ran: list, stream, ms: dict, pair: tuple[str, str]) -> dict:
+def measure(pred: np.ndarray, ran: list, stream, ms: dict, pair: tuple[str, str], macs_of: dict) -> dict:
     small, big = pair
     errors = mae(pred, stream.pose)
     by_event = {name: mae(pred[stream.event == code], stream.pose[stream.event == code])["nmae"]
                 for code, name in enumerate(("smooth", "manoeuvre", "occluded")) if (stream.event == code).any()}
     share = {"small": float(np.mean(["small" in r for r in ran])), "big": float(np.mean(["big" in r for r in ran]))}
     return {**errors, "nmae_by_event": by_event, "ms": share["small"] * ms[small] + share["big"] * ms[big],
+            "mmac": (share["small"] * macs_of[small] + share["big"] * macs_of[big]) / 1e6,
             "small_share": share["small"], "big_share": share["big"]}
 
 
@@ -209,8 +210,8 @@ def section(out: Path, emit, host_gflops: float | None = None, pairs=tuple(POSE_
         base = {}
         for label, (pv, pt), ran in (("small_only", (so_v[:, :4], so_t[:, :4]), ("small",)),
                                      ("big_only", (bo_v, bo_t), ("big",))):
-            v = measure(pv, [ran] * len(pv), val, ms, pair)
-            row = {"section": "pose", "pair": pair_name, "system": label, **measure(pt, [ran] * len(pt), test, ms, pair),
+            v = measure(pv, [ran] * len(pv), val, ms, pair, cost)
+            row = {"section": "pose", "pair": pair_name, "system": label, **measure(pt, [ran] * len(pt), test, ms, pair, cost),
                    "val_nmae": v["nmae"], "val_ms": v["ms"], "measured_ms": timed(ran[0], sessions, pair, test)}
             row.update(on_profiles(row, ms, pair, host_gflops))
             emit(row, out)
@@ -221,7 +222,7 @@ def section(out: Path, emit, host_gflops: float | None = None, pairs=tuple(POSE_
         for strategy in ("consistency", "auxiliary", "combined"):
             scored = []
             for config in grid(strategy, so_v[:, 4], fuse):
-                v = measure(*simulate(config, so_v, bo_v, val.sequence), val, ms, pair)
+                v = measure(*simulate(config, so_v, bo_v, val.sequence), val, ms, pair, cost)
                 scored.append((config, v))
                 plot_points.append((pair_name, strategy, v["ms"], v["nmae"]))
             picks = {
@@ -239,7 +240,7 @@ def section(out: Path, emit, host_gflops: float | None = None, pairs=tuple(POSE_
                 config, v = pick
                 pred, ran = simulate(config, so_t, bo_t, test.sequence)
                 row = {"section": "pose", "pair": pair_name, "system": f"{pair_name}/{strategy}", "rule": rule,
-                       "config": describe(config), **measure(pred, ran, test, ms, pair), "val_nmae": v["nmae"],
+                       "config": describe(config), **measure(pred, ran, test, ms, pair, cost), "val_nmae": v["nmae"],
                        "val_ms": v["ms"], "val_big_share": v["big_share"],
                        "measured_ms": timed(config, sessions, pair, test)}
                 row.update(on_profiles(row, ms, pair, host_gflops))
@@ -248,7 +249,7 @@ def section(out: Path, emit, host_gflops: float | None = None, pairs=tuple(POSE_
                                  "nmae": row["nmae"] / base["big_only"]["nmae"] - 1}
                 if rule == "cheapest":   # the device-state policy on top: the same system on a low battery
                     fpred, fran = simulate(config, so_t, bo_t, test.sequence, DeviceState(battery=0.1))
-                    low = measure(fpred, fran, test, ms, pair)
+                    low = measure(fpred, fran, test, ms, pair, cost)
                     row["low_battery"] = {"nmae": low["nmae"], "ms": low["ms"], "big_share": low["big_share"]}
                 emit(row, out)
                 summary["systems"].setdefault(f"{pair_name}/{strategy}", {})[rule] = row
