@@ -3,6 +3,12 @@ cloud model names, read from `deployment.json` (written by split.vision.deploy).
 
     dep = Deployment.load("deploy/res_cnn/device")
     y, exit_logits = dep.run_stage(0, x)
+    dep.tail_model("stage2", "int8", "inputs")     # the cloud model for that cut, codec and form
+
+Codec forms (how a quantized activation travels; deployment.json's "codec_form" is the default):
+    parameters  the wire tensor "z" with codec parameters (scale, zero_point, ...): cloud-service
+    inputs      a self-contained tail (split.vision.dequant_tail): inputs "z_q" UINT8 (the wire
+                tensor), "z_scale" FP32 (C,), "z_zero_point" UINT8 (C,): any OIP server
 """
 import json
 import time
@@ -11,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+CODEC_FORMS = ("parameters", "inputs")
 
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -46,6 +54,9 @@ class Deployment:
         for key in ("model", "input", "stages", "cuts", "bottlenecks", "full_model", "thresholds"):
             if key not in manifest:
                 raise ValueError(f"{path}: missing field '{key}'")
+        if manifest.get("codec_form", "parameters") not in CODEC_FORMS:
+            raise ValueError(f"{path}: 'codec_form' is {manifest['codec_form']!r}, expected one of "
+                             f"{', '.join(CODEC_FORMS)}")
         stages = [Stage(s["name"], session(root / s["file"], threads), bool(s["exit"]), s["output_shape"])
                   for s in manifest["stages"]]
         encoders = {key: session(root / b["file"], threads) for key, b in manifest["bottlenecks"].items()}
@@ -60,6 +71,25 @@ class Deployment:
             raise ValueError(f"stage '{name}' is not in deployment '{self.manifest['model']}' "
                              f"(stages: {', '.join(self.stage_names)})")
         return self.stage_names.index(name)
+
+    @property
+    def codec_form(self) -> str:
+        return self.manifest.get("codec_form", "parameters")
+
+    def tail_model(self, stage: str, codec: str, form: str) -> str:
+        """The cloud model for the cut after `stage`, sent `codec` in `form` (CODEC_FORMS)."""
+        if form not in CODEC_FORMS:
+            raise ValueError(f"codec form '{form}': expected one of {', '.join(CODEC_FORMS)}")
+        cuts = self.manifest["cuts"]
+        if stage not in cuts:
+            raise ValueError(f"the deployment has no tail after '{stage}' (cuts: {', '.join(cuts)})")
+        if form == "parameters" or codec == "fp32":      # fp32 travels as a plain tensor either way
+            return cuts[stage]
+        contained = self.manifest.get("self_contained", {}).get(stage, {})
+        if codec not in contained:
+            raise ValueError(f"the deployment has no self-contained {codec} tail after '{stage}' (it has "
+                             f"{', '.join(contained) or 'none'}; split.vision.deploy self_contained=...)")
+        return contained[codec]
 
     def run_stage(self, i: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.stages[i].session.run(None, {"x": x})

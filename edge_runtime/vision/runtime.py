@@ -6,6 +6,11 @@ when the cloud is down or late, flagged as degraded.
     result = rt.infer(frame)            # frame (1, 64, 64) float32
     result.label, result.where, result.degraded
 
+`codec_form` (default: the deployment's "codec_form", else "parameters") says how an int8/int4
+activation travels: "parameters": tensor "z" with codec parameters (cloud-service decodes them);
+"inputs": the deployment's self-contained tail, with inputs "z_q" (the same wire bytes), "z_scale"
+FP32 (C,) and "z_zero_point" UINT8 (C,), which any Open Inference Protocol server serves.
+
 Placements are split.placement strings. On a failed or late cloud call the runtime answers
 with the deepest exit branch it has already computed (fallback="exit"), or by running the
 remaining stages itself (fallback="local", also used when no exit was computed); after a
@@ -22,7 +27,7 @@ import grpc
 import numpy as np
 
 from edge_runtime.client.oip_client import OipClient
-from edge_runtime.vision.deployment import Deployment
+from edge_runtime.vision.deployment import CODEC_FORMS, Deployment
 from edge_runtime.vision.exit_policy import ExitPolicy, softmax
 from split.codec import encode
 from split.placement import Placement
@@ -51,7 +56,8 @@ class Runtime:
     def __init__(self, deployment, placement: str = "local", cloud: str | None = None, deadline_s: float = 0.5,
                  thresholds: dict[str, float] | None = None, fallback: str = "exit", retry_after_s: float = 1.0,
                  threads: int = 1, token: str | None = None, slowdown: float = 1.0,
-                 root_certificates: bytes | None = None, client: OipClient | None = None):
+                 root_certificates: bytes | None = None, client: OipClient | None = None,
+                 codec_form: str | None = None):
         self.dep = deployment if isinstance(deployment, Deployment) else Deployment.load(deployment, threads)
         self.placement = Placement.parse(placement) if isinstance(placement, str) else placement
         manifest = self.dep.manifest
@@ -63,6 +69,11 @@ class Runtime:
             raise ValueError(f"slowdown {slowdown}: expected >= 1 (1 = this machine's speed)")
         self.slowdown, self._fastest = slowdown, {}
         p = self.placement
+        self.codec_form = codec_form or self.dep.codec_form
+        if self.codec_form not in CODEC_FORMS:
+            raise ValueError(f"codec_form '{self.codec_form}': expected one of {', '.join(CODEC_FORMS)}")
+        if self.codec_form == "inputs" and p.kind == "split" and p.bottleneck and p.codec != "fp32":
+            raise ValueError(f"placement '{p}': codec_form 'inputs' has no self-contained bottleneck tails")
         self.cut = len(self.dep.stages)
         if p.kind == "split":
             self.cut = self.dep.stage_index(p.stage) + 1
@@ -71,11 +82,11 @@ class Runtime:
                     raise ValueError(f"placement '{p}': no bottleneck '{p.bottleneck_key}' in the deployment "
                                      f"(it has {', '.join(manifest['bottlenecks']) or 'none'})")
                 self.cloud_model = manifest["bottlenecks"][p.bottleneck_key]["tail_model"]
-            elif p.stage in manifest["cuts"]:
-                self.cloud_model = manifest["cuts"][p.stage]
             else:
-                raise ValueError(f"placement '{p}': the deployment has no tail after '{p.stage}' "
-                                 f"(cuts: {', '.join(manifest['cuts'])})")
+                try:
+                    self.cloud_model = self.dep.tail_model(p.stage, p.codec, self.codec_form)
+                except ValueError as err:
+                    raise ValueError(f"placement '{p}': {err}") from None
         elif p.kind == "offload":
             self.cut, self.cloud_model = 0, manifest["full_model"]
         if p.kind != "local" and not (cloud or client):
@@ -127,13 +138,13 @@ class Runtime:
             return self._answer(x, "local", start, stages_run=ran)
         sent, error = 0, "cloud skipped after a recent failure"
         if time.perf_counter() >= self._skip_cloud_until:
-            wire, params, name, sent = self._wire(x)
+            inputs, params, sent = self._wire(x)
             remaining = self.deadline_s - (time.perf_counter() - start)
             try:
                 if remaining <= 0:
                     raise TimeoutError("deadline spent on the device")
-                out = self.client.infer(self.cloud_model, {name: wire}, outputs=["logits"], timeout_s=remaining,
-                                        input_parameters={name: params} if params else None)["logits"]
+                out = self.client.infer(self.cloud_model, inputs, outputs=["logits"], timeout_s=remaining,
+                                        input_parameters=params)["logits"]
                 return self._answer(out, "cloud", start, stages_run=ran, bytes_sent=sent)
             except grpc.RpcError as err:
                 error = f"{err.code().name}: {err.details()}"
@@ -165,14 +176,26 @@ class Runtime:
         return result
 
     def _wire(self, x: np.ndarray):
-        """The tensor to send, its codec parameters, its input name and its bytes on the wire."""
+        """The input tensors to send, their parameters (or None) and their bytes on the wire."""
         p = self.placement
         if p.kind == "offload":
             enc = self._device("png", encode, x, "png")
-            return enc.data, enc.parameters, "image", enc.nbytes
+            return {"image": enc.data}, {"image": enc.parameters}, enc.nbytes
         if p.bottleneck:
             x = self._device("bottleneck", self.dep.encode, p.bottleneck_key, x)
         if p.codec == "fp32":
-            return x, None, "z", x.nbytes
+            return {"z": x}, None, x.nbytes
         enc = self._device("codec", encode, x, p.codec, 1 if x.ndim == 4 else -1)
-        return enc.data, enc.parameters, "z", enc.nbytes
+        if self.codec_form == "inputs":
+            inputs = codec_inputs(enc)
+            return inputs, None, sum(a.nbytes for a in inputs.values())
+        return {"z": enc.data}, {"z": enc.parameters}, enc.nbytes
+
+
+def codec_inputs(enc, name: str = "z") -> dict[str, np.ndarray]:
+    """An int8/int4 encoding as a self-contained tail's inputs (split.vision.dequant_tail):
+    <name>_q the wire tensor, <name>_scale float32 (C,), <name>_zero_point uint8 (C,)."""
+    params = enc.parameters
+    scale = np.array(str(params["scale"]).split(","), np.float32)       # '%.9g': exact for float32
+    zero = np.array(str(params["zero_point"]).split(","), np.int64).astype(np.uint8)
+    return {f"{name}_q": enc.data, f"{name}_scale": scale, f"{name}_zero_point": zero}

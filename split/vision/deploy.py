@@ -14,6 +14,11 @@ Repository (served by cloud-service, or any Open Inference Protocol server):
     <model>_full          input "image" (the frame) -> "logits"
     <model>_tail_<stage>  input "z" (the activation after <stage>) -> "logits"
     <model>_tail_<stage>_b<c>  input "z" (bottleneck features) -> "logits"
+    <model>_tail_<stage>_<codec>  with self_contained=("int8", "int4"): inputs "z_q", "z_scale",
+                          "z_zero_point" (split.vision.dequant_tail) -> "logits", for a stock server
+deployment.json's "self_contained" {stage: {codec: model}} lists those tails, and "codec_form"
+says how the device sends a quantized activation by default: "parameters" (codec parameters on
+the tensor, for cloud-service) or "inputs" (the codec values as input tensors, any server).
 """
 import json
 from pathlib import Path
@@ -56,11 +61,18 @@ def stage_chain(net: EarlyExitNet, example: torch.Tensor, out: Path) -> list[dic
 def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_dir: Path, input_shape,
                      bottlenecks: dict[tuple[str, int], Bottleneck | tuple] | None = None, cuts: list[str] | None = None,
                      thresholds: dict[str, float] | None = None, accuracy: dict[str, float] | None = None,
-                     extra: dict | None = None, validation: np.ndarray | None = None) -> Path:
+                     extra: dict | None = None, validation: np.ndarray | None = None,
+                     self_contained: tuple[str, ...] = (), codec_form: str = "parameters") -> Path:
     """`bottlenecks[(stage, channels)]` is a Bottleneck (the backbone's own tail follows its decoder)
     or (Bottleneck, fine-tuned tail) as split.vision.train.train_bottleneck returns. `extra` is
     merged into deployment.json (e.g. frame_png_bytes measured on real frames, for the planner).
-    `validation` (N, *input_shape) float32 frames: measure each exit's rate at the thresholds."""
+    `validation` (N, *input_shape) float32 frames: measure each exit's rate at the thresholds.
+    `self_contained` codecs ("int8", "int4"): also write each cut's tail self-contained for them;
+    `codec_form` "inputs" makes the device address those by default (needs `self_contained`)."""
+    if codec_form not in ("parameters", "inputs"):
+        raise ValueError(f"codec_form '{codec_form}': expected 'parameters' or 'inputs'")
+    if codec_form == "inputs" and not self_contained:
+        raise ValueError("codec_form 'inputs' needs self-contained tails: pass self_contained=(codecs)")
     device_dir, repo_dir = Path(device_dir), Path(repo_dir)
     net = net.eval()
     example = torch.rand(1, *input_shape)
@@ -70,12 +82,15 @@ def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_
     full = f"{model_name}_full"
     export_onnx(net.backbone, example, repo_dir / full / "1" / "model.onnx", "image", ["logits"])
     (repo_dir / full / "config.toml").write_text("max_batch_size = 16\n[parameters]\nintra_op_thread_count = 1\n")
-    tails = {}
+    tails, contained = {}, {}
     for stage in cuts:
         k = names.index(stage) + 1
         activation = net.backbone[:k](example)
         tails[stage] = f"{model_name}_tail_{stage}"
         write_tail(repo_dir, tails[stage], net.backbone[k:], activation)
+        for codec in self_contained:
+            name = contained.setdefault(stage, {})[codec] = f"{tails[stage]}_{codec}"
+            write_tail(repo_dir, name, net.backbone[k:], activation, codec=codec)
     encoders = {}
     for (stage, channels), item in (bottlenecks or {}).items():
         k = names.index(stage) + 1
@@ -93,7 +108,8 @@ def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_
     manifest = {
         "model": model_name, "input": {"name": "x", "shape": list(input_shape)},
         "stages": stages, "exits": net.exit_after, "cuts": tails, "bottlenecks": encoders,
-        "full_model": full, "thresholds": thresholds, "accuracy": accuracy or {}, **(extra or {}),
+        "full_model": full, "thresholds": thresholds, "accuracy": accuracy or {},
+        "self_contained": contained, "codec_form": codec_form, **(extra or {}),
     }
     if validation is not None and net.exit_after:
         outs = [net(torch.as_tensor(validation[i:i + 256], dtype=torch.float32))[:-1]

@@ -2,6 +2,8 @@
 
     export_onnx(head, example, "head.onnx", "x", ["y"])
     write_tail(repo, "res_cnn_tail_stage2", tail, activation)   # repo/<name>/1/model.onnx + config.toml
+    write_tail(repo, "res_cnn_tail_stage2_int8", tail, activation, codec="int8")   # self-contained:
+        # inputs z_q, z_scale, z_zero_point instead of z (split.vision.dequant_tail)
 
 Exports use the TorchScript exporter (no onnxscript needed) at opset 17 with a dynamic batch
 dimension, so the same file serves a camera (batch 1) and a batching cloud.
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from split.vision.dequant_tail import input_names, self_contained_tail
 
 OPSET = 17
 
@@ -31,11 +35,21 @@ def export_onnx(module: nn.Module, example, path: Path, input_names, output_name
 
 
 def write_tail(repo: Path, name: str, tail: nn.Module, activation: torch.Tensor, input_name: str = "z",
-               output_name: str = "logits", max_batch_size: int = 16, threads: int = 1) -> Path:
-    """The tail as an ordinary cloud model: `repo/name/1/model.onnx` and `repo/name/config.toml`."""
+               output_name: str = "logits", max_batch_size: int = 16, threads: int = 1,
+               codec: str | None = None) -> Path:
+    """The tail as an ordinary cloud model: `repo/name/1/model.onnx` and `repo/name/config.toml`.
+    `codec` ("int8" | "int4"): self-contained, the graph starts with that codec's dequantization
+    (split.vision.dequant_tail: inputs <input_name>_q, _scale, _zero_point; max_batch_size 0)."""
     model_dir = Path(repo) / name
-    export_onnx(tail, activation[:1], model_dir / "1" / "model.onnx", input_name, [output_name])
+    path = export_onnx(tail, activation[:1], model_dir / "1" / "model.onnx", input_name, [output_name])
+    what = f"input '{input_name}' is the head's activation {list(activation.shape[1:])}"
+    if codec is not None:
+        self_contained_tail(path, path, codec, input_name)
+        q, scale, zero = input_names(input_name)
+        what = (f"self-contained {codec}: inputs '{q}' (the encoded activation {list(activation.shape[1:])}), "
+                f"'{scale}', '{zero}' (per channel)")
+        max_batch_size = 0    # the codec values have no batch dimension
     (model_dir / "config.toml").write_text(
-        f"# tail of a split model: input '{input_name}' is the head's activation {list(activation.shape[1:])}\n"
+        f"# tail of a split model: {what}\n"
         f"max_batch_size = {max_batch_size}\n[parameters]\nintra_op_thread_count = {threads}\n")
     return model_dir
