@@ -46,7 +46,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,12 +57,11 @@ from torch import nn
 from tritonclient.grpc import aio as grpcaio
 
 import loadgen
+import mlserver_venv
 from cloud_auth_cost import (AUTH_BLOCK, AUTH_QUICK_ROUNDS, AUTH_ROUNDS, measure_auth_inprocess,
                              measure_auth_latency)
 
 ROOT = Path(__file__).resolve().parent.parent
-MLSERVER_VENV = ROOT / ".cache" / "mlserver-venv"
-MLSERVER_PIP = ["mlserver==1.7.1", "uvloop==0.21.0", "onnxruntime", "numpy"]  # newer uvloop breaks its workers
 ORT = "onnxruntime-inprocess"
 SERVERS = (ORT, "cloud-service", "cloud-service-batching", "mlserver", "mlserver-batching")
 MAX_BATCH, MAX_DELAY_US = 64, 500
@@ -170,54 +168,30 @@ async def measure_ort(model: dict, batch: int, warmup_s: float, duration_s: floa
 
 
 # --- servers -------------------------------------------------------------------------------
-def ensure_mlserver_venv() -> str | None:
-    """Create .cache/mlserver-venv on first use; returns why it failed, or None."""
-    if (MLSERVER_VENV / "bin" / "mlserver").exists():
-        return None
-    log(f"installing {' '.join(MLSERVER_PIP)} into {MLSERVER_VENV}")
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(MLSERVER_VENV)], check=True, timeout=300,
-                       capture_output=True, text=True)
-        subprocess.run([str(MLSERVER_VENV / "bin" / "pip"), "install", "--quiet", *MLSERVER_PIP], check=True,
-                       timeout=1200, capture_output=True, text=True)
-    except (subprocess.SubprocessError, OSError) as err:
-        return f"cannot install MLServer into {MLSERVER_VENV}: {err} {(getattr(err, 'stderr', '') or '')[-400:]}"
-    return None
-
-
 def write_repository(server: str, models: list[dict], root: Path, port: int) -> tuple[list, dict | None]:
     """A repository serving `models` under their own names; returns the server command and env."""
     shutil.rmtree(root, ignore_errors=True)
     batching = server.endswith("-batching")
+    if server.startswith("mlserver"):
+        return mlserver_venv.repository(root, {m["name"]: m["path"] for m in models}, port,
+                                        dict(max_batch_size=MAX_BATCH, max_batch_time=MAX_DELAY_US / 1e6)
+                                        if batching else None)
     for m in models:
         (root / m["name"] / "1").mkdir(parents=True)
-        if server.startswith("cloud-service"):
-            shutil.copyfile(m["path"], root / m["name"] / "1" / "model.onnx")
-            table = f"[dynamic_batching]\nmax_queue_delay_microseconds = {MAX_DELAY_US}\n" if batching else ""
-            (root / m["name"] / "config.toml").write_text(f"max_batch_size = {MAX_BATCH}\n{table}"
-                                                          "[parameters]\nintra_op_thread_count = 1\n"
-                                                          "inter_op_thread_count = 1\n")
-        else:
-            settings = {"name": m["name"], "implementation": "mlserver_onnx_runtime.OnnxRuntimeModel",
-                        "parameters": {"uri": str(m["path"].resolve()), "version": "1"}}
-            if batching:
-                settings.update(max_batch_size=MAX_BATCH, max_batch_time=MAX_DELAY_US / 1e6)
-            (root / m["name"] / "model-settings.json").write_text(json.dumps(settings, indent=1))
-    if server.startswith("cloud-service"):
-        return [sys.executable, "-m", "cloud_service.cli", "serve", "--repository", str(root),
-                "--host", "127.0.0.1", "--port", str(port)], None
-    (root / "settings.json").write_text(json.dumps({
-        "debug": False, "parallel_workers": 0, "host": "127.0.0.1", "grpc_port": port, "http_port": loadgen.free_port(),
-        "metrics_port": loadgen.free_port(), "load_models_at_startup": True}, indent=1))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
-    return [str(MLSERVER_VENV / "bin" / "mlserver"), "start", str(root)], env
+        shutil.copyfile(m["path"], root / m["name"] / "1" / "model.onnx")
+        table = f"[dynamic_batching]\nmax_queue_delay_microseconds = {MAX_DELAY_US}\n" if batching else ""
+        (root / m["name"] / "config.toml").write_text(f"max_batch_size = {MAX_BATCH}\n{table}"
+                                                      "[parameters]\nintra_op_thread_count = 1\n"
+                                                      "inter_op_thread_count = 1\n")
+    return [sys.executable, "-m", "cloud_service.cli", "serve", "--repository", str(root),
+            "--host", "127.0.0.1", "--port", str(port)], None
 
 
 @contextlib.asynccontextmanager
 async def started(server: str, models: list[dict], cache: Path):
     """Start `server` pinned to the server core, check one answer per model against ONNX Runtime,
     yield (tritonclient.grpc.aio client, process); stopped on exit, whatever happened."""
-    if server.startswith("mlserver") and (why := ensure_mlserver_venv()):
+    if server.startswith("mlserver") and (why := mlserver_venv.ensure(log)):
         raise RuntimeError(why)
     port, root, log_path = loadgen.free_port(), cache / f"repo-{server}", cache / f"{server}.log"
     cmd, env = write_repository(server, models, root, port)

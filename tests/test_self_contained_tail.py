@@ -2,8 +2,13 @@
 dequantization (DequantizeLinear, int4 unpacked by graph ops), the codec values travel as
 ordinary input tensors, so any Open Inference Protocol server serves it. Checked on ONNX
 Runtime directly, through the real cloud-service with the device Runtime in both codec forms,
-with tritonclient, and with wrong-length codec inputs."""
+with tritonclient, with wrong-length codec inputs, and served by MLServer (a stock server that
+knows nothing of our codec)."""
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -46,6 +51,64 @@ def server(deployment):
     proc = ServerProcess(deployment[1])
     yield proc
     proc.kill()
+
+
+@pytest.fixture(scope="module")
+def mlserver(deployment, tmp_path_factory):
+    """MLServer 1.7.1 (its own venv, installed on first use by scripts/mlserver_venv.py, as the serving
+    benchmark does) serving the self-contained tails through scripts/mlserver_onnx_runtime.py."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    sys.path.insert(0, scripts)
+    try:
+        import mlserver_venv
+        from loadgen import free_port
+    finally:
+        sys.path.remove(scripts)
+    if why := mlserver_venv.ensure(log=lambda m: None):
+        pytest.skip(f"no MLServer to serve the self-contained tails: {why}")
+    _, repo = deployment
+    root, port = tmp_path_factory.mktemp("mlserver"), free_port()
+    names = [f"res_cnn_tail_stage2_{codec}" for codec in CODECS]
+    cmd, env = mlserver_venv.repository(root, {n: repo / n / "1" / "model.onnx" for n in names}, port)
+    log = open(root / "mlserver.log", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        with grpcclient.InferenceServerClient(address) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if all(client.is_model_ready(n) for n in names):
+                        break
+                except Exception:  # not listening yet
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    "MLServer did not start: " + (root / "mlserver.log").read_text()[-2000:]
+                time.sleep(0.5)
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_mlserver_serves_the_self_contained_tail_as_cloud_service_serves_the_codec_form(deployment, server,
+                                                                                        mlserver, codec):
+    device, _ = deployment
+    frames = np.random.default_rng(6).random((4, 1, 64, 64), dtype=np.float32)
+    with Runtime(device, f"split:stage2:{codec}", cloud=mlserver, deadline_s=10.0, thresholds=NEVER) as stock, \
+         Runtime(device, f"split:stage2:{codec}", cloud=server.address, deadline_s=10.0, thresholds=NEVER,
+                 codec_form="parameters") as ours:
+        for frame in frames:
+            a, b = stock.infer(frame), ours.infer(frame)
+            assert a.where == b.where == "cloud" and not a.degraded and not b.degraded, (a.error, b.error)
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+            assert a.label == b.label
 
 
 @pytest.mark.parametrize("model, size, stage", [("seq_cnn", 60, "conv2"), ("res_cnn", 64, "stage2")])
