@@ -31,6 +31,93 @@ def stream_param(params: dict) -> str | None:
     return text
 
 
+def read_package(folder: Path, options: dict, bad) -> tuple:
+    """(input shape, SwitchConfig, cloud model or None, deadline_s, max_streams) from the folder's
+    adaptive.json and the agent config's options; `bad(where, why)` makes the error to raise."""
+    import json
+
+    from edge_runtime.vision.switch import SwitchConfig
+    path, agent = folder / "adaptive.json", "agent config"
+    try:
+        manifest = json.loads(path.read_text())
+    except OSError as err:
+        raise bad(path, f"cannot be read: {err.strerror or err}") from None
+    except ValueError as err:                                   # JSONDecodeError, UnicodeDecodeError
+        raise bad(path, f"is not JSON: {err}") from None
+    if not isinstance(manifest, dict):
+        raise bad(path, f"expected a JSON object, got {type(manifest).__name__}")
+    shape = manifest.get("input", {}).get("shape") if isinstance(manifest.get("input"), dict) else None
+    if not isinstance(shape, list) or not shape \
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise bad(path, f"'input.shape' must be a list of whole numbers >= 1, got {shape!r}")
+    if "regression" not in manifest:
+        raise bad(path, "'regression' (how many regression outputs end the big model's output) is missing")
+    layout = {"regression": manifest["regression"], "aux": manifest.get("aux", 0)}
+    for key, value in layout.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad(path, f"'{key}' must be a whole number >= 0, got {value!r}")
+    settings = manifest.get("switch") or {}
+    if not isinstance(settings, dict):
+        raise bad(path, f"'switch' must be an object of setting: value, got {settings!r}")
+    cloud_model = manifest.get("cloud_model")
+    if cloud_model is not None and (not isinstance(cloud_model, str) or not cloud_model):
+        raise bad(path, f"'cloud_model' must be a model name or null, got {cloud_model!r}")
+
+    overrides = options.get("switch", {})
+    if not isinstance(overrides, dict):
+        raise bad(agent, f"'switch' must be a table of setting = value, got {overrides!r}")
+    for where, table in ((path, settings), (agent, overrides)):
+        for key in LAYOUT:
+            if key in table:
+                raise bad(where, f"switch setting '{key}' is the models' layout: adaptive.json's top-level "
+                                 f"'{key}', not a switch setting")
+    try:
+        SwitchConfig.from_dict({**settings, **layout})
+    except ValueError as err:
+        raise bad(path, err) from None
+    try:
+        config = SwitchConfig.from_dict({**settings, **overrides, **layout})
+    except ValueError as err:
+        raise bad(f"{agent} (its switch table over adaptive.json's)", err) from None
+    deadline_s = options.get("deadline_s", 0.5)
+    if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < float("inf"):
+        raise bad(agent, f"'deadline_s' must be a number of seconds > 0, got {deadline_s!r}")
+    max_streams = options.get("max_streams", MAX_STREAMS)
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
+        raise bad(agent, f"'max_streams' must be a whole number >= 1, got {max_streams!r}")
+    return tuple(shape), config, cloud_model, float(deadline_s), max_streams
+
+
+def open_models(folder: Path, shape: tuple, config, threads: int, bad) -> tuple[dict, int]:
+    """({"small": session, "big": session}, the big model's output width): each loadable, with one
+    input, and answering one zero frame in the layout the config says (small = big + aux values)."""
+    from edge_runtime.vision.deployment import session
+    sessions, widths, zero = {}, {}, np.zeros((1, *shape), np.float32)
+    for which in ("small", "big"):
+        file = folder / f"{which}.onnx"
+        try:
+            sessions[which] = sess = session(file, threads)
+        except Exception as err:                # onnxruntime's NoSuchFile / InvalidProtobuf / Fail
+            raise bad(file, f"cannot be loaded by ONNX Runtime: {err}") from None
+        if len(sess.get_inputs()) != 1:
+            raise bad(file, f"expected one input, got {len(sess.get_inputs())}")
+        try:
+            out = sess.run(None, {sess.get_inputs()[0].name: zero})[0]
+        except Exception as err:
+            raise bad(file, f"does not run on a zero frame of adaptive.json's 'input.shape' {list(shape)}: "
+                            f"{err}") from None
+        if out.ndim != 2 or out.shape[0] != 1:
+            raise bad(file, f"answers shape {list(out.shape)} for one frame, expected [1, width]")
+        widths[which] = out.shape[1]
+    ws, wb, path = widths["small"], widths["big"], folder / "adaptive.json"
+    if ws != wb + config.aux:
+        raise bad(path, f"'aux' = {config.aux} disagrees with the models: small.onnx answers {ws} values per frame "
+                        f"and big.onnx {wb}, so small = big + aux needs aux = {ws - wb}")
+    if config.regression > wb:
+        raise bad(path, f"'regression' = {config.regression} is more than big.onnx's {wb} outputs per frame")
+    return sessions, wb
+
+
 class AdaptivePipeline(Pipeline):
     """A folder from split.vision.adaptive.build_adaptive (small.onnx, big.onnx, adaptive.json): per
     frame the small model answers unless the switch's strategy (adaptive.json's `switch`, overlaid
@@ -57,93 +144,18 @@ class AdaptivePipeline(Pipeline):
     ValueError naming the pipeline, the file and the field."""
 
     def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
-        import json
         from collections import OrderedDict
 
-        from edge_runtime.vision.deployment import session
-        from edge_runtime.vision.switch import AdaptiveSwitch, DeviceState, SwitchConfig
+        from edge_runtime.vision.switch import AdaptiveSwitch, DeviceState
         super().__init__(name, "adaptive", "edgefold_adaptive")
-        path, agent = Path(folder) / "adaptive.json", "agent config"
 
         def bad(where, why) -> ValueError:
             return ValueError(f"pipeline '{name}': {where}: {why}")
 
-        # adaptive.json
-        try:
-            manifest = json.loads(path.read_text())
-        except OSError as err:
-            raise bad(path, f"cannot be read: {err.strerror or err}") from None
-        except ValueError as err:                                   # JSONDecodeError, UnicodeDecodeError
-            raise bad(path, f"is not JSON: {err}") from None
-        if not isinstance(manifest, dict):
-            raise bad(path, f"expected a JSON object, got {type(manifest).__name__}")
-        shape = manifest.get("input", {}).get("shape") if isinstance(manifest.get("input"), dict) else None
-        if not isinstance(shape, list) or not shape \
-                or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-            raise bad(path, f"'input.shape' must be a list of whole numbers >= 1, got {shape!r}")
-        if "regression" not in manifest:
-            raise bad(path, "'regression' (how many regression outputs end the big model's output) is missing")
-        layout = {"regression": manifest["regression"], "aux": manifest.get("aux", 0)}
-        for key, value in layout.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(path, f"'{key}' must be a whole number >= 0, got {value!r}")
-        settings = manifest.get("switch") or {}
-        if not isinstance(settings, dict):
-            raise bad(path, f"'switch' must be an object of setting: value, got {settings!r}")
-        cloud_model = manifest.get("cloud_model")
-        if cloud_model is not None and (not isinstance(cloud_model, str) or not cloud_model):
-            raise bad(path, f"'cloud_model' must be a model name or null, got {cloud_model!r}")
-
-        # the agent config's options
-        overrides = options.get("switch", {})
-        if not isinstance(overrides, dict):
-            raise bad(agent, f"'switch' must be a table of setting = value, got {overrides!r}")
-        for where, table in ((path, settings), (agent, overrides)):
-            for key in LAYOUT:
-                if key in table:
-                    raise bad(where, f"switch setting '{key}' is the models' layout: adaptive.json's top-level "
-                                     f"'{key}', not a switch setting")
-        try:
-            SwitchConfig.from_dict({**settings, **layout})
-        except ValueError as err:
-            raise bad(path, err) from None
-        try:
-            config = SwitchConfig.from_dict({**settings, **overrides, **layout})
-        except ValueError as err:
-            raise bad(f"{agent} (its switch table over adaptive.json's)", err) from None
-        deadline_s = options.get("deadline_s", 0.5)
-        if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < float("inf"):
-            raise bad(agent, f"'deadline_s' must be a number of seconds > 0, got {deadline_s!r}")
-        max_streams = options.get("max_streams", MAX_STREAMS)
-        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
-            raise bad(agent, f"'max_streams' must be a whole number >= 1, got {max_streams!r}")
-
-        # the models: loadable, one input, and the layout adaptive.json says
-        sessions, widths, zero = {}, {}, np.zeros((1, *shape), np.float32)
-        for which in ("small", "big"):
-            file = Path(folder) / f"{which}.onnx"
-            try:
-                sessions[which] = sess = session(file, ctx.threads)
-            except Exception as err:                # onnxruntime's NoSuchFile / InvalidProtobuf / Fail
-                raise bad(file, f"cannot be loaded by ONNX Runtime: {err}") from None
-            if len(sess.get_inputs()) != 1:
-                raise bad(file, f"expected one input, got {len(sess.get_inputs())}")
-            try:
-                out = sess.run(None, {sess.get_inputs()[0].name: zero})[0]
-            except Exception as err:
-                raise bad(file, f"does not run on a zero frame of adaptive.json's 'input.shape' {shape}: {err}") from None
-            if out.ndim != 2 or out.shape[0] != 1:
-                raise bad(file, f"answers shape {list(out.shape)} for one frame, expected [1, width]")
-            widths[which] = out.shape[1]
-        ws, wb, aux, regression = widths["small"], widths["big"], config.aux, config.regression
-        if ws != wb + aux:
-            raise bad(path, f"'aux' = {aux} disagrees with the models: small.onnx answers {ws} values per frame and "
-                            f"big.onnx {wb}, so small = big + aux needs aux = {ws - wb}")
-        if regression > wb:
-            raise bad(path, f"'regression' = {regression} is more than big.onnx's {wb} outputs per frame")
-
-        self.shape, self.width, self.config, self.max_streams = tuple(shape), wb, config, max_streams
-        self.client = ctx.client(float(deadline_s)) if cloud_model and ctx.cloud else None
+        shape, config, cloud_model, deadline_s, max_streams = read_package(Path(folder), options, bad)
+        sessions, wb = open_models(Path(folder), shape, config, ctx.threads, bad)
+        self.shape, self.width, self.config, self.max_streams = shape, wb, config, max_streams
+        self.client = ctx.client(deadline_s) if cloud_model and ctx.cloud else None
 
         def run_cloud(x):      # the cloud's copy of the big model; None: the switch runs the big one here
             import grpc
