@@ -21,6 +21,7 @@ from edge_runtime.client.oip_client import OipClient
 from edge_runtime.vision.runtime import Runtime, codec_inputs
 from server_process import ServerProcess
 from split.codec import decode, encode
+from split.vision.bottleneck import Bottleneck
 from split.vision.cut import cut
 from split.vision.deploy import build_deployment
 from split.vision.exits import attach_exits
@@ -37,12 +38,16 @@ def run(path, feeds):
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    """res_cnn (seed 0, untrained) with exits, cut after stage2, its tail written in both forms."""
+    """res_cnn (seed 0, untrained) with exits, cut after stage2 and a b8 bottleneck there, its tails
+    written in both forms."""
     root = tmp_path_factory.mktemp("contained")
     torch.manual_seed(0)
     net = attach_exits(build("res_cnn").eval(), ["stage1", "stage2"], torch.rand(1, 1, 64, 64)).eval()
+    with torch.no_grad():
+        activation = net.backbone[:3](torch.rand(1, 1, 64, 64))             # after stage2: (1, 32, 16, 16)
+    bottleneck = Bottleneck.at(activation, 8).eval()
     device = build_deployment(net, "res_cnn", root / "device", root / "repository", (1, 64, 64), cuts=["stage2"],
-                              self_contained=CODECS, codec_form="inputs")
+                              bottlenecks={("stage2", 8): bottleneck}, self_contained=CODECS, codec_form="inputs")
     return device, root / "repository"
 
 
@@ -164,6 +169,23 @@ def test_runtime_inputs_form_matches_parameters_form_through_cloud_service(deplo
 
 
 @pytest.mark.parametrize("codec", CODECS)
+def test_a_bottleneck_placement_in_the_inputs_form_matches_the_parameters_form(deployment, server, codec):
+    device, _ = deployment
+    frames = np.random.default_rng(7).random((3, 1, 64, 64), dtype=np.float32)
+    placement = f"split:stage2:b8:{codec}"
+    with Runtime(device, placement, cloud=server.address, deadline_s=10.0, thresholds=NEVER) as inputs_rt, \
+         Runtime(device, placement, cloud=server.address, deadline_s=10.0, thresholds=NEVER,
+                 codec_form="parameters") as params_rt:
+        assert (inputs_rt.cloud_model, params_rt.cloud_model) == (f"res_cnn_tail_stage2_b8_{codec}",
+                                                                  "res_cnn_tail_stage2_b8")
+        for frame in frames:
+            a, b = inputs_rt.infer(frame), params_rt.infer(frame)
+            assert a.where == b.where == "cloud" and not a.degraded and not b.degraded, (a.error, b.error)
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-5)
+            assert a.bytes_sent < b.bytes_sent
+
+
+@pytest.mark.parametrize("codec", CODECS)
 def test_tritonclient_calls_the_self_contained_tail_with_ordinary_inputs(deployment, server, codec):
     grpcclient = pytest.importorskip("tritonclient.grpc")
     _, repo = deployment
@@ -195,7 +217,7 @@ def test_wrong_length_codec_inputs_are_refused_by_name(deployment, server, bad):
 
 def test_forms_are_checked(deployment, tmp_path):
     device, _ = deployment
-    with pytest.raises(ValueError, match="codec_form 'inputs' has no self-contained bottleneck"):
+    with pytest.raises(ValueError, match="no bottleneck 'stage2_b4'"):
         Runtime(device, "split:stage2:b4:int8", cloud="127.0.0.1:1")
     with pytest.raises(ValueError, match="codec_form 'x'"):
         Runtime(device, "split:stage2:int8", cloud="127.0.0.1:1", codec_form="x")

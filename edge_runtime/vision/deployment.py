@@ -76,18 +76,27 @@ class Deployment:
     def codec_form(self) -> str:
         return self.manifest.get("codec_form", "parameters")
 
-    def tail_model(self, stage: str, codec: str, form: str) -> str:
-        """The cloud model for the cut after `stage`, sent `codec` in `form` (CODEC_FORMS)."""
+    def tail_model(self, stage: str, codec: str, form: str, bottleneck: str | None = None) -> str:
+        """The cloud model for the cut after `stage` (or the bottleneck `bottleneck` there, a key like
+        "stage2_b8"), sent `codec` in `form` (CODEC_FORMS)."""
         if form not in CODEC_FORMS:
             raise ValueError(f"codec form '{form}': expected one of {', '.join(CODEC_FORMS)}")
-        cuts = self.manifest["cuts"]
-        if stage not in cuts:
-            raise ValueError(f"the deployment has no tail after '{stage}' (cuts: {', '.join(cuts)})")
+        if bottleneck is not None:
+            found = self.manifest["bottlenecks"]
+            if bottleneck not in found:
+                raise ValueError(f"no bottleneck '{bottleneck}' in the deployment (it has {', '.join(found) or 'none'})")
+            plain, contained, what = found[bottleneck]["tail_model"], found[bottleneck].get("self_contained", {}), \
+                f"bottleneck '{bottleneck}'"
+        else:
+            cuts = self.manifest["cuts"]
+            if stage not in cuts:
+                raise ValueError(f"the deployment has no tail after '{stage}' (cuts: {', '.join(cuts)})")
+            plain, contained, what = cuts[stage], self.manifest.get("self_contained", {}).get(stage, {}), \
+                f"'{stage}'"
         if form == "parameters" or codec == "fp32":      # fp32 travels as a plain tensor either way
-            return cuts[stage]
-        contained = self.manifest.get("self_contained", {}).get(stage, {})
+            return plain
         if codec not in contained:
-            raise ValueError(f"the deployment has no self-contained {codec} tail after '{stage}' (it has "
+            raise ValueError(f"the deployment has no self-contained {codec} tail for {what} (it has "
                              f"{', '.join(contained) or 'none'}; split.vision.deploy self_contained=...)")
         return contained[codec]
 

@@ -72,21 +72,14 @@ class Runtime:
         self.codec_form = codec_form or self.dep.codec_form
         if self.codec_form not in CODEC_FORMS:
             raise ValueError(f"codec_form '{self.codec_form}': expected one of {', '.join(CODEC_FORMS)}")
-        if self.codec_form == "inputs" and p.kind == "split" and p.bottleneck and p.codec != "fp32":
-            raise ValueError(f"placement '{p}': codec_form 'inputs' has no self-contained bottleneck tails")
         self.cut = len(self.dep.stages)
         if p.kind == "split":
             self.cut = self.dep.stage_index(p.stage) + 1
-            if p.bottleneck:
-                if p.bottleneck_key not in manifest["bottlenecks"]:
-                    raise ValueError(f"placement '{p}': no bottleneck '{p.bottleneck_key}' in the deployment "
-                                     f"(it has {', '.join(manifest['bottlenecks']) or 'none'})")
-                self.cloud_model = manifest["bottlenecks"][p.bottleneck_key]["tail_model"]
-            else:
-                try:
-                    self.cloud_model = self.dep.tail_model(p.stage, p.codec, self.codec_form)
-                except ValueError as err:
-                    raise ValueError(f"placement '{p}': {err}") from None
+            try:
+                self.cloud_model = self.dep.tail_model(p.stage, p.codec, self.codec_form,
+                                                       p.bottleneck_key if p.bottleneck else None)
+            except ValueError as err:
+                raise ValueError(f"placement '{p}': {err}") from None
         elif p.kind == "offload":
             self.cut, self.cloud_model = 0, manifest["full_model"]
         if p.kind != "local" and not (cloud or client):

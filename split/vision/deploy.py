@@ -67,7 +67,8 @@ def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_
     or (Bottleneck, fine-tuned tail) as split.vision.train.train_bottleneck returns. `extra` is
     merged into deployment.json (e.g. frame_png_bytes measured on real frames, for the planner).
     `validation` (N, *input_shape) float32 frames: measure each exit's rate at the thresholds.
-    `self_contained` codecs ("int8", "int4"): also write each cut's tail self-contained for them;
+    `self_contained` codecs ("int8", "int4"): also write each cut's and each bottleneck's tail
+    self-contained for them (deployment.json: "self_contained" per cut, and per bottleneck);
     `codec_form` "inputs" makes the device address those by default (needs `self_contained`)."""
     if codec_form not in ("parameters", "inputs"):
         raise ValueError(f"codec_form '{codec_form}': expected 'parameters' or 'inputs'")
@@ -100,10 +101,13 @@ def build_deployment(net: EarlyExitNet, model_name: str, device_dir: Path, repo_
         enc_path = device_dir / "encoders" / f"{key}.onnx"
         export_onnx(bn.encoder.eval(), activation, enc_path, "x", ["z"])
         tail_name = f"{model_name}_tail_{key}"
-        write_tail(repo_dir, tail_name, nn.Sequential(bn.decoder.eval(), tail.eval()),
-                   bn.encoder(activation))
+        features = bn.encoder(activation)
+        write_tail(repo_dir, tail_name, nn.Sequential(bn.decoder.eval(), tail.eval()), features)
         encoders[key] = {"stage": stage, "channels": channels, "file": str(enc_path.relative_to(device_dir)),
-                         "tail_model": tail_name, "output_shape": list(bn.encoder(activation).shape[1:])}
+                         "tail_model": tail_name, "output_shape": list(features.shape[1:])}
+        for codec in self_contained:
+            name = encoders[key].setdefault("self_contained", {})[codec] = f"{tail_name}_{codec}"
+            write_tail(repo_dir, name, nn.Sequential(bn.decoder.eval(), tail.eval()), features, codec=codec)
     thresholds = thresholds or {name: 1.0 for name in net.exit_after}
     manifest = {
         "model": model_name, "input": {"name": "x", "shape": list(input_shape)},
