@@ -39,6 +39,8 @@ class CodecError(ValueError):
 class Encoded:
     data: np.ndarray            # the wire tensor: uint8, or an object array of PNG bytes
     parameters: dict            # codec, scale, zero_point[, axis, last_dim]
+    scale: np.ndarray | None = None       # int8 / int4: float32 (C,) (or (1,)), what `parameters` spells out
+    zero_point: np.ndarray | None = None  # int8 / int4: uint8 (C,), likewise
 
     @property
     def datatype(self) -> str:
@@ -105,7 +107,7 @@ def encode(x: np.ndarray, codec: str = "int8", axis: int | None = 1) -> Encoded:
         if x.shape[-1] % 2:
             q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), np.uint8)], -1)
         q = q[..., 0::2] | (q[..., 1::2] << 4)                       # (..., ceil(W/2))
-    return Encoded(np.ascontiguousarray(q), params)
+    return Encoded(np.ascontiguousarray(q), params, scale, zero.astype(np.uint8))
 
 
 def _parse_list(name: str, value, kind):

@@ -188,7 +188,4 @@ class Runtime:
 def codec_inputs(enc, name: str = "z") -> dict[str, np.ndarray]:
     """An int8/int4 encoding as a self-contained tail's inputs (split.vision.dequant_tail):
     <name>_q the wire tensor, <name>_scale float32 (C,), <name>_zero_point uint8 (C,)."""
-    params = enc.parameters
-    scale = np.array(str(params["scale"]).split(","), np.float32)       # '%.9g': exact for float32
-    zero = np.array(str(params["zero_point"]).split(","), np.int64).astype(np.uint8)
-    return {f"{name}_q": enc.data, f"{name}_scale": scale, f"{name}_zero_point": zero}
+    return {f"{name}_q": enc.data, f"{name}_scale": enc.scale, f"{name}_zero_point": enc.zero_point}

@@ -132,6 +132,10 @@ class AdaptiveSwitch:
     def _frugal(self, state: DeviceState) -> bool:
         return state.battery < self.config.low_battery or state.temperature_c > self.config.hot_c
 
+    def _slack(self, state: DeviceState) -> float:
+        """How much a frugal device widens the jump and aux thresholds (one rule for every trigger)."""
+        return 2.0 if self._frugal(state) else 1.0
+
     def inconsistent(self, out: np.ndarray, state: DeviceState, stream: StreamState | None = None) -> str:
         """Why the small model's (answer-layout) output cannot be trusted on this frame ('' when it can)."""
         stream = stream or self.stream
@@ -141,7 +145,7 @@ class AdaptiveSwitch:
             prev_logits, prev_reg = self._parts(stream.previous)
             if logits.size and logits.argmax() != prev_logits.argmax():
                 return "class changed"
-            if reg.size and np.abs(reg - prev_reg).max() > self.config.max_jump * (2 if frugal else 1):
+            if reg.size and np.abs(reg - prev_reg).max() > self.config.max_jump * self._slack(state):
                 return "position jumped"
         if not frugal and logits.size and confidence(logits) <= self.config.confidence:
             return "low confidence"
@@ -150,7 +154,7 @@ class AdaptiveSwitch:
     def _unsure(self, predicted: float | None, state: DeviceState) -> str:
         if predicted is None:
             return ""
-        threshold = self.config.aux_threshold * (2 if self._frugal(state) else 1)
+        threshold = self.config.aux_threshold * self._slack(state)
         return "predicted error" if predicted > threshold else ""
 
     # --- answering -----------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class AdaptiveSwitch:
         reason = self._unsure(predicted, state) or self.inconsistent(small, state, stream)
         if stream.escalated:
             release = self.config.aux_threshold if self.config.aux_release is None else self.config.aux_release
-            calm = not reason and predicted is not None and predicted <= release * (2 if self._frugal(state) else 1)
+            calm = not reason and predicted is not None and predicted <= release * self._slack(state)
             stream.calm = stream.calm + 1 if calm else 0
             if stream.calm > self._hold(state):
                 stream.escalated, stream.calm = False, 0
