@@ -11,6 +11,7 @@ error from edge_runtime.client.errors (a grpc.RpcError subclass), so callers tel
 """
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import grpc
 import numpy as np
@@ -116,6 +117,20 @@ def auth_headers(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+SEQUENCE_HEADER = "x-sequence-id"
+
+
+def routing_headers(request) -> tuple[tuple[str, str], ...]:
+    """A stateful request's sequence id, also as gRPC metadata: a load balancer in front of several
+    replicas (scripts/cloud_cluster.py) hashes on it, so every request of a session reaches the
+    replica that holds its state. Parameters inside the message are out of a balancer's sight."""
+    param = request.parameters.get("sequence_id") if isinstance(request, pb.ModelInferRequest) else None
+    if param is None:
+        return ()
+    value = getattr(param, param.WhichOneof("parameter_choice") or "string_param")
+    return ((SEQUENCE_HEADER, quote(str(value), safe="")),)   # metadata values are printable ASCII
+
+
 class ResponseStream:
     """The replies of a ModelStreamInfer call; iterating raises the typed errors, cancel() ends it."""
 
@@ -174,7 +189,8 @@ class OipClient:
     def call(self, rpc: str, request, timeout_s: float | None = None):
         """Any unary OIP RPC by name, e.g. call("ServerLive", pb.ServerLiveRequest())."""
         try:
-            return self._calls[rpc](request, timeout=self._timeout(timeout_s), metadata=self.headers)
+            return self._calls[rpc](request, timeout=self._timeout(timeout_s),
+                                    metadata=self.headers + routing_headers(request))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

@@ -25,7 +25,7 @@ from edge_runtime.client.errors import (DeadlineExceeded, EdgefoldError, FailedP
                                         from_rpc_error)
 from edge_runtime.client.oip_client import (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TIMEOUT_S, ModelMetadata,
                                             OipClient, TensorSpec, auth_headers, build_request, channel_options,
-                                            decode_response)
+                                            decode_response, routing_headers)
 from edgefold_proto import BIDI_STREAMING, METHODS, pb
 
 Client = OipClient      # the synchronous client
@@ -88,7 +88,8 @@ class AsyncClient:
     async def call(self, rpc: str, request, timeout_s: float | None = None):
         """Any unary OIP RPC by name, e.g. await call("ServerLive", pb.ServerLiveRequest())."""
         try:
-            return await self._rpc(rpc)(request, timeout=self._timeout(timeout_s), metadata=self.headers)
+            return await self._rpc(rpc)(request, timeout=self._timeout(timeout_s),
+                                        metadata=self.headers + routing_headers(request))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
