@@ -1,10 +1,13 @@
 """Sessions routed by sequence id across replicas (issue 17, items 3 and 4): HAProxy from the OS
-packages in front of real cloud-service replicas (scripts/cloud_cluster.py), the collaborative
-LLM's device half (CollabLlm) talking to the balancer. Tokens through two replicas equal one
-process's; a replica killed while it holds a session ends in a resync with identical tokens."""
+packages in front of real cloud-service (or MLServer) replicas (scripts/cloud_cluster.py), the
+collaborative LLM's device half (CollabLlm) talking to the balancer. Tokens through two replicas
+equal one process's; a replica killed while it holds a session ends in a resync with identical
+tokens."""
+import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from server_process import ServerProcess
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
+import mlserver_venv  # noqa: E402
 from cloud_cluster import CloudCluster, haproxy_missing  # noqa: E402
 
 pytestmark = pytest.mark.skipif(haproxy_missing() is not None, reason=f"{haproxy_missing()} (.ci/run installs it)")
@@ -83,20 +87,34 @@ def test_sessions_across_two_replicas_equal_one_process(model, cluster, single, 
         assert all(source == "cloud" for _, sources in got.values() for source in sources)
 
 
-def test_replica_killed_mid_generation_resyncs_with_identical_tokens(model):
+@pytest.mark.parametrize("kind,when", [("cloud-service", "between calls"), ("cloud-service", "inside a call"),
+                                       ("mlserver", "inside a call")])
+def test_replica_killed_mid_generation_resyncs_with_identical_tokens(model, kind, when):
+    """Killed between two of the session's calls (the next one finds the replica dead) or while one
+    is inside it (stopped, then killed with the request in it): the balancer sends the request to
+    the other replica, which answers FAILED_PRECONDITION; the device resyncs there."""
     model_dir, repo = model
     edge_args = dict(mode="collaborative", threshold=1.0)   # every token from the cloud
-    with CloudCluster(repo, replicas=2) as cluster:
+    if kind == "mlserver" and (why := mlserver_venv.ensure(log=lambda _: None)):
+        pytest.skip(why)
+    with CloudCluster(repo, replicas=2, kind=kind) as cluster:
         expected = run(CollabLlm(model_dir, cloud=cluster.replicas[0].address, **edge_args), PROMPTS[0])
         edge = CollabLlm(model_dir, cloud=cluster.address, **edge_args)
         turn = edge.turn(PROMPTS[0], N_NEW)
-        killed = None
+        killed = killer = None
         for step, _ in enumerate(turn):
             if step == 3:
-                killed = cluster.replica_of(turn.conv.seq_id)
-                cluster.replicas[killed].kill()
-        assert cluster.replicas[killed].proc.poll() is not None
-        assert cluster.replica_of(turn.conv.seq_id) != killed   # the balancer took it out
+                killed = cluster.replicas[cluster.replica_of(turn.conv.seq_id)]
+                if when == "between calls":
+                    killed.kill()
+                else:   # the next call goes in and hangs there until the kill
+                    os.kill(killed.proc.pid, signal.SIGSTOP)
+                    killer = threading.Timer(0.5, killed.kill)
+                    killer.start()
+        if killer is not None:
+            killer.join()
+        assert killed.proc.poll() is not None
+        assert cluster.replicas[cluster.replica_of(turn.conv.seq_id)] is not killed   # taken out
         counters = turn.result.counters
         assert (turn.result.tokens, turn.result.sources) == expected
         assert counters.resends == 1 and counters.degraded_tokens == 0 and counters.failed_requests == 0
