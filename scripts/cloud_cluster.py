@@ -10,7 +10,7 @@ lost or repeated. Requests above the balancer's buffer (256 KiB: a resync of ~1,
 a 256-wide model) cannot be resent by it; such a request lost inside a dying replica reaches the
 device as UNAVAILABLE, and that one token is decided on the device, flagged degraded.
 
-    .venv/bin/python scripts/cloud_cluster.py --repository DIR --replicas 2 [--port 8001] [--pin] \
+    .venv/bin/python scripts/cloud_cluster.py --repository DIR --replicas 2 [--port 8001] [--pin] \\
         [--kind cloud-service|mlserver]
 
 prints the balancer's address and serves until Ctrl-C; in tests and benchmarks:
@@ -64,9 +64,10 @@ def haproxy_missing() -> str | None:
 def haproxy_config(port: int, backends: list[int]) -> str:
     """Consistent hashing on the sequence-id header; a request without one (health, metadata) goes
     round robin. A refused connection, or one closed with no answer, is retried on another replica
-    (`redispatch` walks the ring past the one that failed). `weight 100` puts 1,600
-    points per replica on the hash ring instead of 16: measured on 400 random ids, shares of
-    198/202 instead of 164/236 between two replicas."""
+    (`redispatch` walks the ring past the one that failed). Even shares: `weight 100` puts 1,600
+    points per replica on the hash ring instead of 16 (on 400 random ids, 198/202 between two
+    replicas instead of 164/236), and `avalanche` mixes sdbm's hash of the decimal ids (on 1,000,
+    496/504 instead of 458/542)."""
     servers = "\n".join(f"    server r{i} 127.0.0.1:{p} proto h2 check inter {HEALTH_CHECK_MS}ms fall 1 rise 2 weight 100"
                         for i, p in enumerate(backends))
     return f"""global
@@ -88,7 +89,7 @@ frontend oip
 
 backend replicas
     balance hdr({SEQUENCE_HEADER})
-    hash-type consistent
+    hash-type consistent sdbm avalanche
     http-response set-header x-replica %[srv_name]
 {servers}
 """
