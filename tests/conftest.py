@@ -6,6 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(ROOT / "scripts"))   # the scripts tests start for real: mlserver_venv, cloud_cluster, loadgen
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from models import build_repository  # noqa: E402

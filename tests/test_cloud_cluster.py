@@ -16,13 +16,12 @@ import pytest
 from edge_runtime.client.oip_client import build_request, routing_headers
 from edge_runtime.collab.conversation import Conversation
 from edge_runtime.collab.device import CollabLlm
+from cloud_cluster import CloudCluster, haproxy_missing
 from llm_models import K, make_model, write_model
+import mlserver_venv
 from server_process import ServerProcess
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-import mlserver_venv  # noqa: E402
-from cloud_cluster import CloudCluster, haproxy_missing  # noqa: E402
 
 pytestmark = pytest.mark.skipif(haproxy_missing() is not None, reason=f"{haproxy_missing()} (.ci/run installs it)")
 

@@ -7,7 +7,6 @@ MLServer does not hold (a restart mid-conversation, a sequence it never saw) is 
 and the device resyncs to the same tokens; malformed requests are INVALID_ARGUMENT with
 cloud-service's own messages, and the session survives them. One MLServer serves the module."""
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import pytest
 from edge_runtime.client.oip_client import OipClient
 from edge_runtime.collab.device import CollabLlm
 from llm_models import K, make_model, write_model
+from loadgen import free_port
+import mlserver_venv
 from server_process import ServerProcess
 
 PROMPT = [5, 17, 3, 42, 8, 11]
@@ -81,13 +82,6 @@ class MLServer:
 
 @pytest.fixture(scope="module")
 def mlserver(model_dir, tmp_path_factory):
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        import mlserver_venv
-        from loadgen import free_port
-    finally:
-        sys.path.remove(scripts)
     if why := mlserver_venv.ensure(log=lambda m: None):
         pytest.skip(f"no MLServer to host the LLM continuation: {why}")
     root, port = tmp_path_factory.mktemp("mlserver"), free_port()

@@ -6,9 +6,7 @@ with tritonclient, with wrong-length codec inputs, and served by MLServer (a sto
 knows nothing of our codec)."""
 import json
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,6 +17,8 @@ import torch
 
 from edge_runtime.client.oip_client import OipClient
 from edge_runtime.vision.runtime import Runtime, codec_inputs
+from loadgen import free_port
+import mlserver_venv
 from server_process import ServerProcess
 from split.codec import decode, encode
 from split.vision.bottleneck import Bottleneck
@@ -63,13 +63,6 @@ def mlserver(deployment, tmp_path_factory):
     """MLServer 1.7.1 (its own venv, installed on first use by scripts/mlserver_venv.py, as the serving
     benchmark does) serving the self-contained tails through scripts/mlserver_onnx_runtime.py."""
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
-    sys.path.insert(0, scripts)
-    try:
-        import mlserver_venv
-        from loadgen import free_port
-    finally:
-        sys.path.remove(scripts)
     if why := mlserver_venv.ensure(log=lambda m: None):
         pytest.skip(f"no MLServer to serve the self-contained tails: {why}")
     _, repo = deployment
