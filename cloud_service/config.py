@@ -1,6 +1,6 @@
 """A model's configuration: `DIR/<model>/config.toml`, with Triton's field names.
 
-    backend = "onnxruntime"            # or "pytorch", "llm_continuation"; default from the files present;
+    backend = "onnxruntime"            # or "pytorch", "llm_continuation", "llm_stream"; default from the files present;
                                        # "device": a package devices download (Fleet), not served here
     max_batch_size = 32                # 0: the model takes no batch dimension
     [dynamic_batching]                 # present: merge concurrent requests
@@ -17,6 +17,8 @@
     name = "y"
     data_type = "TYPE_FP32"
     dims = [10]
+    [model_transaction_policy]         # Triton's name: decoupled = true lets a request get 0..N
+    decoupled = true                   # responses (ModelStreamInfer only; the last is flagged final)
     [instance_group]
     count = 1                          # concurrent executions of this model
     [parameters]                       # backend specific, e.g. intra_op_thread_count = 1
@@ -31,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from edgefold_proto.tensors import DTYPES
 
-BACKENDS = ("onnxruntime", "pytorch", "llm_continuation", "device")
+BACKENDS = ("onnxruntime", "pytorch", "llm_continuation", "llm_stream", "device")
 DEVICE_BACKEND = "device"   # a device-only package: downloadable through Fleet, never served by the cloud
 
 
@@ -59,6 +61,7 @@ class ModelConfig:
     outputs: list[TensorSpec] = field(default_factory=list)
     instance_count: int = 1
     parameters: dict = field(default_factory=dict)
+    decoupled: bool = False                      # 0..N responses per request, over ModelStreamInfer
 
     @property
     def dynamic_batching(self) -> bool:
@@ -125,6 +128,11 @@ def load_config(model_dir: Path) -> ModelConfig:
     config.inputs = _tensors(data.get("input", []), "input", path)
     config.outputs = _tensors(data.get("output", []), "output", path)
     config.instance_count = _int(data.get("instance_group", {}), "count", path, 1, 1)
+    policy = data.get("model_transaction_policy", {})
+    decoupled = policy.get("decoupled", False) if isinstance(policy, dict) else None
+    if not isinstance(decoupled, bool):
+        raise ConfigError(f"{path}: 'model_transaction_policy.decoupled' must be true or false, got {decoupled!r}")
+    config.decoupled = decoupled
     config.parameters = dict(data.get("parameters", {}))
     if config.dynamic_batching and config.stateful:
         raise ConfigError(f"{path}: a model has either [dynamic_batching] or [sequence_batching], not both")

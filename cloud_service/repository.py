@@ -65,6 +65,10 @@ class Repository:
         built = {}
         for version_dir in versions:
             backend = open_backend(version_dir, config)
+            if config.decoupled and not hasattr(backend, "open_stream"):
+                backend.close()
+                raise ConfigError(f"{model_dir}: [model_transaction_policy] decoupled = true, but backend "
+                                  f"'{backend.platform or type(backend).__name__}' answers each request once")
             version_config = replace(config, inputs=backend.inputs, outputs=backend.outputs)
             built[version_dir.name] = ServedModel(name, version_dir.name, version_config, backend)
         return built

@@ -5,8 +5,11 @@ Three paths to the backend, chosen by config.toml:
   `instance_group.count` threads; see runner.py);
 - [dynamic_batching]: concurrent requests are merged by the DynamicBatcher;
 - [sequence_batching]: requests of one sequence_id run in order against that session's state.
+A decoupled model ([model_transaction_policy] decoupled = true, e.g. backend llm_stream) answers
+through `stream()` instead: 0..N responses per request, produced on a thread of the request's own.
 """
 import asyncio
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +42,10 @@ class ServedModel:
 
     def start(self) -> None:
         """Create what needs the running event loop (call from within it)."""
+        if self.config.decoupled:   # the backend's packed steps (on its thread) are this model's executions
+            loop = asyncio.get_running_loop()
+            self.backend.on_step = lambda info, ns: loop.call_soon_threadsafe(
+                self.stats.execution_done, info.streams, ns)
         if self.config.dynamic_batching:
             self.batcher = DynamicBatcher(self.runner, self.config.max_batch_size,
                                           self.config.max_queue_delay_us, self.config.instance_count,
@@ -90,3 +97,35 @@ class ServedModel:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._session_locks[seq.sequence_id]
+
+    async def stream(self, inputs: dict[str, np.ndarray], parameters: dict):
+        """A decoupled model's responses to one request, as they are produced: (outputs, response
+        parameters, last). The request is checked before this returns its first item (INVALID_ARGUMENT);
+        leaving the iteration early (the client went away) stops the generation at its next step."""
+        token_stream = self.backend.open_stream(inputs, parameters)
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:   # the event loop is closed: the server is shutting down
+                pass
+
+        def run() -> None:
+            try:
+                for item in token_stream:
+                    put(item)
+                put(end)
+            except BaseException as err:
+                put(err)
+
+        threading.Thread(target=run, name=f"{self.name}-stream", daemon=True).start()
+        try:
+            while (item := await items.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            token_stream.cancel()

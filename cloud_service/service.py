@@ -4,13 +4,14 @@ import logging
 import time
 
 from cloud_service.config import ConfigError
+from cloud_service.decoupled import stream_decoupled
 from cloud_service.metrics import Metrics
 from cloud_service.repository import DEVICE_PACKAGE, Repository
 from cloud_service.request import model_inputs
 from cloud_service.sessions import sequence_params
 from edgefold_proto import pb
-from edgefold_proto.serving import (InvalidArgument, NotFound, ServiceError, encode_response, parse_message,
-                                    requested_outputs, stream_error)
+from edgefold_proto.serving import (InvalidArgument, NotFound, ServiceError, Unimplemented, encode_response,
+                                    parse_message, requested_outputs, stream_error)
 from edgefold_proto.version import __version__ as SERVER_VERSION
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class InferenceService:
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         start = time.perf_counter_ns()
         model = self.repository.get(request.model_name, request.model_version)
+        if model.config.decoupled:
+            raise Unimplemented(f"model '{model.name}' is decoupled (it sends a response per generated token): "
+                                "call ModelStreamInfer")
         metric = self._metrics_for(model)
         try:
             seq = sequence_params(request.parameters)
@@ -80,14 +84,45 @@ class InferenceService:
         return response
 
     async def ModelStreamInfer(self, requests):
-        """Triton's streaming form: errors travel in-band and the stream stays open."""
-        async for raw in requests:
+        """Triton's streaming form: errors travel in-band and the stream stays open. A request for an
+        ordinary model gets exactly one response, in arrival order; one for a decoupled model
+        (Triton's decoupled transaction policy) runs beside the others and gets a response per
+        item it produces, each with the parameter `triton_final_response` (true on its last one;
+        with `triton_enable_empty_final_response` the last is an empty response of its own)."""
+        replies: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+        done = object()
+
+        async def read() -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(
-                    parse_message(pb.ModelInferRequest, raw)))
-            except Exception as err:
-                reply = stream_error(err)
-            yield reply
+                async for raw in requests:
+                    try:
+                        request = parse_message(pb.ModelInferRequest, raw)
+                        model = self.repository.get(request.model_name, request.model_version)
+                        if model.config.decoupled:
+                            task = asyncio.create_task(stream_decoupled(request, model, self._metrics_for(model),
+                                                                     replies.put_nowait))
+                            running.add(task)
+                            task.add_done_callback(running.discard)
+                            continue
+                        reply = pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+                    except Exception as err:
+                        reply = stream_error(err)
+                    replies.put_nowait(reply)
+                if running:   # the client has sent everything: answer what still runs, then end
+                    await asyncio.gather(*running)
+            finally:
+                replies.put_nowait(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not done:
+                yield reply
+            await reader   # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     def _metrics_for(self, model):
         key = (model.name, model.version)
@@ -167,3 +202,4 @@ class InferenceService:
                     children = self._metrics_for(model)
                     children.sessions.set(len(model.sessions))
                     children.session_bytes.set(model.sessions.total_bytes)
+

@@ -2,9 +2,10 @@
 (the `Backend` interface, backends/base.py).
 
 Add a backend by subclassing `Backend` and naming it in `open_backend` and config.BACKENDS;
-the kinds are imported here only when a model needs them (torch only for pytorch and
-llm_continuation). `llm_continuation` (backends/llm.py) keeps its per-session KV cache in the
-session store.
+the kinds are imported here only when a model needs them (torch only for pytorch, llm_continuation
+and llm_stream). `llm_continuation` (backends/llm.py) keeps its per-session KV cache in the
+session store; `llm_stream` (backends/llm_stream.py) is decoupled: `open_stream(inputs, parameters)`
+gives one response per generated token, its streams batched step by step (step_batcher.py).
 """
 from pathlib import Path
 
@@ -30,5 +31,8 @@ def open_backend(version_dir: Path, config: ModelConfig) -> Backend:
     if kind == "llm_continuation":
         from cloud_service.backends.llm import LlmContinuationBackend
         return LlmContinuationBackend(version_dir, config)
+    if kind == "llm_stream":
+        from cloud_service.backends.llm_stream import LlmStreamBackend
+        return LlmStreamBackend(version_dir, config)
     from cloud_service.backends.pytorch import TorchBackend
     return TorchBackend(version_dir, config)

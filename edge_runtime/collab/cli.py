@@ -4,12 +4,17 @@
         --threshold 0.6 --prompt "ROMEO:" --max-new-tokens 48 [--catch-up propagated] [--json]
     edge-runtime generate --model runs/ee_lm --mode standalone --prompt "ROMEO:"
     edge-runtime generate --model runs/ee_lm --mode cloud-only --cloud 127.0.0.1:8001 --prompt "ROMEO:"
+    edge-runtime generate --model runs/ee_lm --mode cloud-stream --cloud 127.0.0.1:8001 --prompt "ROMEO:" \
+        [--temperature 0.8 --top-p 0.95 --seed 7] [--stop-ids 13,13]
     edge-runtime generate --model runs/ee_lm --cloud 127.0.0.1:8001 --quantize int4 --group-size 32 --prompt "ROMEO:"
     edge-runtime calibrate --model runs/ee_lm --eval-text val.txt --max-ppl-increase 0.02
 
 The cloud serves the `llm_continuation` backend: --cloud-model (layers [k, L), default "llm"; a
 model with catch_up = "propagated" is typically named "llm_prop") and --cloud-full-model (k = 0,
-for cloud-only; default "llm_full"). Without --threshold, generate uses the one `calibrate` wrote
+for cloud-only; default "llm_full"). --mode cloud-stream asks the cloud's `llm_stream` model
+(--cloud-stream-model) to generate the whole answer and stream it back (collab/stream.py); the
+device only tokenizes, and the sampling flags (--temperature, --top-k, --top-p, --seed) and
+--stop-ids apply to it alone. Without --threshold, generate uses the one `calibrate` wrote
 into the model's exits.json. --quantize runs the device half (embeddings + layers [0, k)) from int8 /
 int4 blocks prepared once into the `tp` cache (${EDGEFOLD_CACHE:-~/.cache/edgefold}/tp-shards;
 collab/quantized.py); the exit head stays float. Exit status: 0 done (also when degraded: see
@@ -23,13 +28,21 @@ import sys
 def add_parser(commands) -> None:
     g = commands.add_parser("generate", help="collaborative LLM generation (edge exit head + cloud)")
     g.add_argument("--model", required=True, help="HF folder with exits.json + exit_heads.safetensors")
-    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only"), default="collaborative")
+    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only", "cloud-stream"),
+                   default="collaborative")
     g.add_argument("--cloud", help="HOST:PORT of the cloud-service")
     g.add_argument("--threshold", type=float, help="emit at the edge when confidence >= T (default: calibrated)")
     g.add_argument("--metric", choices=("max_prob", "entropy"), default="max_prob")
     g.add_argument("--exit-layer", type=int, help="k (default: the deepest exit in exits.json)")
     g.add_argument("--cloud-model", default="llm")
     g.add_argument("--cloud-full-model", default="llm_full")
+    g.add_argument("--cloud-stream-model", default="llm_stream", help="the cloud's streaming model (cloud-stream)")
+    g.add_argument("--temperature", type=float, default=0.0, help="cloud-stream: 0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="cloud-stream: 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="cloud-stream: 1 = off")
+    g.add_argument("--seed", type=int, help="cloud-stream: the sampling seed (default: a fresh one)")
+    g.add_argument("--stop-ids", action="append", default=[], metavar="ID,ID,...",
+                   help="cloud-stream: a stop sequence of token ids (repeatable)")
     g.add_argument("--wire", choices=("int8", "fp16", "fp32"), default="int8")
     g.add_argument("--timeout-s", type=float, default=5.0)
     g.add_argument("--max-kept-states", type=int, default=4096, help="memory cap on unacknowledged states")
@@ -94,16 +107,24 @@ def resolve_threshold(model, threshold: float | None, metric: str, exit_layer: i
     return calibrated["value"] if calibrated else 0.5
 
 
-def _generate(args) -> int:
-    from edge_runtime.collab.device import CollabLlm
-
-    threshold = resolve_threshold(args.model, args.threshold, args.metric, args.exit_layer, args.mode)
-    tok = None
+def _prompt(args):
+    """(tokenizer or None, prompt ids)."""
     if args.prompt is not None:
         tok = _tokenizer(args.model)
-        ids = tok.encode(args.prompt).ids
-    else:
-        ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        return tok, tok.encode(args.prompt).ids
+    return None, [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+
+
+def _generate(args) -> int:
+    if args.mode == "cloud-stream":
+        return _cloud_stream(args)
+    from edge_runtime.collab.device import CollabLlm
+
+    sampled = (args.temperature, args.top_k, args.top_p, args.seed, args.stop_ids) != (0.0, 0, 1.0, None, [])
+    if sampled:
+        raise ValueError("--temperature, --top-k, --top-p, --seed and --stop-ids apply to --mode cloud-stream only")
+    threshold = resolve_threshold(args.model, args.threshold, args.metric, args.exit_layer, args.mode)
+    tok, ids = _prompt(args)
     edge = CollabLlm(args.model, mode=args.mode, cloud=args.cloud, threshold=threshold, metric=args.metric,
                      exit_layer=args.exit_layer, cloud_model=args.cloud_model,
                      cloud_full_model=args.cloud_full_model, wire=args.wire, timeout_s=args.timeout_s,
@@ -133,6 +154,39 @@ def _generate(args) -> int:
         if result.degraded:
             print(f"[degraded: {result.sources.count('degraded')} token(s) decided on the device while the "
                   "cloud was unreachable]", file=sys.stderr)
+    else:
+        print(" ".join(map(str, result.tokens)))
+    return 0
+
+
+def _cloud_stream(args) -> int:
+    """The cloud generates the whole answer; tokens are printed as they arrive."""
+    from edge_runtime.collab.stream import CloudStream
+    from split.llama.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    stop = [[int(x) for x in seq.split(",") if x.strip()] for seq in args.stop_ids]
+    if any(not seq for seq in stop):
+        raise ValueError("--stop-ids: each stop sequence needs at least one token id")
+    tok, ids = _prompt(args)
+    show = not args.json and tok is not None
+    if show:
+        print(args.prompt, end="", flush=True)
+    with CloudStream(args.cloud, args.cloud_stream_model, args.timeout_s) as cloud:
+        result = cloud.generate(ids, args.max_new_tokens, sampling, stop, on_token=lambda step, token, source: (
+            print(tok.decode([token]), end="", flush=True) if show else None))
+    n = len(result.tokens)
+    if args.json:
+        print(json.dumps({"mode": args.mode, "tokens": result.tokens,
+                          "text": tok.decode(result.tokens) if tok is not None else None,
+                          "sources": result.sources, "finish_reason": result.finish_reason, "degraded": False,
+                          "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
+                          "round_trips": result.round_trips, "cloud_layer_evals": result.cloud_layer_evals,
+                          "time_to_first_token_ms": 1e3 * (result.time_to_first_token_s or 0.0),
+                          "ms_per_token": 1e3 * sum(result.seconds_per_token) / max(n, 1),
+                          "batch_streams": result.batch_streams}))
+    elif show:
+        print()
     else:
         print(" ".join(map(str, result.tokens)))
     return 0
