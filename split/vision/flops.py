@@ -20,8 +20,8 @@ def macs(module: nn.Module, example: torch.Tensor) -> int:
         total[0] += out.numel() // out.shape[0] * m.in_features
 
     def block(m, inp, out):
-        _, t, d = inp[0].shape
-        total[0] += 2 * t * t * d                                   # q @ k^T and att @ v
+        t = inp[0].shape[1]
+        total[0] += 2 * t * t * m.heads * m.head_dim               # q @ k^T and att @ v
 
     hooks = []
     for m in module.modules():

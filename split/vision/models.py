@@ -73,19 +73,23 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, attention written out (exports to plain ONNX ops)."""
-    def __init__(self, dim: int, heads: int):
+    """Pre-norm transformer block, attention written out (exports to plain ONNX ops). `head_dim` and
+    `hidden` default to dim // heads and 2 * dim; a class-wise pruned block (split.vision.edvit)
+    keeps fewer heads and MLP channels at the same dim."""
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None, hidden: int | None = None):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, head_dim or dim // heads
+        inner, hidden = heads * self.head_dim, hidden or 2 * dim
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.qkv, self.proj = nn.Linear(dim, 3 * inner), nn.Linear(inner, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x):                                            # (B, T, D)
-        B, T, D = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D // self.heads), -1)   # (B, H, T, T)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, D))
+        B, T, _ = x.shape
+        H, hd = self.heads, self.head_dim
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)   # 3 x (B, H, T, hd)
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), -1)               # (B, H, T, T)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, H * hd))
         return x + self.mlp(self.norm2(x))
 
 
