@@ -33,7 +33,7 @@
 
     [[pipeline]]
     name = "digits"                     # the model name apps use
-    kind = "split"                      # local | early-exit | split | adaptive | llm | collab-llm | tp
+    kind = "split"                      # local | early-exit | split | edvit | adaptive | llm | collab-llm | tp
     model = "digits-device"             # pulled from the cloud's repository (or path = "local/folder")
     placement = "auto"                  # split: a placement string or "auto" (the planner picks)
     deadline_s = 0.3
@@ -43,6 +43,8 @@ Options per kind (any other key is kept in PipelineConfig.options and ignored by
     early-exit   exit_thresholds = { stage1 = 0.9 } (over the deployment's calibrated ones),
                  slowdown = 1.0 | "profile" (stretch device compute to the profile's speed: emulation)
     split        the same, plus placement, deadline_s, accuracy_floor (for "auto")
+    edvit        peers = ["host:port", ...] (the agents serving the package's sub-models, in its order:
+                 split.vision.edvit_deploy), deadline_s = 0.5 (a later peer counts as missing)
     adaptive     switch = { strategy = "combined", aux_threshold = 0.05, hold = 2, fuse = 0.3 } (over
                  adaptive.json's: edge_runtime.vision.switch.SwitchConfig's names but regression and aux,
                  checked when the pipeline opens), deadline_s (the cloud's copy of the big model),
@@ -75,7 +77,7 @@ except ModuleNotFoundError:  # Python 3.10
 from edgefold_proto.fleet import DEVICE_ID
 from edgefold_proto.signing import key_id, parse_public_key
 
-KINDS = ("local", "early-exit", "split", "adaptive", "llm", "collab-llm", "tp")
+KINDS = ("local", "early-exit", "split", "edvit", "adaptive", "llm", "collab-llm", "tp")
 _ID = DEVICE_ID   # device ids and pipeline names follow the fleet protocol's rule
 
 

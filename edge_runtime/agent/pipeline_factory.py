@@ -9,6 +9,7 @@ Kinds:
 - early-exit  a split deployment's stage chain with its exits, every frame on the device
 - split       the same, offloading the rest through the cloud (placement string or "auto": the
               planner, re-run when the policy changes objective or the link's RTT changes)
+- edvit       ED-ViT: the frame to every peer's agent (one class-wise sub-model each), fused here
 - adaptive    a small and a big model switched per frame (temporal consistency, the small model's
               predicted error, or both; per client stream), escalating to the cloud's copy of the
               big model when the link is good
@@ -16,7 +17,7 @@ Kinds:
               int8 / int4 weights)
 - collab-llm  the collaborative LLM (edge layers + exit head; the cloud finishes the rest)
 - tp          rank 0 of a tensor-parallel group (workers started here, or an elastic group over peers)
-The kinds live in vision_pipelines.py (local, early-exit, split), adaptive_pipeline.py and llm_pipelines.py
+The kinds live in vision_pipelines.py (local, early-exit, split, edvit), adaptive_pipeline.py and llm_pipelines.py
 (llm, collab-llm, tp; each also streams tokens: LlmPipeline.stream); torch is imported only when
 one of the LLM kinds is opened.
 """
@@ -32,6 +33,8 @@ def open_pipeline(spec, folder: Path, ctx: Context) -> Pipeline:
         return vision_pipelines.OnnxPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind in ("early-exit", "split"):
         return vision_pipelines.VisionPipeline(spec.name, spec.kind, folder, spec.options, ctx)
+    if spec.kind == "edvit":
+        return vision_pipelines.EdvitPipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "adaptive":
         return adaptive_pipeline.AdaptivePipeline(spec.name, folder, spec.options, ctx)
     if spec.kind == "llm":

@@ -1,5 +1,6 @@
 """The agent's vision pipelines (the interface: pipeline.py): `local` (one ONNX model), `early-exit`
-and `split` (a split deployment's stage chain with exits, offloading through the cloud). The
+and `split` (a split deployment's stage chain with exits, offloading through the cloud), `edvit`
+(class-wise sub-models on peer devices, fused here: edge_runtime.vision.edvit_runtime). The
 `adaptive` kind (a small and a big model switched per frame) is adaptive_pipeline.py. ONNX Runtime
 only; no torch.
 """
@@ -130,3 +131,40 @@ class VisionPipeline(Pipeline):
     def close(self) -> None:
         for runtime in self._runtimes.values():
             runtime.close()
+
+
+# --- edvit: class-wise sub-models on peer devices, fused here --------------------------------------
+class EdvitPipeline(Pipeline):
+    """ED-ViT: the frame goes to every peer's agent (one sub-model each, in the package's order),
+    the answers that arrive within `deadline_s` are fused here; `degraded` marks frames a peer missed."""
+
+    def __init__(self, name: str, folder: Path, options: dict, ctx: Context):
+        from edge_runtime.vision.edvit_runtime import EdvitRuntime
+        super().__init__(name, "edvit", "edgefold_edvit")
+        peers = options.get("peers")
+        if not isinstance(peers, list) or not all(isinstance(p, str) and p for p in peers):
+            raise ValueError(f"pipeline '{name}': kind 'edvit' needs peers = [\"host:port\", ...], one per sub-model")
+        self.runtime = EdvitRuntime(folder, peers, float(options.get("deadline_s", 0.5)), ctx.threads)
+        self.shape = tuple(self.runtime.manifest["input"]["shape"])
+        classes = self.runtime.manifest["classes"]
+        self.inputs = (TensorInfo("x", "FP32", (-1, *self.shape)),)
+        self.outputs = (TensorInfo("logits", "FP32", (-1, classes)), TensorInfo("label", "INT64", (-1,)),
+                        TensorInfo("degraded", "BOOL", (-1,)), TensorInfo("peers_answered", "INT64", (-1,)))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "peers": self.runtime.peers,
+                "sub_models": [s["name"] for s in self.runtime.subs]}
+
+    def infer(self, inputs: dict, params: dict) -> dict:
+        x = one_input(inputs, "x", "f").astype(np.float32, copy=False)
+        if x.shape[1:] != self.shape or len(x) == 0:
+            raise PipelineInputError(f"input 'x': shape {list(x.shape)}, expected [-1, {', '.join(map(str, self.shape))}]")
+        if not np.isfinite(x).all():
+            raise PipelineInputError("input 'x' holds NaN or Inf")
+        result = self.runtime.infer(x)
+        self.counters["degraded"] += len(x) if result.degraded else 0
+        return {"logits": result.logits, "label": result.label, "degraded": np.full(len(x), result.degraded),
+                "peers_answered": np.full(len(x), int(result.present.sum()), np.int64)}
+
+    def close(self) -> None:
+        self.runtime.close()
