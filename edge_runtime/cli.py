@@ -5,6 +5,8 @@
     edge-runtime tp prepare|worker|generate|keys ...   (tensor parallelism; see edge_runtime/tp/cli.py)
     edge-runtime plan --deployment DIR --device raspberry-pi-4 --link 10mbit,40ms
         (the split planner; see edge_runtime/vision/placement_cli.py)
+    edge-runtime edvit-plan --package DIR --peers raspberry-pi-4,raspberry-pi-4,jetson-nano
+        (an ED-ViT package over its peers; see edge_runtime/vision/edvit_plan_cli.py)
     edge-runtime generate|calibrate ...   (collaborative LLM; see edge_runtime/collab/cli.py)
     edge-runtime probe [--out F.toml] [--peer HOST:PORT] [--json]
         (measure this machine into a profile; see devices/probe_cli.py)
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
     tp_cli.add_parser(commands)
     from edge_runtime.vision import placement_cli  # argparse here; onnxruntime only inside placement_cli.run
     placement_cli.add_parser(commands)
+    from edge_runtime.vision import edvit_plan_cli  # argparse here; onnxruntime only inside its run
+    edvit_plan_cli.add_parser(commands)
     from edge_runtime.collab import cli as collab_cli  # argparse here; torch only inside collab_cli.run
     collab_cli.add_parser(commands)
     from devices import probe_cli  # argparse here; numpy and psutil only inside probe_cli.run
@@ -73,6 +77,12 @@ def main(argv=None) -> int:
             return placement_cli.run(args)
         except ValueError as err:        # ProfileError, a bad deployment, a bad link
             print(f"edge-runtime plan: {err}", file=sys.stderr)
+            return 2
+    if args.command == "edvit-plan":
+        try:
+            return edvit_plan_cli.run(args)
+        except (OSError, ValueError) as err:    # ProfileError, a bad package, a bad link
+            print(f"edge-runtime edvit-plan: {err}", file=sys.stderr)
             return 2
     if args.command == "probe":
         return probe_cli.run(args)

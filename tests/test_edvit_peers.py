@@ -3,6 +3,7 @@ class-wise sub-model as an ordinary `local` package, and a requesting agent whos
 sends the frame to all of them and fuses the answers. The fused answer equals the same computation
 in one process (PyTorch sub-models + fusion); a rogue peer (wrong shape, NaN) counts as missing
 with a log line; a killed peer gives degraded answers, never a hang."""
+import json
 import logging
 
 import numpy as np
@@ -128,3 +129,22 @@ def test_a_killed_peer_gives_degraded_answers_not_a_hang(edvit, peers, requester
     assert out["degraded"].all() and out["peers_answered"].tolist() == [2, 2, 2]
     np.testing.assert_allclose(out["logits"], in_one_process(edvit, missing=(2,)), rtol=1e-4, atol=1e-4)
     assert "edvit: peer 2" in requester.output()
+
+
+def test_edvit_plan_prints_the_partition_and_the_prediction_per_device(edvit, capsys):
+    from devices.profiles import load_profile
+    from edge_runtime.cli import main
+    argv = ["edvit-plan", "--package", str(edvit[1]), "--peers", "raspberry-pi-4,raspberry-pi-4,jetson-nano",
+            "--host-gflops", "100", "--repeats", "3"]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert [r["classes"] for r in rows] == edvit[2] and [r["device"] for r in rows][2] == "jetson-nano"
+    for r in rows:   # scaled as the split planner scales: this machine's time x its peak / the device's
+        profile = load_profile(r["device"])
+        assert r["device_ms"] == pytest.approx(r["here_ms"] * 100 / profile.fp32_gflops + profile.overhead_ms)
+        assert r["macs"] < 4e6 and r["params"] > 0
+    assert result["end_to_end_ms"] > max(r["total_ms"] for r in rows)
+    assert main(argv) == 0 and "predicted end to end" in capsys.readouterr().out
+    assert main(["edvit-plan", "--package", str(edvit[1]), "--peers", "raspberry-pi-4"]) == 2
+    assert "3 sub-models need 3 profiles" in capsys.readouterr().err
