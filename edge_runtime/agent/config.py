@@ -39,7 +39,7 @@
     deadline_s = 0.3
 
 Options per kind (any other key is kept in PipelineConfig.options and ignored by other kinds):
-    local        -
+    local        slowdown = 1.0 | "profile" (stretch its compute to the profile's speed: emulation)
     early-exit   exit_thresholds = { stage1 = 0.9 } (over the deployment's calibrated ones),
                  slowdown = 1.0 | "profile" (stretch device compute to the profile's speed: emulation)
     split        the same, plus placement, deadline_s, accuracy_floor (for "auto")

@@ -11,6 +11,7 @@ import numpy as np
 
 from edge_runtime.agent.pipeline import Context, Pipeline, PipelineInputError, TensorInfo, one_input
 from edge_runtime.agent.policy import Decision
+from edge_runtime.vision.stretch import Stretch, slowdown_for
 from edgefold_proto.tensors import ORT_DATATYPES
 
 
@@ -20,6 +21,7 @@ class OnnxPipeline(Pipeline):
         from edge_runtime.vision.deployment import session
         super().__init__(name, "local", "onnxruntime_onnx")
         self.session = session(folder / "model.onnx", ctx.threads)
+        self.stretch = Stretch(slowdown_for(options.get("slowdown", 1.0), ctx.profile))   # emulation: stretch.py
         self.inputs = tuple(self._info(n) for n in self.session.get_inputs())
         self.outputs = tuple(self._info(n) for n in self.session.get_outputs())
 
@@ -42,7 +44,7 @@ class OnnxPipeline(Pipeline):
         if extra:
             raise PipelineInputError(f"unknown input tensor(s) {', '.join(sorted(extra))}")
         try:
-            values = self.session.run(None, feed)
+            values = self.stretch(tuple(v.shape for v in feed.values()), self.session.run, None, feed)
         except Exception as err:       # onnxruntime's InvalidArgument / Fail on a mistyped feed
             raise PipelineInputError(f"onnxruntime refused the inputs: {err}") from None
         return {spec.name: value for spec, value in zip(self.outputs, values)}
@@ -64,11 +66,7 @@ class VisionPipeline(Pipeline):
         self.configured = "local" if kind == "early-exit" else str(options.get("placement", "auto"))
         if kind == "split" and not ctx.cloud:
             raise ValueError(f"pipeline '{name}': kind 'split' needs [cloud] address")
-        slowdown = options.get("slowdown", 1.0)
-        if slowdown == "profile":        # stretch device compute to the profile's speed (emulation)
-            from devices.probe import peak_gflops
-            slowdown = max(1.0, peak_gflops() / ctx.profile.fp32_gflops)
-        self.slowdown = float(slowdown)
+        self.slowdown = slowdown_for(options.get("slowdown", 1.0), ctx.profile)   # emulation: stretch.py
         self.candidates = None
         if self.configured == "auto":
             from edge_runtime.vision.placement_costs import measure_candidates

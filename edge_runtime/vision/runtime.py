@@ -18,7 +18,8 @@ failure it skips the cloud for `retry_after_s` so later frames do not each wait 
 
 `slowdown` > 1 emulates a slower device on this machine: each device-side computation (a stage,
 the bottleneck encoder, the codec, PNG encoding) is stretched to `slowdown` times the fastest
-it has run here, so a benchmark can put a Raspberry-Pi-class device behind the link emulator.
+it has run here (edge_runtime.vision.stretch), so a benchmark can put a Raspberry-Pi-class
+device behind the link emulator.
 """
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from edge_runtime.client.oip_client import OipClient
 from edge_runtime.vision.deployment import CODEC_FORMS, Deployment
+from edge_runtime.vision.stretch import Stretch
 from edge_runtime.vision.exit_policy import ExitPolicy, softmax
 from split.codec import encode
 from split.placement import Placement
@@ -46,12 +48,6 @@ class Result:
     error: str = ""
 
 
-def _timed(fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
-
-
 class Runtime:
     def __init__(self, deployment, placement: str = "local", cloud: str | None = None, deadline_s: float = 0.5,
                  thresholds: dict[str, float] | None = None, fallback: str = "exit", retry_after_s: float = 1.0,
@@ -65,9 +61,7 @@ class Runtime:
         if fallback not in ("exit", "local"):
             raise ValueError(f"fallback '{fallback}': expected 'exit' or 'local'")
         self.fallback, self.deadline_s, self.retry_after_s = fallback, deadline_s, retry_after_s
-        if slowdown < 1:
-            raise ValueError(f"slowdown {slowdown}: expected >= 1 (1 = this machine's speed)")
-        self.slowdown, self._fastest = slowdown, {}
+        self.slowdown, self._device = slowdown, Stretch(slowdown)   # device-side work, stretched
         p = self.placement
         self.codec_form = codec_form or self.dep.codec_form
         if self.codec_form not in CODEC_FORMS:
@@ -150,23 +144,6 @@ class Runtime:
                                 bytes_sent=sent, error=error)
         x, _, _, ran = self._run_local(x, self.cut, len(self.dep.stages), False, ran, start)
         return self._answer(x, "local", start, degraded=True, stages_run=ran, bytes_sent=sent, error=error)
-
-    def _device(self, key, fn, *args):
-        """Run device-side work; with slowdown > 1, stretch it as a slower device would: to
-        `slowdown` times the fastest this step runs here warm (first measured back to back, then a
-        running minimum), sleeping for the difference. A device that computes all the time stays
-        warm; this machine, between sleeps, does not, and contention here is not multiplied."""
-        if self.slowdown > 1 and key not in self._fastest:      # its warm cost, measured back to back
-            self._fastest[key] = min(_timed(fn, *args)[1] for _ in range(5))
-        start = time.perf_counter()
-        result = fn(*args)
-        if self.slowdown > 1:
-            took = time.perf_counter() - start
-            fastest = self._fastest[key] = min(self._fastest.get(key, took), took)
-            extra = start + self.slowdown * fastest - time.perf_counter()
-            if extra > 0:
-                time.sleep(extra)
-        return result
 
     def _wire(self, x: np.ndarray):
         """The input tensors to send, their parameters (or None) and their bytes on the wire."""
