@@ -2,9 +2,11 @@
 class-wise sub-model as an ordinary `local` package, and a requesting agent whose `edvit` pipeline
 sends the frame to all of them and fuses the answers. The fused answer equals the same computation
 in one process (PyTorch sub-models + fusion); a rogue peer (wrong shape, NaN) counts as missing
-with a log line; a killed peer gives degraded answers, never a hang."""
+with a log line; a killed peer gives degraded answers, never a hang; every package can come from
+the cloud's repository through the fleet protocol."""
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from torch import nn
 
 from edge_runtime.client.oip_client import OipClient
 from edge_runtime.vision.edvit_runtime import EdvitRuntime
-from server_process import AgentProcess
+from server_process import AgentProcess, ServerProcess
 from split.vision.edvit import Fusion, class_wise_submodel, fusion_inputs, importance, partition_classes
 from split.vision.edvit_deploy import write_edvit
 from split.vision.export import export_onnx
@@ -148,3 +150,35 @@ def test_edvit_plan_prints_the_partition_and_the_prediction_per_device(edvit, ca
     assert main(argv) == 0 and "predicted end to end" in capsys.readouterr().out
     assert main(["edvit-plan", "--package", str(edvit[1]), "--peers", "raspberry-pi-4"]) == 2
     assert "3 sub-models need 3 profiles" in capsys.readouterr().err
+
+
+def test_the_packages_come_through_the_fleet(edvit, tmp_path):
+    """Item 3: every package is an ordinary model version in the cloud's repository; the peers pull
+    their sub-model, the requesting device pulls the fusion package (a device package)."""
+    out, package = edvit[0], edvit[1]
+    repo = tmp_path / "repository"
+    for i in range(3):
+        shutil.copytree(out / f"edvit_sub{i}", repo / f"edvit_sub{i}" / "1")
+    shutil.copytree(package, repo / "digits-edvit" / "1")
+    (repo / "digits-edvit" / "config.toml").write_text('backend = "device"\n')
+    cloud = ServerProcess(repo)
+    agents = []
+    try:
+        for i in range(3):
+            body = f'[[pipeline]]\nname = "edvit_sub{i}"\nkind = "local"\nmodel = "edvit_sub{i}"\n'
+            agents.append(AgentProcess(agent_toml(tmp_path / f"peer{i}.toml", cloud.address, body, state=f"s{i}")))
+        addresses = ", ".join(f'"{a.address}"' for a in agents)
+        body = (f'[[pipeline]]\nname = "digits"\nkind = "edvit"\nmodel = "digits-edvit"\npeers = [{addresses}]\n'
+                f'deadline_s = {DEADLINE_S}\n')
+        agents.append(AgentProcess(agent_toml(tmp_path / "requester.toml", cloud.address, body, state="req")))
+        for agent in agents:
+            with OipClient(agent.address) as client:
+                wait_ready(client)
+        with OipClient(agents[-1].address, timeout_s=30) as client:
+            out = client.infer("digits", {"x": FRAMES.numpy()})
+        np.testing.assert_allclose(out["logits"], in_one_process(edvit), rtol=1e-4, atol=1e-4)
+        assert not out["degraded"].any()
+    finally:
+        for agent in agents:
+            agent.kill()
+        cloud.kill()
