@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -46,16 +45,6 @@ RECIPE = "v1"
 PROFILE = "raspberry-pi-4"
 
 
-def cached(path: Path, module, train):
-    if path.exists():
-        load_model(module, str(path))
-        return module.eval()
-    train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(module, str(path))
-    return module.eval()
-
-
 def build(full, n: int, epochs: int, x, y):
     """Partition, sub-models and fusion for n equal peers (cached)."""
     parts = partition_classes(10, [1.0] * n)
@@ -64,10 +53,10 @@ def build(full, n: int, epochs: int, x, y):
     for i, classes in enumerate(parts):
         sub = class_wise_submodel(full, classes, importance(full, classes, x, y), heads, hidden)
         key = zoo.CACHE / f"edvit_{RECIPE}_n{n}_h{heads}_c{hidden}_e{epochs}_sub{i}.safetensors"
-        subs.append(cached(key, sub, lambda: distill(sub, full, classes, x, y, epochs=epochs, desc=f"N={n} sub {i}")))
+        subs.append(zoo.cached(key, sub, lambda: distill(sub, full, classes, x, y, epochs=epochs, desc=f"N={n} sub {i}")))
     fusion = Fusion(parts)
     key = zoo.CACHE / f"edvit_{RECIPE}_n{n}_h{heads}_c{hidden}_e{epochs}_fusion.safetensors"
-    fusion = cached(key, fusion, lambda: fusion.load_state_dict(train_fusion(subs, parts, x, y).state_dict()))
+    fusion = zoo.cached(key, fusion, lambda: fusion.load_state_dict(train_fusion(subs, parts, x, y).state_dict()))
     return parts, subs, fusion, heads, hidden
 
 

@@ -46,6 +46,17 @@ from split.llama.exits import continue_layers
 CATCH_UP_MODES = ("exact", "propagated")
 
 
+def checkpoint_config(version_dir: Path, config: ModelConfig) -> tuple[Path, LlamaConfig]:
+    """parameters.checkpoint (relative paths: to the version folder) and its LlamaConfig; ConfigError
+    naming the model and the field when it cannot be read."""
+    checkpoint = Path(str(config.parameters.get("checkpoint", ".")))
+    checkpoint = checkpoint if checkpoint.is_absolute() else version_dir / checkpoint
+    try:
+        return checkpoint, LlamaConfig.from_dir(checkpoint)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model '{config.name}': parameters.checkpoint: {err}") from None
+
+
 class LlmContinuationBackend(Backend):
     platform = "edgefold_llm_continuation"
 
@@ -54,12 +65,7 @@ class LlmContinuationBackend(Backend):
             raise ConfigError(f"model '{config.name}': backend 'llm_continuation' keeps a KV cache per "
                               "sequence; add a [sequence_batching] table to config.toml")
         params = config.parameters
-        checkpoint = Path(str(params.get("checkpoint", ".")))
-        self.checkpoint = checkpoint if checkpoint.is_absolute() else version_dir / checkpoint
-        try:
-            self.llama_config = LlamaConfig.from_dir(self.checkpoint)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"model '{config.name}': parameters.checkpoint: {err}") from None
+        self.checkpoint, self.llama_config = checkpoint_config(version_dir, config)
         n_layers = self.llama_config.num_hidden_layers
         self.first_layer = params.get("first_layer")
         if not isinstance(self.first_layer, int) or not 0 <= self.first_layer < n_layers:

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 
 from cloud_service.backends.base import Backend
+from cloud_service.backends.llm import checkpoint_config
 from cloud_service.backends.step_batcher import StepBatcher, StepInfo
 from cloud_service.config import ConfigError, ModelConfig, TensorSpec
 from edgefold_proto.serving import InvalidArgument
-from split.llama import Generation, KVCache, LlamaConfig, Sampling, Stop, load_llama
+from split.llama import Generation, KVCache, Sampling, Stop, load_llama
 from split.llama.packed import Segment, packed_forward
 
 DEFAULT_MAX_TOKENS = 16
@@ -80,12 +81,7 @@ class LlmStreamBackend(Backend):
             raise ConfigError(f"model '{config.name}': backend 'llm_stream' sends one response per token; add "
                               "[model_transaction_policy] decoupled = true to config.toml")
         params = config.parameters
-        checkpoint = Path(str(params.get("checkpoint", ".")))
-        self.checkpoint = checkpoint if checkpoint.is_absolute() else version_dir / checkpoint
-        try:
-            self.llama_config = LlamaConfig.from_dir(self.checkpoint)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"model '{config.name}': parameters.checkpoint: {err}") from None
+        self.checkpoint, self.llama_config = checkpoint_config(version_dir, config)
         limits = {}
         for key, default in (("max_batch_rows", 256), ("max_streams", 64), ("gather_microseconds", 2000)):
             value = params.get(key, default)

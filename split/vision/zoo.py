@@ -34,7 +34,7 @@ POSE_RECIPE = {"pose_cnn_small": (12, 3e-3, False), "pose_cnn_big": (12, 3e-3, F
                "pose_mobile_small": (9, 8e-3, False), "pose_mobile_big": (9, 8e-3, True)}
 
 
-def _cached(path: Path, module: torch.nn.Module, train) -> torch.nn.Module:
+def cached(path: Path, module: torch.nn.Module, train) -> torch.nn.Module:
     if path.exists():
         load_model(module, str(path))
         return module.eval()
@@ -48,7 +48,7 @@ def exit_net(name: str):
     example = torch.rand(1, *INPUT_SHAPES[name])
     net = attach_exits(build(name), EXITS[name], example)
     x, y = data.digits("train")
-    return _cached(CACHE / f"{name}_exits_{RECIPES['exits']}.safetensors", net,
+    return cached(CACHE / f"{name}_exits_{RECIPES['exits']}.safetensors", net,
                    lambda: train_exit_net(net, x, y, epochs=EPOCHS[name], desc=f"{name} + exits"))
 
 
@@ -66,14 +66,14 @@ def bottleneck(name: str, stage: str, channels: int, levels: int = 255):
     def train():
         trained_bn, trained_tail = train_bottleneck(net.backbone, k, bn, x, y, levels=levels)
         tail.load_state_dict(trained_tail.state_dict())
-    _cached(CACHE / f"{name}_{stage}_b{channels}_q{levels}_{RECIPES['bottleneck']}.safetensors", holder, train)
+    cached(CACHE / f"{name}_{stage}_b{channels}_q{levels}_{RECIPES['bottleneck']}.safetensors", holder, train)
     return bn.eval(), tail.eval()
 
 
 def frame_model(name: str):
     model = build(name)
     s = data.frames_iid("train", FRAMES)
-    return _cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model,
+    return cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model,
                    lambda: train_frame_model(model, s.frames, s.labels, s.xy, epochs=FRAME_EPOCHS[name], desc=name))
 
 
@@ -89,4 +89,4 @@ def pose_model(name: str):
         if has_aux(model):
             a = pose.pose_frames_iid("train", POSE_AUX_FRAMES, draw=1)
             train_pose_aux(model, a.frames, a.pose, epochs=POSE_AUX_EPOCHS, desc=f"{name} aux")
-    return _cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model, train)
+    return cached(CACHE / f"{name}_{RECIPES[name]}.safetensors", model, train)
