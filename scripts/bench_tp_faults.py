@@ -11,8 +11,8 @@ generation (the reference, and the page cache warmed), then the same request wit
 killed (SIGKILL) or stalled (SIGSTOP) after FAULT_AT tokens. Reported: recovery_s, from the signal
 to the next token (detection, re-plan, loading the warm shards, re-prefilling prompt and tokens so
 far); tokens lost or repeated in the stream (target 0) and tokens that differ from the reference
-(target 0: exact for fp32 weights; int8 / int4 ranks round their partial sums to bf16, so a new plan
-changes the bits and greedy tokens can change at near ties); ms/token before and after (median
+(target 0: the re-prefill attends each generated row as its decode step did, and int8 / int4 ranks
+sum fixed units of their partials exactly, so a new plan changes no bit); ms/token before and after (median
 decode step); the group's own re-plan time; the time to first token of a fresh request on the new
 plan; and the target, recovery <= 2 x that TTFT + the deadline (timeout_s). Then the peer comes back
 (restarted or resumed) and the next request, which re-forms the group, is timed.
@@ -228,8 +228,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worlds", help="default 3,4 (--quick: 2, the tiny shape has 2 KV heads)")
     ap.add_argument("--formats", default="int4,fp32", help="weight formats, each of int8 | int4 | fp32 (the "
-                    "checkpoint's floats held as fp32): quantized partials are rounded to bf16 per rank, so only "
-                    "fp32 is exact across a change of plan (tests/test_tp_quantized.py)")
+                    "checkpoint's floats held as fp32)")
     ap.add_argument("--timeout-s", type=float, default=2.0, help="the master's deadline for a partial")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--no-discovery", action="store_true")

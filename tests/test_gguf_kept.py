@@ -142,7 +142,7 @@ def test_generate_int4_q4_0_equals_our_one_process_model(gguf_files, tmp_path, c
     transformers in fp32 would not do, as the int4 kernel multiplies bf16 activations."""
     from split.llama import generate as greedy
     from split.llama import load_llama
-    from split.llama.quantize import Int4, Int8
+    from split.llama.quantize import Int4, Int8, use_row_units
     path, written = gguf_files["llama", "Q4_0"]
     folder = model_folder(path, tmp_path / "ref", progress=False, log=lambda m: None)
     model = load_llama(folder)
@@ -150,6 +150,7 @@ def test_generate_int4_q4_0_equals_our_one_process_model(gguf_files, tmp_path, c
     for name, (t, _, _) in q4_0_projections(written, json.loads((folder / "config.json").read_text())).items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, h.module(t))
+    use_row_units(model, h)  # o_proj / down_proj sum their fixed units' partials, as every plan does
     with torch.no_grad():
         model.lm_head = table.module(table.quantize(model.lm_head.weight))
         model.embed_tokens.weight.copy_(table.dequantize(table.quantize(model.embed_tokens.weight)))
@@ -274,13 +275,14 @@ def one_process_int8g(folder, written, qtype=Q.Q8_0):
     modules built from q8_0_expected (the gguf package's dequantization, not our mapping), embeddings and
     LM head int8 rows of the floats."""
     from split.llama import load_llama
-    from split.llama.quantize import Int8, Int8Group
+    from split.llama.quantize import Int8, Int8Group, use_row_units
     model = load_llama(folder)
     h, table = Int8Group(32), Int8()
     for name, (t, _, _) in q4_0_projections(written, json.loads((folder / "config.json").read_text()), qtype).items():
         parent, _, leaf = name.rpartition(".")
         bias = model.get_submodule(name).bias  # qwen2's q/k/v biases stay float
         setattr(model.get_submodule(parent), leaf, h.module(t, None if bias is None else bias.detach()))
+    use_row_units(model, h)  # o_proj / down_proj sum their fixed units' partials, as every plan does
     with torch.no_grad():
         model.lm_head = table.module(table.quantize(model.lm_head.weight))
         model.embed_tokens.weight.copy_(table.dequantize(table.quantize(model.embed_tokens.weight)))

@@ -227,6 +227,63 @@ def test_stored_tensors_slice_per_rank(h):
             h.narrow(t, 1, 16, 128)
 
 
+@pytest.mark.parametrize("h", HANDLERS, ids=lambda h: h.name)
+def test_unit_partials_do_not_depend_on_how_the_units_are_split_over_ranks(h):
+    """A row-parallel projection with fixed units (QuantLinear.set_units): a unit's partial has the same
+    bits whether one module holds every unit or a rank's column slice starting at that unit does, so
+    every split of the units over ranks, their float64 partials summed in either order and cast
+    once, gives the one-device output bitwise (bias on the first rank only, as prepare stores it)."""
+    K, u = 512, max(h.unit, 64)
+    units = [(0, u), (u, 3 * u), (3 * u, K)]  # uneven, in whole groups
+    t, bias = h.quantize(weight(64, K)), torch.randn(64)
+    x = torch.randn(5, K) * torch.logspace(-1, 1, K)  # 5 rows: a full block of the kernels' 4, and one more
+    whole = h.module(t, bias)
+    whole.set_units(units, keep_float64=True)
+    want = whole(x)  # (5, 64) float64
+    assert want.dtype == torch.float64
+    whole.set_units(units)
+    assert torch.equal(whole(x), want.float())
+    for split in ([[0], [1, 2]], [[0, 1], [2]], [[0], [1], [2]]):
+        parts = []
+        for rank, held in enumerate(split):
+            a, b = units[held[0]][0], units[held[-1]][1]
+            shard = h.module(h.narrow(t, 1, a, b), bias if rank == 0 else None)
+            shard.set_units([(units[i][0] - a, units[i][1] - a) for i in held], keep_float64=True)
+            parts.append(shard(x[:, a:b]))
+        assert torch.equal(sum(parts), want) and torch.equal(sum(reversed(parts)), want), split
+    with pytest.raises(ValueError, match="units must tile"):
+        whole.set_units([(0, u), (2 * u, K)])
+
+
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_replaying_decode_steps_in_one_call_gives_each_row_its_bits(ckpt, compute):
+    """Attention's `chunks`: a prompt and the decode steps after it, fed again in one call with chunks
+    [len(prompt), 1, 1, ...], give every row the hidden state its own call gave, bitwise (what a
+    tensor-parallel group's re-prefill relies on, group.replay): the quantized kernels' rows do not
+    depend on how many rows share a call, and each row attends as its step did. One plain call
+    does not: attention over many rows differs from one row's in the last bits, which fp32
+    activations carry on (bf16 ones mostly round away on a model this small). (The float LM head's
+    matmul is not row-independent either; the decode loop applies it to one row at a time.)"""
+    from split.llama import KVCache
+    for scheme in ("int8", "int4"):
+        model = quantize_model(load_llama(ckpt), scheme, 32, compute_dtype=compute)
+        L, cache, ids = model.config.num_hidden_layers, KVCache(), list(PROMPT)
+
+        def layers(tokens, start, cache, chunks=None):  # (1, T) -> (1, T, C)
+            return model.forward_layers(model.embed(torch.tensor([tokens])), 0, L, start, cache, chunks)
+        with torch.inference_mode():
+            rows = [layers(ids, 0, cache)]  # (1, P, C)
+            for _ in range(12):
+                ids.append(int(model.head(rows[-1][:, -1:])[0, -1].argmax()))
+                rows.append(layers(ids[-1:], len(ids) - 1, cache))  # (1, 1, C)
+            again = layers(ids, 0, KVCache(), [len(PROMPT)] + [1] * 12)
+            plain = layers(ids, 0, KVCache())
+        assert torch.equal(again, torch.cat(rows, dim=1)), scheme
+        assert compute == torch.bfloat16 or not torch.equal(plain, again), scheme
+    with pytest.raises(ValueError, match="chunks must be positive lengths summing to the 8 rows"):
+        model(torch.tensor([PROMPT]), cache=KVCache(), chunks=[5, 2])
+
+
 SMALL = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=2, vocab_size=64).to_dict()
 

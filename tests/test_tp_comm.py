@@ -60,13 +60,21 @@ def _digest(t) -> str | None:
 
 
 def _ops(seed: int):
-    """(kind, args) of one scenario: broadcasts of commands and tensors, and 4 allreduces."""
+    """(kind, args) of one scenario: broadcasts of commands and tensors ((step, steps_from)), 4 allreduces
+    of fp32 partials and 2 of float64 ones holding bf16 values (the quantized ranks' exact partials:
+    one through shared memory where local ranks have it, one too large for it)."""
     hidden = _partial(seed, 9, 9, (1, 5, C))
-    return [("bcast", RESET, None, 0), ("bcast", STEP, hidden, 3),
+    return [("bcast", RESET, None, (0, -1)), ("bcast", STEP, hidden, (3, 2)),
             ("ar", 0, ATTN, (1, 5, C)), ("ar", 0, MLP, (1, 5, C)),
-            ("bcast", STEP, torch.arange(7, dtype=torch.int64).reshape(1, 7) * seed, 8),
-            ("ar", 1, ATTN, (1, 1, C)), ("ar", 1, MLP, (1, 1, C)), ("gather", None, None, None),
-            ("bcast", SHUTDOWN, None, 0)]
+            ("bcast", STEP, torch.arange(7, dtype=torch.int64).reshape(1, 7) * seed, (8, -1)),
+            ("ar", 1, ATTN, (1, 1, C)), ("ar", 1, MLP, (1, 1, C)),
+            ("ar64", 2, ATTN, (1, 3, C)), ("ar64", 2, MLP, (1, 2800, C)), ("gather", None, None, None),
+            ("bcast", SHUTDOWN, None, (0, -1))]
+
+
+def _partial64(seed: int, rank: int, op: int, shape) -> torch.Tensor:
+    """A float64 partial of bf16 values: any sum of them is exact in float64."""
+    return _partial(seed, rank, op, shape).bfloat16().double()
 
 
 def _play(comm, seed: int, die_after: int | None = None) -> list[dict]:
@@ -74,14 +82,14 @@ def _play(comm, seed: int, die_after: int | None = None) -> list[dict]:
     records = []
     for op, (what, a, b, c) in enumerate(_ops(seed)):
         if what == "bcast":
-            cmd, t = comm.broadcast(a, b, step=c) if comm.rank == 0 else comm.broadcast(0)
-            records.append({"cmd": cmd, "step": comm.last_step, "digest": _digest(t),
-                            "dtype": None if t is None else str(t.dtype)})
+            cmd, t = comm.broadcast(a, b, *c) if comm.rank == 0 else comm.broadcast(0)
+            records.append({"cmd": cmd, "step": comm.last_step, "steps_from": comm.last_steps_from,
+                            "digest": _digest(t), "dtype": None if t is None else str(t.dtype)})
         elif what == "gather":
             got = comm.gather(_gathered(seed, comm.rank))
             records.append({"digest": None, "gathered": got})
         else:
-            y = comm.allreduce(_partial(seed, comm.rank, op, c), layer=a, kind=b)
+            y = comm.allreduce((_partial64 if what == "ar64" else _partial)(seed, comm.rank, op, c), layer=a, kind=b)
             records.append({"digest": _digest(y), "y": y if comm.rank == 0 else None})
             if die_after is not None and sum("y" in r for r in records) == die_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -201,8 +209,9 @@ def _check_same_everywhere(sc, master, workers):
     for r, out in workers.items():
         assert out["error"] is None, (sc["name"], r, out["error"])
         assert [x["digest"] for x in out["records"]] == [x["digest"] for x in master], (sc["name"], r)
-        bcasts = [(x["cmd"], x["step"], x["dtype"]) for x in out["records"] if "cmd" in x]
-        assert bcasts == [(RESET, 0, None), (STEP, 3, "torch.float32"), (STEP, 8, "torch.int64"), (SHUTDOWN, 0, None)]
+        bcasts = [(x["cmd"], x["step"], x["steps_from"], x["dtype"]) for x in out["records"] if "cmd" in x]
+        assert bcasts == [(RESET, 0, -1, None), (STEP, 3, 2, "torch.float32"), (STEP, 8, -1, "torch.int64"),
+                          (SHUTDOWN, 0, -1, None)]
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -213,6 +222,18 @@ def test_star_fp32_is_the_rank_order_sum_bitwise_on_every_rank(sweep, world):
         if what == "ar":
             assert torch.equal(master[op]["y"], _reference(sc["seed"], world, op, shape))
     assert traffic[0] > 0 and traffic[1] > 0 and all(w["bytes"][0] > 0 for w in workers.values())
+
+
+@pytest.mark.parametrize("name", ["star-w2", "star-w3", "star-w4", "star-w2-curve", "gloo-w2", "gloo-w3", "gloo-w4"])
+def test_float64_partials_are_summed_exactly_in_float64_on_every_backend(sweep, name):
+    """What the quantized ranks send (parallelize.exact_partials): float64 sums of bf16 values, which
+    every backend (star in rank order, through shared memory or ZeroMQ; gloo's ring) adds exactly."""
+    sc, master, workers, _ = sweep[name]
+    _check_same_everywhere(sc, master, workers)
+    for op, (what, _, _, shape) in enumerate(_ops(sc["seed"])):
+        if what == "ar64":
+            exact = sum(_partial64(sc["seed"], r, op, shape) for r in reversed(range(sc["world"])))
+            assert master[op]["y"].dtype == torch.float64 and torch.equal(master[op]["y"], exact)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract unix sockets are Linux-only")
@@ -272,8 +293,8 @@ def test_a_killed_worker_fails_the_master_within_the_deadline_naming_it():
         ops = _ops(1)
         for op in range(4):  # RESET, STEP, then two allreduces; rank 2 dies after its second
             what, a, b, c = ops[op]
-            comm.broadcast(a, b, step=c) if what == "bcast" else comm.allreduce(_partial(1, 0, op, c), a, b)
-        comm.broadcast(*ops[4][1:3], step=ops[4][3])
+            comm.broadcast(a, b, *c) if what == "bcast" else comm.allreduce(_partial(1, 0, op, c), a, b)
+        comm.broadcast(*ops[4][1:3], *ops[4][3])
         t0 = time.monotonic()
         with pytest.raises(CollectiveError, match=r"rank 2\b"):
             comm.allreduce(_partial(1, 0, 5, ops[5][3]), 1, ATTN)

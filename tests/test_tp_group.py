@@ -5,9 +5,10 @@
 Real peer processes (`edge-runtime tp worker --model --listen`) on loopback, killed (SIGKILL) or
 stalled (SIGSTOP) mid-generation at world sizes 3 and 4: the generation completes with exactly
 `transformers`' greedy tokens (so none lost or repeated), the group re-forms over the rest, and the
-peer that comes back is taken in at the next request. A rank that misbehaves (a wrong shape, a
-replayed message, a stale epoch) is dropped like a dead one with a log line; a re-plan that no
-longer fits the peers' memory fails with the figures.
+peer that comes back is taken in at the next request. With int4 / int8 weights a kill at world 3
+leaves every token equal to the uninterrupted run's and to one device's. A rank that misbehaves (a
+wrong shape, a replayed message, a stale epoch) is dropped like a dead one with a log line; a
+re-plan that no longer fits the peers' memory fails with the figures.
 """
 import os
 import signal
@@ -26,10 +27,11 @@ from edge_runtime.tp.budget import rank_memory  # noqa: E402
 from server_process import AgentProcess  # noqa: E402
 from test_tp_engine import _write_tokenizer  # noqa: E402
 from edge_runtime.tp.config import TPConfig  # noqa: E402
-from edge_runtime.tp.group import Group, GroupError  # noqa: E402
+from edge_runtime.tp.group import Group, GroupError, replay  # noqa: E402
 from edge_runtime.tp.launch import free_port  # noqa: E402
 from edge_runtime.tp.prepare import make_format_plan  # noqa: E402
 from split.llama import LlamaConfig  # noqa: E402
+from split.llama.quantize import handler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [5, 77, 31, 190, 2, 64, 123]
@@ -37,11 +39,11 @@ N_NEW = 24
 FAULT_AFTER = 5  # tokens streamed before the fault
 
 
-def write_model(path: Path, **shape) -> list[int]:
+def write_model(path: Path, initializer_range: float = 0.2, **shape) -> list[int]:
     """A random Llama (8 query / 4 KV heads, so worlds 2, 3 and 4 all split it) written to `path`;
     returns transformers' greedy ids after PROMPT."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, max_position_embeddings=128, initializer_range=0.2,
+    cfg = transformers.LlamaConfig(vocab_size=256, max_position_embeddings=128, initializer_range=initializer_range,
                                    num_attention_heads=8, num_key_value_heads=4, **shape)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(path, safe_serialization=True)
@@ -107,9 +109,10 @@ def peers(model, tmp_path_factory):
         p.stop()
 
 
-def make_group(model_dir, addresses, cache, logs, timeout_s=1.0, join_timeout_s=20.0, profile=None) -> Group:
+def make_group(model_dir, addresses, cache, logs, timeout_s=1.0, join_timeout_s=20.0, profile=None,
+               quantize=None) -> Group:
     config = TPConfig(master=f"127.0.0.1:{free_port()}", timeout_s=timeout_s, join_timeout_s=join_timeout_s)
-    return Group(model_dir, addresses, config, cache_dir=cache, log=logs.append, profile=profile)
+    return Group(model_dir, addresses, config, cache_dir=cache, log=logs.append, profile=profile, quantize=quantize)
 
 
 def wait_until(predicate, timeout_s=30.0, what="condition"):
@@ -119,12 +122,12 @@ def wait_until(predicate, timeout_s=30.0, what="condition"):
         time.sleep(0.05)
 
 
-def generate_with_fault(group: Group, fault) -> list[int]:
-    """Stream N_NEW greedy tokens, calling fault() after FAULT_AFTER of them."""
+def generate_with_fault(group: Group, fault, n_new: int = N_NEW, after: int = FAULT_AFTER) -> list[int]:
+    """Stream n_new greedy tokens, calling fault() after `after` of them."""
     got = []
-    for tok in group.generate(PROMPT, N_NEW):
+    for tok in group.generate(PROMPT, n_new):
         got.append(tok)
-        if len(got) == FAULT_AFTER:
+        if len(got) == after:
             fault()
     return got
 
@@ -163,6 +166,60 @@ def test_a_lost_peer_mid_generation_costs_no_token_and_rejoins_at_the_next_reque
         if victim.proc.poll() is not None:
             victim.restart()
         victim.signal(signal.SIGCONT)
+
+
+def test_replay_feeds_the_decode_steps_again_as_rows_of_their_own():
+    """(start, stop, steps_from) calls: a step of several ids (a prompt) starts a call, each one-id step
+    after it is a row attended on its own."""
+    assert replay([0], 7) == [(0, 7, 7)]
+    assert replay([0, 7, 8, 9], 10) == [(0, 10, 7)]
+    assert replay([0, 1, 2], 3) == [(0, 3, 1)]
+    assert replay([0, 7, 8, 12, 13], 14) == [(0, 8, 7), (8, 14, 4)]
+
+
+Q_NEW, Q_FAULT_AFTER = 40, 12
+
+
+@pytest.fixture(scope="module")
+def qpeers(tmp_path_factory):
+    """A tiny model for int4-g32 / int8 (head_dim 16: a KV group's 32 o_proj columns are one int4
+    group) with flat logits (small weights), so greedy tokens meet near ties, and 2 peers holding it."""
+    path = tmp_path_factory.mktemp("group-qmodel")
+    write_model(path, initializer_range=0.05, hidden_size=128, intermediate_size=256, num_hidden_layers=3)
+    cache = tmp_path_factory.mktemp("group-qcache")
+    procs = [PeerProcess(path, cache, f"q{i}") for i in (1, 2)]
+    yield path, procs, cache
+    for p in procs:
+        p.stop()
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantized_weights_keep_every_token_bit_for_bit_through_a_re_plan(qpeers, scheme):
+    """A peer killed mid-generation at world 3 with int4-g32 (int8) weights: every token equals the
+    uninterrupted world-3 run's and a one-device run's. The re-prefill attends each generated row as
+    its decode step did, and every plan sums the same fixed units' partials exactly; with a plain
+    re-prefill and per-rank bf16 partials (the code before, run against this test) the run with the
+    kill parted from the uninterrupted one at its 14th token (int4) and 37th (int8)."""
+    model, procs, cache = qpeers
+    for p in procs:  # the one an earlier case killed
+        if p.proc.poll() is not None:
+            p.restart()
+    h, logs = handler(scheme, 32), []
+    alone = make_group(model, [], cache, logs, quantize=h)
+    try:
+        one = list(alone.generate(PROMPT, Q_NEW))
+    finally:
+        alone.close()
+    group = make_group(model, [p.address for p in procs], cache, logs, quantize=h)
+    try:
+        assert group.describe()["world_size"] == 3
+        uninterrupted = list(group.generate(PROMPT, Q_NEW))
+        got = generate_with_fault(group, lambda: procs[-1].signal(signal.SIGKILL), Q_NEW, Q_FAULT_AFTER)
+        assert group.describe()["world_size"] == 2 and group.describe()["recoveries"] == 1, "\n".join(logs)
+        assert got == uninterrupted
+        assert uninterrupted == one
+    finally:
+        group.close()
 
 
 ROGUE = textwrap.dedent('''

@@ -9,7 +9,8 @@ parallelize.py's hooks on each layer (pager.py, collective) -> back to engine.py
     plan.py          ShardPlan: KV-head groups and MLP columns per rank, proportional to weights (JSON)
     prepare.py       HF folder -> per-rank, per-layer safetensors shards (`edge-runtime tp prepare`)
     engine.py        Shard (one rank's layers), Master (tokens, embeddings, head, decode loop), run_worker
-    parallelize.py   apply_tp (shard + allreduce) and apply_paging (weights from a pager), each alone
+    parallelize.py   apply_tp (shard + allreduce), exact_partials (quantized: plan-independent sums) and
+                     apply_paging (weights from a pager), each alone
     pager.py         the sliding window of resident weight blocks, loaded by a background thread
     blockfile.py     safetensors block files read into owned memory (what the pager and the head read)
     streamed_head.py rank 0's embeddings and LM head read from their files instead of kept in memory

@@ -2,6 +2,7 @@
 
     out = comm.allreduce(partial, layer=i, kind=ATTN)       # (B, T, C) summed over ranks
     cmd, hidden = comm.broadcast(STEP, hidden, step=pos)    # the master sends, workers receive
+    comm.broadcast(STEP, hidden, step=0, steps_from=7)      # a re-prefill: rows 7.. were decode steps
     rows = comm.gather(json.dumps(stats).encode())          # the master gets every rank's bytes
 
 Backends behind it: star_master.py / star_worker.py (ZeroMQ; the master sums in rank order and
@@ -38,18 +39,20 @@ class Collective(ABC):
     bytes_sent: int = 0
     bytes_received: int = 0
     last_step: int = 0  # the `step` field of the last broadcast (positions start of a STEP)
+    last_steps_from: int = -1  # its `steps_from` (a STEP re-feeding decode steps: engine.Shard.layers)
 
     @abstractmethod
     def allreduce(self, tensor: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
-        """Sum `tensor` over all ranks; every rank gets the same bits. The master adds the
-        partials in fp32 in rank order 0, 1, 2, ... `kind`: ATTN or MLP."""
+        """Sum `tensor` over all ranks; every rank gets the same bits, in the tensor's dtype. The
+        master adds the partials in rank order 0, 1, 2, ..., in float64 for float64 partials (the
+        quantized ranks' exact sums: parallelize.exact_partials), else in fp32. `kind`: ATTN or MLP."""
 
     @abstractmethod
-    def broadcast(self, command: int, tensor: torch.Tensor | None = None,
-                  step: int = 0) -> tuple[int, torch.Tensor | None]:
-        """Master: send (command, tensor, step) to every worker and return (command, tensor).
+    def broadcast(self, command: int, tensor: torch.Tensor | None = None, step: int = 0,
+                  steps_from: int = -1) -> tuple[int, torch.Tensor | None]:
+        """Master: send (command, tensor, step, steps_from) to every worker and return (command, tensor).
         Worker: arguments are ignored; block until the master's next broadcast and return it
-        (its `step` is in `self.last_step`)."""
+        (its `step` and `steps_from` are in `self.last_step`, `self.last_steps_from`)."""
 
     @abstractmethod
     def gather(self, data: bytes) -> list[bytes] | None:
@@ -76,8 +79,8 @@ class LocalCollective(Collective):
     def allreduce(self, tensor, layer, kind):
         return tensor
 
-    def broadcast(self, command, tensor=None, step=0):
-        self.last_step = step
+    def broadcast(self, command, tensor=None, step=0, steps_from=-1):
+        self.last_step, self.last_steps_from = step, steps_from
         return command, tensor
 
     def gather(self, data):

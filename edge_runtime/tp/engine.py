@@ -33,7 +33,7 @@ from .budget import plan_windows
 from .collective import RESET, SHUTDOWN, STATS, STEP, Collective, CollectiveError
 from .kernel_layout import kernel_folder
 from .pager import Pager
-from .parallelize import apply_paging, apply_tp
+from .parallelize import apply_paging, apply_tp, exact_partials
 from .plan import ShardPlan
 from .prepare import block_order
 from .streamed_head import attach_head
@@ -76,6 +76,8 @@ class Shard:
         try:
             apply_tp(self.model, self.plan, collective)
             weight_shells(self.model, self.format, dtype)
+            if self.format is not None:
+                exact_partials(self.model, self.plan, self.rank, self.format)
             apply_paging(self.model, self.pager)
             if self.rank == 0:  # embeddings, final norm, LM head: streamed from the files whenever blocks are paged
                 attach_head(self.model, self.dir, stream=not self.pager.keep_all, dtype=dtype)
@@ -89,9 +91,14 @@ class Shard:
         self.L = self.config.num_hidden_layers
         self.timeline = timeline_for(collective)  # None unless EDGEFOLD_TP_TIMELINE is set (timeline.py)
 
-    def layers(self, hidden: torch.Tensor, start: int) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+    def layers(self, hidden: torch.Tensor, start: int, steps_from: int = -1) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        """The layers over `hidden` at positions start..; steps_from >= 0: rows from there on were decode
+        steps, one id each (a re-prefill, group.py), attended as such (Attention.forward's chunks)."""
+        T, chunks = hidden.shape[1], None
+        if 0 <= steps_from < T:
+            chunks = ([steps_from] if steps_from else []) + [1] * (T - steps_from)  # the lead chunk, then steps
         with torch.inference_mode():
-            return self.model.forward_layers(hidden, 0, self.L, positions=start, cache=self.cache)
+            return self.model.forward_layers(hidden, 0, self.L, positions=start, cache=self.cache, chunks=chunks)
 
     def stats_json(self) -> bytes:
         """This rank's counters as JSON (what a gather carries)."""
@@ -136,7 +143,7 @@ def run_worker(rank_dir: str | Path, collective: Collective, window: int | None 
             if command == STEP:
                 if (tl := shard.timeline) is not None:
                     tl.begin()
-                shard.layers(tensor, collective.last_step)
+                shard.layers(tensor, collective.last_step, collective.last_steps_from)
                 if tl is not None:
                     tl.mark("layers")
                     tl.end()
@@ -194,8 +201,9 @@ class Master:
         return self.tokenizer.decode(list(ids))
 
     # --- one forward pass over all ranks ----------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
-        """tokens (1, T) at positions start.. -> logits (1, T or 1, vocab); extends every rank's cache."""
+    def forward(self, tokens: torch.Tensor, start: int, all_logits: bool = False, steps_from: int = -1) -> torch.Tensor:
+        """tokens (1, T) at positions start.. -> logits (1, T or 1, vocab); extends every rank's cache.
+        steps_from >= 0: tokens from there on are decode steps fed again (Shard.layers)."""
         if self._closed:
             raise RuntimeError("the master is closed (an earlier request failed or finish() was called)")
         try:
@@ -203,10 +211,10 @@ class Master:
                 if (tl := self.shard.timeline) is not None:
                     tl.begin()
                 h = self.model.embed(tokens)  # (1, T, C)
-                self.collective.broadcast(STEP, h, step=start)
+                self.collective.broadcast(STEP, h, step=start, steps_from=steps_from)
                 if tl is not None:
                     tl.mark("embed")
-                h = self.shard.layers(h, start)  # (1, T, C)
+                h = self.shard.layers(h, start, steps_from)  # (1, T, C)
                 if tl is not None:
                     tl.mark("layers")
                 logits = self.model.head(h if all_logits else h[:, -1:])  # (1, T or 1, vocab)

@@ -6,9 +6,10 @@
 Rendezvous uses the TCP store at the master's port + 1; gloo then opens its own peer-to-peer
 connections (every rank to every rank, on ports it picks), so a proxy in front of the master does
 not sit on gloo's data path. allreduce is dist.all_reduce (ring: reduce-scatter then all-gather,
-2 (N-1) sequential steps; the summation order is gloo's, so results match the rank-order sum to
-within rounding, not bit for bit). broadcast sends a small int64 header tensor
-[command, step, dtype, ndim, shape x 8] and then the raw bytes of the tensor. gather all-gathers
+2 (N-1) sequential steps; the summation order is gloo's, so fp32 results match the rank-order sum
+to within rounding, not bit for bit; the quantized ranks' float64 partials, exact sums of bf16
+values, are summed in float64 and give the same bits in any order). broadcast sends a small int64
+header tensor [command, step, steps_from, dtype, ndim, shape x 8] and then the raw bytes of the tensor. gather all-gathers
 the payload lengths, then gathers the payloads to rank 0 as uint8 tensors padded to the longest
 (torch's gather_object would pickle).
 
@@ -32,7 +33,7 @@ from .collective import Collective, CollectiveError
 from .config import TPConfig
 from .wire import MAX_NDIM, NUMPY, DType, array_to_tensor, tensor_to_array
 
-_HEADER = 4 + MAX_NDIM  # command, step, dtype, ndim, shape
+_HEADER = 5 + MAX_NDIM  # command, step, steps_from, dtype, ndim, shape
 WORK_TIMEOUT_S = 30.0  # a worker's wait for the sum (or for a gather to complete)
 IDLE_TIMEOUT_S = 3600.0  # a worker's wait for the next broadcast
 
@@ -67,7 +68,8 @@ class GlooCollective(Collective):
 
     def allreduce(self, tensor: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
         self._check()
-        buf = tensor.detach().to(self._wire, copy=True).contiguous()
+        wire = torch.float64 if tensor.dtype == torch.float64 and self._wire == torch.float32 else self._wire
+        buf = tensor.detach().to(wire, copy=True).contiguous()
         try:
             dist.all_reduce(buf, group=self._ops)
         except RuntimeError as e:
@@ -79,18 +81,18 @@ class GlooCollective(Collective):
         self.bytes_received += ring
         return buf.to(tensor.dtype)
 
-    def broadcast(self, command: int, tensor: torch.Tensor | None = None, step: int = 0):
+    def broadcast(self, command: int, tensor: torch.Tensor | None = None, step: int = 0, steps_from: int = -1):
         self._check()
-        header = torch.zeros(_HEADER, dtype=torch.int64)  # [command, step, dtype, ndim, shape...]
+        header = torch.zeros(_HEADER, dtype=torch.int64)  # [command, step, steps_from, dtype, ndim, shape...]
         if self.rank == 0:
             code, arr = tensor_to_array(tensor) if tensor is not None else (DType.NONE, None)
             shape = () if arr is None else arr.shape
-            header[:4] = torch.tensor([command, step, int(code), len(shape)])
-            header[4:4 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+            header[:5] = torch.tensor([command, step, steps_from, int(code), len(shape)])
+            header[5:5 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
         try:
             dist.broadcast(header, src=0, group=self._idle)
-            command, step, code, ndim = (int(v) for v in header[:4])
-            shape = tuple(int(v) for v in header[4:4 + ndim])
+            command, step, steps_from, code, ndim = (int(v) for v in header[:5])
+            shape = tuple(int(v) for v in header[5:5 + ndim])
             if code == DType.NONE:
                 payload = None
             elif self.rank == 0:
@@ -106,7 +108,7 @@ class GlooCollective(Collective):
             self.bytes_sent += nbytes * (self.world_size - 1)
         else:
             self.bytes_received += nbytes
-        self.last_step = step
+        self.last_step, self.last_steps_from = step, steps_from
         if self.rank == 0:
             return command, tensor
         if payload is None:

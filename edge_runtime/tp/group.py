@@ -20,8 +20,11 @@ star_master.py), and has already told the others to abort. The group drops those
 whether they are back and idle (a stalled one is not), forms a new plan over them, prefills every
 token fed so far (prompt and generated) and hands the decode loop the last position's logits, so
 the loop goes on as if nothing happened: greedy output equals an uninterrupted run and the stream
-has no gap or repeat. A peer that answers again (restarted, resumed, or a listed one that was not up)
-is taken in at the next request boundary, never mid-step.
+has no gap or repeat. The re-prefill is one call whose generated rows attend one at a time, as
+their decode steps did (`replay`), and quantized ranks sum fixed units of their partials exactly
+(parallelize.exact_partials), so with int8 / int4 weights too every logit keeps its bits. A peer
+that answers again (restarted, resumed, or a listed one that was not up) is taken in at the next
+request boundary, never mid-step.
 """
 from __future__ import annotations
 
@@ -102,6 +105,19 @@ class Discovery:
                     trust_on_first_use=self.trust_on_first_use, require_key=tp.curve_keys is not None)
 
 
+def replay(cuts: list[int], end: int) -> list[tuple[int, int, int]]:
+    """The forward calls (start, stop, steps_from) that feed ids [0, end) again as steps starting at
+    `cuts` fed them: a step of several ids (a prompt) starts a call, each one-id step after it joins
+    that call as a row attended on its own (engine.Shard.layers), so every row gets its bits back."""
+    calls: list[list[int]] = []
+    for a, b in zip(cuts, cuts[1:] + [end]):
+        if b - a == 1 and calls:
+            calls[-1][1] = b
+        else:
+            calls.append([a, b, b - a])
+    return [tuple(c) for c in calls]
+
+
 class GroupError(RuntimeError):
     """No plan fits the peers that remain (the message has the figures), or forming failed."""
 
@@ -161,18 +177,23 @@ class Group:
         if any(not 0 <= t < V for t in prompt):
             raise ValueError(f"prompt ids must be in [0, {V}), got {[t for t in prompt if not 0 <= t < V][:5]}")
         fed: list[int] = []  # every id the ranks' KV caches hold, in order
+        cuts: list[int] = []  # where each step's ids start in `fed`
 
         def step(ids: list[int], start: int) -> torch.Tensor:  # -> (vocab,) logits of the last id
             del fed[start:]
+            cuts[:] = [c for c in cuts if c < start] + [start]
             fed.extend(ids)
+            calls = [(start, len(fed), len(ids))]
             while True:
                 try:
-                    if start == 0:
-                        self.master.reset()
-                    return self.master.forward(torch.tensor([ids]), start)[0, -1]
+                    for a, b, steps_from in calls:
+                        if a == 0:
+                            self.master.reset()
+                        logits = self.master.forward(torch.tensor([fed[a:b]]), a, steps_from=steps_from)[0, -1]
+                    return logits
                 except CollectiveError as err:
                     self._recover(err)
-                    ids, start = list(fed), 0  # rebuild every rank's KV cache on the new plan
+                    calls = replay(cuts, len(fed))  # rebuild every rank's KV cache on the new plan
 
         self.last = Generation(step, prompt, max_new_tokens, sampling, stop)
         return self.last

@@ -3,6 +3,7 @@
     with torch.device("meta"):
         model = Llama(config, with_embed=False, with_head=False)       # no weight memory
     apply_tp(model, plan, collective)      # this rank's heads and MLP columns; two allreduces per layer
+    exact_partials(model, plan, rank, h)   # quantized weights (after weight_shells): plan-independent sums
     apply_paging(model, pager)             # block weights acquired before a block runs, released after
     attach_head(model, "shards/rank0", stream=True)                     # rank 0: streamed_head.py
     h = model.forward_layers(h, 0, L, positions=p, cache=cache)
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from split.llama import Llama
+from split.llama.quantize import Format, row_units
 
 from .collective import ATTN, MLP, Collective
 from .plan import ShardPlan
@@ -83,11 +85,28 @@ def apply_tp(model: Llama, plan: ShardPlan, collective: Collective) -> Llama:
             _slice(proj, 0, plan.mlp[rank])  # (local columns, C)
         _slice(mlp.down_proj, 1, plan.mlp[rank], keep_bias=rank == 0)  # (C, local columns)
 
-        def allreduce(i: int, kind: int):
-            return lambda module, args, output: collective.allreduce(output, i, kind)  # (B, T, C) summed
+        def allreduce(i: int, kind: int):  # (B, T, C) summed, in the block input's dtype (exact_partials)
+            return lambda module, args, output: collective.allreduce(output, i, kind).to(args[0].dtype)
 
         attn.register_forward_hook(allreduce(int(name), ATTN))
         mlp.register_forward_hook(allreduce(int(name), MLP))
+    return model
+
+
+def exact_partials(model: Llama, plan: ShardPlan, rank: int, h: Format) -> Llama:
+    """Quantized weights (format `h`, after weight_shells): each o_proj / down_proj of `rank` sums its
+    fixed units' partials (split.llama.quantize.row_units; QuantLinear.set_units) in float64 and hands
+    that to the allreduce, which sums float64 and casts once: exact sums of the same bf16 partials on
+    every plan, so a re-plan, or one device, gives the same bits. Returns the model."""
+    units = row_units(model.config, h)
+    spans = {"self_attn.o_proj": plan.q_rows(rank), "mlp.down_proj": plan.mlp[rank]}
+    for name, (a, b) in spans.items():
+        local = [(u - a, v - a) for u, v in units[name] if a <= u and v <= b]
+        if sum(v - u for u, v in local) != b - a:
+            raise ValueError(f"rank {rank}'s {name} columns [{a}, {b}) are not whole units of {units[name]} "
+                             f"(shards prepared by an older version: prepare them again)")
+        for layer in model.layers.values():
+            layer.get_submodule(name).set_units(local, keep_float64=True)
     return model
 
 

@@ -6,10 +6,11 @@
 
 Attention is split by whole KV-head groups (rank r holds KV heads kv_heads[r] = [a, b) and the
 query heads of those groups, [a*g, b*g) with g = heads / kv_heads); the MLP intermediate dimension
-is split separately (finer than the head split). Both are proportional to the per-rank weights by
-largest-remainder apportionment with at least one unit per rank, so any world size from 1 up to
-the number of KV heads works and no power-of-two rule applies. Rank 0 (the master) additionally
-holds the embeddings, the final norm and the LM head.
+is split separately (finer than the head split; with quantized weights in the whole chunks
+split.llama.quantize.row_units fixes, as coarse as the KV heads). Both are proportional to the
+per-rank weights by largest-remainder apportionment with at least one unit per rank, so any world
+size from 1 up to the number of KV heads works and no power-of-two rule applies. Rank 0 (the
+master) additionally holds the embeddings, the final norm and the LM head.
 """
 
 from __future__ import annotations
@@ -186,20 +187,20 @@ class ShardPlan:
             raise ValueError(f"rank must be in [0, {W}) for this plan, got {rank}")
 
 
-def _units(total: int, weights: list[float], unit: int) -> list[int]:
-    """apportion() in whole units of `unit`, the remainder (total % unit) to the last rank."""
-    if total // unit < len(weights):
-        raise ValueError(f"cannot split {total} MLP columns in units of {unit} over {len(weights)} ranks")
-    sizes = [n * unit for n in apportion(total // unit, weights)]
-    sizes[-1] += total % unit
-    return sizes
+def _whole_chunks(chunks: list[tuple[int, int]], weights: list[float]) -> list[tuple[int, int]]:
+    """apportion() of whole `chunks` (ranges tiling a dimension, in order): each rank's [start, stop)."""
+    if len(chunks) < len(weights):
+        raise ValueError(f"cannot split the MLP's {len(chunks)} fixed chunk(s) over {len(weights)} ranks "
+                         "(a rank takes whole ones)")
+    ends = _ranges(apportion(len(chunks), weights))
+    return [(chunks[a][0], chunks[b - 1][1]) for a, b in ends]
 
 
 def make_plan(config: LlamaConfig, world_size: int, weights: list[float] | None = None,
-              mlp_unit: int = 1) -> ShardPlan:
+              mlp_chunks: list[tuple[int, int]] | None = None) -> ShardPlan:
     """Plan a `world_size`-way split of `config`, shares proportional to `weights` (default equal).
-    The MLP is split in whole units of `mlp_unit` columns (quantized weights: whole int4 groups, or
-    the int8 kernel's multiple of 16), the last rank taking any remainder."""
+    The MLP is split in columns, or in whole `mlp_chunks` (quantized weights: the fixed chunks whose
+    partial sums split.llama.quantize.row_units rounds on their own, so every plan sums the same)."""
     kv = config.num_key_value_heads
     if isinstance(world_size, bool) or not isinstance(world_size, int) or not 1 <= world_size <= kv:
         raise ValueError(f"world_size must be an integer from 1 to num_key_value_heads={kv} "
@@ -209,9 +210,9 @@ def make_plan(config: LlamaConfig, world_size: int, weights: list[float] | None 
         raise ValueError(f"weights must have world_size={world_size} entries, got {len(weights)}")
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise ValueError(f"weights must all be positive finite numbers, got {weights}")
-    plan = ShardPlan(world_size=world_size, weights=weights,
-                     kv_heads=_ranges(apportion(kv, weights)),
-                     mlp=_ranges(_units(config.intermediate_size, weights, mlp_unit)),
+    mlp = (_ranges(apportion(config.intermediate_size, weights)) if mlp_chunks is None
+           else _whole_chunks(mlp_chunks, weights))
+    plan = ShardPlan(world_size=world_size, weights=weights, kv_heads=_ranges(apportion(kv, weights)), mlp=mlp,
                      model=model_identity(config))
     plan.check(config)
     return plan

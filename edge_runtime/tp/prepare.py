@@ -29,8 +29,9 @@ With `quantize` (split.llama.quantize's Int8 or Int4: `tp prepare --quantize int
 `<name>.scales`, int4 also `<name>.zeros`) and the embeddings and LM head as int8 rows with one
 scale each (llama.cpp likewise keeps its q4_0 output layer at higher precision). A weight is
 quantized whole, a row chunk at a time, before it is sliced per rank, so a rank's slice holds
-exactly the values one device would. The MLP is split in whole groups (plan.make_plan's
-mlp_unit) and every slice is checked against the kernels' shape rules before anything is written.
+exactly the values one device would. The MLP is split in whole fixed chunks (row_units: each
+rank's partial sums are those chunks' and its KV groups', exactly as one device sums them) and
+every slice is checked against the kernels' shape rules before anything is written.
 A projection the checkpoint already holds in the asked format (TensorSource.kept: a GGUF's Q4_0 /
 Q8_0 integers for int4-g32 / int8-g32, split.llama.gguf_checkpoint.KEPT) is taken as stored instead
 of quantized from its floats, and stderr says which were taken and which quantized.
@@ -50,7 +51,7 @@ from safetensors.torch import save_file
 
 from split.llama import Llama, LlamaConfig, Source, hf_source
 from split.llama.checkpoint import TensorSource, tensor_source
-from split.llama.quantize import Int4, Int8, handler_of, quantize_rows
+from split.llama.quantize import Int4, Int8, handler_of, quantize_rows, row_units
 
 from .blockfile import block_path, malloc_trim
 from .budget import apply_budget
@@ -113,7 +114,8 @@ def make_format_plan(config: LlamaConfig, world_size: int, weights: list[float] 
                      quantize: Int8 | Int4 | None = None, max_rank_memory: int | None = None) -> ShardPlan:
     """The plan `prepare` writes: the split (in whole quantization units), the weight format and, with
     a budget, each rank's window. Every slice is checked against the format's shape rules."""
-    plan = make_plan(config, world_size, weights, mlp_unit=quantize.unit if quantize is not None else 1)
+    chunks = None if quantize is None else row_units(config, quantize)["mlp.down_proj"]
+    plan = make_plan(config, world_size, weights, mlp_chunks=chunks)
     if quantize is not None:
         plan.extra["quantize"] = quantize.to_dict()
         Int8().check("lm_head.weight (and embed_tokens.weight: int8 rows)", config.vocab_size, config.hidden_size)

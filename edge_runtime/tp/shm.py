@@ -4,21 +4,22 @@ ZeroMQ (fastpath.py's unix socket still carries every other message).
     link = ShmLink.create()                   # master, for one local worker: a file in /dev/shm
     link = ShmLink.open(name)                 # that worker, given link.name in WELCOME
     link.put(UP, seq, partial)                # worker -> master
-    acc += link.get(UP, seq, shape, idle)     # master: busy-polls until partial `seq` is there
+    acc += link.get(UP, seq, shape, np.float32, idle)   # master: busy-polls until partial `seq` is there
 
 Why: a message through ZeroMQ crosses two I/O threads, and on a small VM each hop is a wakeup
 (46M, world 2 on 2 cores: 24 allreduces per token cost ~10 ms of a 30 ms token; one round trip of
 2 KiB over ipc takes ~130 us, through a shared page ~3 us).
 
 Layout: two mailboxes, UP (the worker's partial) and DOWN (the sum), each a 64-byte slot whose
-first int64 is the seq of the payload behind it, then CAPACITY bytes of float32. A writer fills the
-payload, then publishes the seq; a reader waits for its seq, then copies the payload out. Mailboxes
+first int64 is the seq of the payload behind it, then CAPACITY bytes of float32 (or float64: the
+quantized ranks' exact partials, parallelize.exact_partials; both sides know which from their own
+partial). A writer fills the payload, then publishes the seq; a reader waits for its seq, then copies the payload out. Mailboxes
 are never overwritten before they are read: the next partial follows the sum, which follows this
 partial. x86-64 keeps ordinary stores (and loads) in program order, and the locked instruction
 of a lock's acquire (_fence) also orders string and non-temporal stores a copy may use, so a
 reader that sees the seq sees the payload: the link is offered only there (available()).
-Only fp32 payloads of at most CAPACITY bytes go this way; larger ones (long prompts) take ZeroMQ,
-which both sides decide alike from the shape.
+Only fp32 (fp64) payloads of at most CAPACITY bytes go this way; larger ones (long prompts) take
+ZeroMQ, which both sides decide alike from the shape and dtype.
 """
 from __future__ import annotations
 
@@ -87,9 +88,9 @@ class ShmLink:
         return nbytes <= CAPACITY
 
     def put(self, box: int, seq: int, arr: np.ndarray) -> None:
-        """Publish `arr` (float32, at most CAPACITY bytes) as message `seq` of mailbox `box`."""
+        """Publish `arr` (float32 or float64, at most CAPACITY bytes) as message `seq` of mailbox `box`."""
         off = box * (SLOT + CAPACITY) + SLOT
-        np.frombuffer(self._map, np.float32, arr.size, off)[:] = arr.reshape(-1)
+        np.frombuffer(self._map, arr.dtype, arr.size, off)[:] = arr.reshape(-1)
         _fence()
         self._seq[box][0] = seq
 
@@ -97,8 +98,8 @@ class ShmLink:
         """Is message `seq` of mailbox `box` there now?"""
         return int(self._seq[box][0]) == seq
 
-    def get(self, box: int, seq: int, shape: tuple, idle) -> np.ndarray | None:
-        """Message `seq` of mailbox `box` (a float32 copy of `shape`) once it is there. While waiting,
+    def get(self, box: int, seq: int, shape: tuple, dtype, idle) -> np.ndarray | None:
+        """Message `seq` of mailbox `box` (a copy, `dtype` of `shape`) once it is there. While waiting,
         idle() is called every ~1 ms; it raises to give up (deadline, the peer gone)."""
         flag = self._seq[box]
         if flag[0] != seq:
@@ -114,7 +115,7 @@ class ShmLink:
                     time.sleep(SLEEP_S)
         _fence()
         n = int(np.prod(shape))
-        return np.frombuffer(self._map, np.float32, n, box * (SLOT + CAPACITY) + SLOT).reshape(shape).copy()
+        return np.frombuffer(self._map, dtype, n, box * (SLOT + CAPACITY) + SLOT).reshape(shape).copy()
 
     def unlink(self) -> None:
         try:

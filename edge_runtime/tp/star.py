@@ -6,7 +6,8 @@ StarWorker (star_worker.py) every other rank; connect.make_collective picks by r
 
 One allreduce is one round trip on every worker-master link, the physical floor for a star:
     worker r:  PARTIAL(layer, kind, seq) + payload  ->  master
-    master:    sum = p0 + p1 + ... + p(N-1) in fp32, in rank order (deterministic bits)
+    master:    sum = p0 + p1 + ... + p(N-1) in fp32, in rank order (deterministic bits); float64
+               partials (quantized ranks: parallelize.exact_partials) travel and sum in float64
     master:    SUM(layer, kind, seq) + payload      ->  every worker  (no acks anywhere)
 A broadcast is one message down (BCAST: command, step, tensor); a gather one message up from each
 worker (GATHER: raw bytes). Messages are a fixed header frame plus raw buffer frames (wire.py);
@@ -43,7 +44,7 @@ import zmq
 
 from .collective import Collective, CollectiveError
 from .fastpath import Spin
-from .wire import PAYLOAD_DTYPE, DType, Header, Msg, WireError, decode, encode
+from .wire import PAYLOAD_DTYPE, DType, Header, Msg, WireError, decode, encode, tensor_to_array
 
 HEARTBEAT_S = 1.0  # ZMTP PING interval; a peer silent for 5 of them is gone
 MAX_GATHER_BYTES = 1 << 20  # what one rank may send to a gather (stats and such, not tensors)
@@ -63,9 +64,8 @@ def describe(h: Header) -> str:
 
 
 def as_tensor(result: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """An owned tensor of `dtype` from the fp32-compatible array an allreduce produced."""
-    out = torch.from_numpy(np.array(result, dtype=np.float32, copy=True))
-    return out if dtype == torch.float32 else out.to(dtype)
+    """An owned tensor of `dtype` from the array an allreduce produced."""
+    return torch.from_numpy(np.array(result, copy=True)).to(dtype)
 
 
 class StarPeer(Collective):
@@ -120,6 +120,13 @@ class StarPeer(Collective):
         if tell:
             self._tell(message)
         raise CollectiveError(message, tuple(ranks))
+
+    def _partial(self, tensor: torch.Tensor) -> tuple[np.ndarray, DType]:
+        """An allreduce's partial as the array to add (float64 stays float64, anything else fp32) and
+        its wire dtype: F64 for float64 partials with the fp32 payload (exact), else the payload's."""
+        if tensor.dtype == torch.float64 and self.payload == DType.F32:
+            return tensor_to_array(tensor)[1], DType.F64
+        return tensor_to_array(tensor.float() if tensor.dtype != torch.float32 else tensor)[1], self.payload
 
     def _encode(self, arr: np.ndarray, dtype: DType | None = None) -> list:
         """Payload frames of `arr` as `dtype` (default: this collective's payload precision)."""

@@ -58,43 +58,44 @@ class StarMaster(StarPeer):
     def allreduce(self, tensor: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
         self._check()
         self._seq += 1
-        _, own = tensor_to_array(tensor.float() if tensor.dtype != torch.float32 else tensor)  # (..., C)
-        acc = np.array(own, dtype=np.float32, copy=True)
+        own, wire = self._partial(tensor)  # (..., C)
+        acc = np.array(own, copy=True)
         if len(self._shm) == self.world_size - 1 and ShmLink.fits(acc.nbytes):  # every worker on this host
             deadline = time.monotonic() + self.timeout_s
             for r in range(1, self.world_size):  # fixed rank order: the same bits every run
-                np.add(acc, self._wait_shm(r, acc.shape, deadline, f"partial for layer {layer} kind {kind}"), out=acc)
+                np.add(acc, self._wait_shm(r, acc.shape, acc.dtype, deadline, f"partial for layer {layer} kind {kind}"),
+                       out=acc)
             for r in range(1, self.world_size):
                 self._shm[r].put(DOWN, self._seq, acc)
                 self.bytes_sent += acc.nbytes
-            return torch.from_numpy(acc) if tensor.dtype == torch.float32 else torch.from_numpy(acc).to(tensor.dtype)
+            return torch.from_numpy(acc).to(tensor.dtype)
 
         def wrong(h: Header) -> str:
-            if h.shape != own.shape or h.dtype != self.payload:
+            if h.shape != own.shape or h.dtype != wire:
                 return (f"a {h.dtype.name} partial of shape {h.shape} for layer {layer} kind {kind}, "
-                        f"expected {self.payload.name} of shape {own.shape}")
+                        f"expected {wire.name} of shape {own.shape}")
             return ""
 
         partials = self._collect(Msg.PARTIAL, layer, kind, f"partial for layer {layer} kind {kind}", wrong)
         for r in range(1, self.world_size):  # fixed rank order: the same bits every run
             np.add(acc, partials[r], out=acc)
-        frames = self._encode(acc)
-        head = Header(Msg.SUM, 0, self.world_size, kind, layer, 0, self._seq, self.payload, acc.shape).pack()
+        frames = self._encode(acc, wire)
+        head = Header(Msg.SUM, 0, self.world_size, kind, layer, 0, self._seq, wire, acc.shape).pack()
         for r in range(1, self.world_size):
             self._send_to(r, [head, *frames])
-        result = acc if self.payload == DType.F32 else decode(Header(Msg.SUM, dtype=self.payload, shape=acc.shape), frames)
+        result = acc if wire in (DType.F32, DType.F64) else decode(Header(Msg.SUM, dtype=wire, shape=acc.shape), frames)
         return as_tensor(result, tensor.dtype)
 
-    def broadcast(self, command: int, tensor: torch.Tensor | None = None, step: int = 0):
+    def broadcast(self, command: int, tensor: torch.Tensor | None = None, step: int = 0, steps_from: int = -1):
         self._check()
         self._seq += 1
         code, arr = tensor_to_array(tensor) if tensor is not None else (DType.NONE, None)
         frames = [] if arr is None else self._encode(arr, code)
-        head = Header(Msg.BCAST, 0, self.world_size, command, -1, step, self._seq, code,
+        head = Header(Msg.BCAST, 0, self.world_size, command, steps_from, step, self._seq, code,
                       () if arr is None else arr.shape).pack()
         for r in range(1, self.world_size):  # copied: the caller keeps (and may change) its tensor
             self._send_to(r, [head, *frames], copy=True)
-        self.last_step = step
+        self.last_step, self.last_steps_from = step, steps_from
         return command, tensor
 
     def gather(self, data: bytes) -> list[bytes]:
@@ -192,7 +193,7 @@ class StarMaster(StarPeer):
             got[r] = self._decode(h, frames[1:], f"rank {r}", ranks=[r])
         return got
 
-    def _wait_shm(self, r: int, shape: tuple, deadline: float, what: str) -> np.ndarray:
+    def _wait_shm(self, r: int, shape: tuple, dtype, deadline: float, what: str) -> np.ndarray:
         """Rank r's partial from its mailbox; while waiting, a closed connection, a message on the
         socket (a BYE) or the deadline ends the wait."""
         def idle():
@@ -217,7 +218,7 @@ class StarMaster(StarPeer):
             if time.monotonic() > deadline:
                 self._fail(f"rank(s) [{r}] sent no {what} (seq {self._seq}) within {self.timeout_s:g} s", ranks=[r])
 
-        out = self._shm[r].get(UP, self._seq, shape, idle)
+        out = self._shm[r].get(UP, self._seq, shape, dtype, idle)
         self.bytes_received += out.nbytes
         return out
 

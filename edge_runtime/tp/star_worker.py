@@ -22,7 +22,7 @@ from .config import TPConfig
 from .fastpath import worker_endpoint
 from .shm import DOWN, UP, ShmLink
 from .star import HANDSHAKE_FAILED, StarPeer, as_tensor, describe, text_of
-from .wire import DType, Header, Msg, WireError, array_to_tensor, tensor_to_array, unpack
+from .wire import DType, Header, Msg, WireError, array_to_tensor, unpack
 
 WORK_TIMEOUT_S = 30.0  # a worker's wait for the sum of an allreduce it sent its partial to
 
@@ -70,22 +70,21 @@ class StarWorker(StarPeer):
     def allreduce(self, tensor: torch.Tensor, layer: int, kind: int) -> torch.Tensor:
         self._check()
         self._seq += 1
-        _, own = tensor_to_array(tensor.float() if tensor.dtype != torch.float32 else tensor)  # (..., C)
+        own, wire = self._partial(tensor)  # (..., C)
         if self._link is not None and ShmLink.fits(own.nbytes):
             self._link.put(UP, self._seq, own)
             self.bytes_sent += own.nbytes
-            out = torch.from_numpy(self._wait_shm(own.shape, layer, kind))
-            return out if tensor.dtype == torch.float32 else out.to(tensor.dtype)
-        head = Header(Msg.PARTIAL, self.rank, self.world_size, kind, layer, 0, self._seq, self.payload, own.shape)
-        self._send([head.pack(), *self._encode(own)])
+            return torch.from_numpy(self._wait_shm(own.shape, own.dtype, layer, kind)).to(tensor.dtype)
+        head = Header(Msg.PARTIAL, self.rank, self.world_size, kind, layer, 0, self._seq, wire, own.shape)
+        self._send([head.pack(), *self._encode(own, wire)])
         h, payload = self._recv(WORK_TIMEOUT_S, "the sum", spin=True)
-        if (h.type, h.seq, h.layer, h.code, h.shape, h.dtype) != (Msg.SUM, self._seq, layer, kind, own.shape, self.payload):
+        if (h.type, h.seq, h.layer, h.code, h.shape, h.dtype) != (Msg.SUM, self._seq, layer, kind, own.shape, wire):
             self._fail(f"rank {self.rank}: out of sync with the master: got {describe(h)} shape {h.shape} "
                        f"{h.dtype.name}, expected SUM seq {self._seq} layer {layer} kind {kind} shape {own.shape} "
-                       f"{self.payload.name}")
+                       f"{wire.name}")
         return as_tensor(self._decode(h, payload, "the master"), tensor.dtype)
 
-    def _wait_shm(self, shape: tuple, layer: int, kind: int) -> np.ndarray:
+    def _wait_shm(self, shape: tuple, dtype, layer: int, kind: int) -> np.ndarray:
         """The sum from our mailbox; a message on the socket (ABORT, BYE), a lost master or
         WORK_TIMEOUT_S ends the wait."""
         deadline = time.monotonic() + WORK_TIMEOUT_S
@@ -105,7 +104,7 @@ class StarWorker(StarPeer):
                 self._fail(f"rank {self.rank}: no sum for layer {layer} kind {kind} from the master within "
                            f"{WORK_TIMEOUT_S:g} s")
 
-        out = self._link.get(DOWN, self._seq, shape, idle)
+        out = self._link.get(DOWN, self._seq, shape, dtype, idle)
         self.bytes_received += out.nbytes
         return out
 
@@ -114,7 +113,7 @@ class StarWorker(StarPeer):
         if self._link is not None:
             self._link.close()
 
-    def broadcast(self, command: int = 0, tensor: torch.Tensor | None = None, step: int = 0):
+    def broadcast(self, command: int = 0, tensor: torch.Tensor | None = None, step: int = 0, steps_from: int = -1):
         self._check()
         self._seq += 1
         h, payload = self._recv(None, "the next broadcast")
@@ -122,7 +121,7 @@ class StarWorker(StarPeer):
             self._fail(f"rank {self.rank}: out of sync with the master: got {describe(h)}, "
                        f"expected BCAST seq {self._seq}")
         arr = self._decode(h, payload, "the master")
-        self.last_step = h.step
+        self.last_step, self.last_steps_from = h.step, h.layer
         return h.code, None if arr is None else array_to_tensor(h.dtype, arr)
 
     def gather(self, data: bytes) -> None:

@@ -6,8 +6,9 @@ Header (little-endian, 100 bytes, `HEADER`):
 Types: HELLO / WELCOME / REJECT (joining), PARTIAL / SUM (allreduce), BCAST (broadcast), GATHER
 (a worker's bytes for the master), ABORT / BYE (leaving, with a UTF-8 reason). `code` is the
 allreduce kind (0 attention, 1 MLP), the broadcast command, or in a HELLO the worker's payload
-dtype. Payload frames by dtype:
-    F32 / F16 / BF16 / I64 / I32 / U8 / I8 / BYTES: one frame, row-major, exactly prod(shape) items
+dtype. `layer` is the allreduce's layer; in a BCAST its `steps_from` (collective.py; -1: none).
+Payload frames by dtype:
+    F32 / F64 / F16 / BF16 / I64 / I32 / U8 / I8 / BYTES: one frame, row-major, exactly prod(shape) items
     Q8: int8 values, then fp32 scales, one per row (last dim): x ~= q * scale, scale = absmax / 127
     NONE: no payload frame
 """
@@ -21,7 +22,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-MAGIC, VERSION, MAX_NDIM = b"EFTP", 2, 8  # version 2: GATHER
+MAGIC, VERSION, MAX_NDIM = b"EFTP", 3, 8  # version 2: GATHER; 3: F64 partials, a BCAST's steps_from
 HEADER = struct.Struct("<4sBBHHHiqQBB2x8q")
 
 
@@ -34,13 +35,13 @@ class Msg(IntEnum):
 
 
 class DType(IntEnum):
-    NONE, BYTES, F32, F16, BF16, I64, I32, U8, I8, Q8 = range(10)
+    NONE, BYTES, F32, F16, BF16, I64, I32, U8, I8, Q8, F64 = range(11)
 
 
 # numpy item type of each raw dtype (bf16 travels as its 16 raw bits)
 NUMPY = {DType.BYTES: np.uint8, DType.F32: np.float32, DType.F16: np.float16, DType.BF16: np.uint16,
-       DType.I64: np.int64, DType.I32: np.int32, DType.U8: np.uint8, DType.I8: np.int8}
-_TORCH = {torch.float32: DType.F32, torch.float16: DType.F16, torch.bfloat16: DType.BF16,
+       DType.I64: np.int64, DType.I32: np.int32, DType.U8: np.uint8, DType.I8: np.int8, DType.F64: np.float64}
+_TORCH = {torch.float32: DType.F32, torch.float64: DType.F64, torch.float16: DType.F16, torch.bfloat16: DType.BF16,
           torch.int64: DType.I64, torch.int32: DType.I32, torch.uint8: DType.U8, torch.int8: DType.I8}
 PAYLOAD_DTYPE = {"fp32": DType.F32, "fp16": DType.F16, "int8": DType.Q8}
 

@@ -121,7 +121,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(hd, config.rms_norm_eps) if config.qk_norm else None
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, positions, cache: KVCache | None = None, chunks=None):
+        """`chunks`: the lengths of the calls the rows were first fed in (None: this call is one). Each
+        chunk's rows attend to the keys up to its end in an attention call of their own, so feeding
+        a prompt and the decode steps after it again in one call gives each row the bits it had."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_local_heads, self.head_dim)  # (B, T, n_head, head_dim)
         k = self.k_proj(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, n_kv_head, head_dim)
@@ -131,20 +134,39 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, n_head | n_kv_head, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        kv_pos = positions
         if cache is not None:
             k, v, kv_pos = cache.update(self.layer_idx, k, v, positions)  # (B, n_kv_head, S, head_dim)
-            mask, causal = attention_mask(positions, kv_pos, self.window), False
+        if chunks is not None:
+            y = self.attend_chunks(q, k, v, positions, kv_pos, chunks)
+        elif cache is not None:
+            y = self.attend(q, k, v, attention_mask(positions, kv_pos, self.window), False)
         elif self.window is not None and T > self.window:
-            mask, causal = attention_mask(positions, positions, self.window), False
+            y = self.attend(q, k, v, attention_mask(positions, positions, self.window), False)
         else:
-            mask, causal = None, True  # T_q == T_kv, same positions: the plain lower triangle
+            y = self.attend(q, k, v, None, True)  # T_q == T_kv, same positions: the plain lower triangle
+        y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
+        return self.o_proj(y)  # (B, T, C); partial sums under tensor parallelism
 
+    def attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:  # -> (B, n_head, T, head_dim)
         n_rep = self.n_local_heads // self.n_local_kv_heads  # GQA: each kv head serves n_rep q heads
         k = k.repeat_interleave(n_rep, dim=1)  # (B, n_head, S, head_dim)
         v = v.repeat_interleave(n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, n_head, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_local_heads * self.head_dim)
-        return self.o_proj(y)  # (B, T, C); partial sums under tensor parallelism
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def attend_chunks(self, q, k, v, positions, kv_pos, chunks) -> torch.Tensor:
+        """q (B, n_head, T, hd) in chunks of the given lengths (summing to T), each over the keys up to
+        its own end (k, v: (B, n_kv_head, S, hd), the last T of them this call's)."""
+        T, S = q.shape[2], k.shape[2]
+        if sum(chunks) != T or min(chunks, default=1) < 1:
+            raise ValueError(f"chunks must be positive lengths summing to the {T} rows fed, got {list(chunks)}")
+        ys, a = [], 0
+        for n in chunks:
+            end = S - T + a + n  # keys up to this chunk's last row
+            mask = attention_mask(positions[a:a + n], kv_pos[:end], self.window)  # (n, end)
+            ys.append(self.attend(q[:, :, a:a + n], k[:, :, :end], v[:, :, :end], mask, False))
+            a += n
+        return torch.cat(ys, dim=2)
 
 
 class MLP(nn.Module):
@@ -167,8 +189,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, positions, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, cache=None, chunks=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, chunks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -193,9 +215,11 @@ class Llama(nn.Module):
             raise RuntimeError("this model was built with with_embed=False; it has no embed_tokens")
         return self.embed_tokens(tokens)
 
-    def forward_layers(self, hidden, start: int, end: int, positions, cache: KVCache | None = None):
+    def forward_layers(self, hidden, start: int, end: int, positions, cache: KVCache | None = None, chunks=None):
         """Run layers [start, end) on hidden (B, T, C) at `positions` ((T,) int64 tensor, or an int p
-        meaning p..p+T-1). Returns (B, T, C)."""
+        meaning p..p+T-1). Returns (B, T, C). `chunks` (lengths summing to T): the calls these rows
+        were first fed in, attended as such (Attention.forward), e.g. [len(prompt), 1, 1, ...] to
+        rebuild a cache with the bits the prefill and decode steps gave."""
         if start > end or (start < end and (start < self.layer_ids.start or end > self.layer_ids.stop)):
             raise ValueError(f"layers [{start}, {end}) are not all held by this model "
                              f"(it holds [{self.layer_ids.start}, {self.layer_ids.stop}))")
@@ -207,7 +231,7 @@ class Llama(nn.Module):
                              f"got {tuple(positions.shape)}")
         cos, sin = self.rope(positions, hidden.dtype)  # (T, rotary_dim) each
         for i in range(start, end):
-            hidden = self.layers[str(i)](hidden, cos, sin, positions, cache)
+            hidden = self.layers[str(i)](hidden, cos, sin, positions, cache, chunks)
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, vocab)
@@ -215,16 +239,17 @@ class Llama(nn.Module):
             raise RuntimeError("this model was built with with_head=False; it has no norm / lm_head")
         return self.lm_head(self.norm(hidden))
 
-    def forward(self, tokens: torch.Tensor, positions=None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions=None, cache: KVCache | None = None,
+                chunks=None) -> torch.Tensor:
         """(B, T) tokens -> (B, T, vocab) logits over all layers. Positions default to continuing after
-        the entries already in `cache` (0 without one)."""
+        the entries already in `cache` (0 without one); `chunks` as forward_layers."""
         if self.layer_ids != range(self.config.num_hidden_layers):
             raise RuntimeError(f"forward needs all {self.config.num_hidden_layers} layers, this model holds "
                                f"{self.layer_ids}; use embed / forward_layers / head")
         if positions is None:
             positions = cache.seq_len if cache is not None else 0
         hidden = self.embed(tokens)  # (B, T, C)
-        hidden = self.forward_layers(hidden, self.layer_ids.start, self.layer_ids.stop, positions, cache)
+        hidden = self.forward_layers(hidden, self.layer_ids.start, self.layer_ids.stop, positions, cache, chunks)
         return self.head(hidden)
 
 

@@ -14,10 +14,15 @@ a pager can bind a block's tensors into them); the stored form is quantize.py's.
                              accumulation, bf16 output), at twice the int4 kernel's work.
 
 Activations are cast to the scales' dtype (the compute dtype, bf16 by default: both kernels take a
-slow path with fp32 activations) for the matmul and the result back to the input's dtype.
+slow path with fp32 activations) for the matmul and the result back to the input's dtype. A
+row-parallel projection (o_proj, down_proj) may sum fixed units of its input columns on their own
+and exactly (QuantLinear.set_units), so that how the units are spread over tensor-parallel ranks
+does not change a bit of the result.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -47,59 +52,119 @@ def pack_int8_groups(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) 
     return packed, scales_and_zeros
 
 
-class WeightOnlyInt8Linear(nn.Module):
+def _tiles(ranges: list[tuple[int, int]], n: int) -> bool:
+    """Do the ranges [(a, b), ...] cover [0, n) in order, each non-empty, without gaps or overlaps?"""
+    return (bool(ranges) and ranges[0][0] == 0 and ranges[-1][1] == n and all(a < b for a, b in ranges)
+            and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:])))
+
+
+class QuantLinear(nn.Module, ABC):
+    """What the modules share: y = x @ W^T + bias on a kernel (`matmul`, in the compute dtype), and, for
+    a row-parallel projection (o_proj, down_proj), partial sums per fixed unit of input columns.
+
+    With units (set_units) the kernel runs once on M x U rows, row (m, u) being x[m] with every column
+    outside unit u zeroed, so it is unit u's partial as the kernel rounds it (bf16): the kernels
+    accumulate each output in float32 over the columns in order (int4: one FMA per column; int8: 16
+    lanes of columns, reduced at the end), and adding exact zeros changes no sum, so a unit's row
+    has the same bits whatever other units share the call, as long as a call's first column falls on
+    the kernel's block (a whole group; int8 a multiple of 16: the shard boundaries of a plan). The
+    rows are added in float64, exactly (bf16 values), so a device holding every unit and ranks each
+    holding some of them, their float64 partials summed by the allreduce, get the same bits
+    (edge_runtime.tp.parallelize.exact_partials): a re-plan changes no logit.
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(self, compute_dtype: torch.dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype  # the activation's dtype for the kernel (its scales' dtype)
+        self.units: list[tuple[int, int]] | None = None  # [(a, b)] tiling [0, in_features)
+        self.keep_float64 = False  # return the float64 sum (a rank's partial, cast after the allreduce)
+        self._masks: torch.Tensor | None = None  # (U, in) 0 / 1 in the compute dtype
+
+    def set_units(self, units, keep_float64: bool = False) -> None:
+        """Sum the partial outputs of the input column ranges `units` [(a, b), ...] (tiling
+        [0, in_features), in order) exactly; None: one kernel call as it rounds. keep_float64: return the
+        float64 sum instead of casting it to the input's dtype (the caller sums ranks, then casts)."""
+        if units is not None:
+            units = [(int(a), int(b)) for a, b in units]
+            if not _tiles(units, self.in_features):
+                raise ValueError(f"units must tile [0, {self.in_features}) in order, got {units}")
+        self.units, self.keep_float64, self._masks = units, keep_float64, None
+
+    @abstractmethod
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:  # (M, in) compute dtype -> (M, out)
+        """The kernel on rows of activations."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (M, in)
+        if self.units is None:
+            y = self.matmul(x2).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        y = self.unit_sums(x2).reshape(*x.shape[:-1], self.out_features)  # float64
+        if self.bias is not None:
+            y = y + self.bias.double()
+        return y if self.keep_float64 else y.to(x.dtype)
+
+    def unit_sums(self, x2: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out) float64
+        if self._masks is None or self._masks.dtype != x2.dtype:
+            masks = torch.zeros(len(self.units), self.in_features, dtype=x2.dtype)  # (U, in)
+            for u, (a, b) in enumerate(self.units):
+                masks[u, a:b] = 1
+            self._masks = masks
+        M, U = x2.shape[0], len(self.units)
+        rows = (x2[:, None, :] * self._masks).reshape(M * U, self.in_features)  # row (m, u): x2[m] on unit u
+        return self.matmul(rows).view(M, U, self.out_features).double().sum(dim=1)  # exact: bf16 terms
+
+    def extra_repr(self) -> str:
+        units = "" if self.units is None else f", units={len(self.units)}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"compute={self.compute_dtype}{units}")
+
+
+class WeightOnlyInt8Linear(QuantLinear):
     """y = x @ (weight * scales)^T + bias on aten._weight_int8pack_mm, the activation cast to the scales' dtype."""
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(scales.dtype)
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight, persistent=False)  # int8 (out, in)
         self.register_buffer("scales", scales, persistent=False)  # (out,) in the compute dtype
         self.register_buffer("bias", bias)  # (out,) or None; persistent, as nn.Linear's
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        x2 = aligned(x.reshape(-1, self.in_features).to(self.scales.dtype))  # (M, in)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales).to(x.dtype)  # (M, out)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scales.dtype}"
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:  # (M, in) compute dtype -> (M, out)
+        return torch.ops.aten._weight_int8pack_mm(aligned(x2), self.weight, self.scales)
 
 
-class _Int4KernelLinear(nn.Module):
+class _Int4KernelLinear(QuantLinear):
     """What the modules on aten._weight_int4pack_mm_for_cpu share: the packed weight, scales_and_zeros, bias."""
 
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, in_features: int, out_features: int,
                  group_size: int, bias: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(scales_and_zeros.dtype)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer("weight", packed, persistent=False)  # uint8, the kernel's layout
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)  # (K/group, out, 2)
         self.register_buffer("bias", bias)
 
-    def matmul(self, x2: torch.Tensor) -> torch.Tensor:  # (M, K) compute dtype -> (M, out)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
+    def kernel(self, x2: torch.Tensor) -> torch.Tensor:  # (M, K) compute dtype -> (M, out)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.weight, self.group_size,
+                                                          self.scales_and_zeros)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, compute={self.scales_and_zeros.dtype}")
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 class WeightOnlyInt4Linear(_Int4KernelLinear):
     """y = x @ W^T + bias on aten._weight_int4pack_mm_for_cpu, W held in the kernel's packed layout."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype).contiguous()  # (M, in)
-        y = self.matmul(x2).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        return self.kernel(x2)
 
 
 class WeightOnlyInt8GroupLinear(_Int4KernelLinear):
     """Group-wise int8 as two nibbles on the int4 kernel (pack_int8_groups): y = [x | x] @ [W_h | W_l]^T + bias."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        x2 = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)  # (M, in)
-        y = self.matmul(torch.cat((x2, x2), dim=1))  # (M, 2 in) -> (M, out)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:  # (M, in) -> (M, out)
+        return self.kernel(torch.cat((x2, x2), dim=1))  # (M, 2 in)

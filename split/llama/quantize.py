@@ -38,6 +38,18 @@ scales.shape[1]), so a shard describes itself. Scales and zeros are rounded to b
 weights are rounded against them, so the stored values are exactly what the kernel multiplies by
 (bf16 activations) and what `dequantize` returns.
 
+Row-parallel projections (o_proj, down_proj) sum their partials per fixed unit (`row_units`: one per
+KV group, num_key_value_heads chunks of the MLP): each unit's partial is rounded to bf16 by the
+kernel on its own (one call on M x U rows, QuantLinear.set_units) and the units are added exactly in
+float64, then cast once; quantize_model and load_quantized set them up, and a tensor-parallel rank
+holds whole units (edge_runtime.tp.parallelize.exact_partials), so one device, any plan and a
+re-plan give the same logits. The price is U rows through the kernel instead of one (the kernels
+work in blocks of 4 rows, so up to 4 units cost one block): int4 down_proj 1024x2816 0.085 -> 0.150
+ms a call with 4 units, o_proj 1024x1024 0.036 -> 0.066 ms; the 336M shape (4 KV heads) decodes
+int4 in 30.7 -> 34.3 ms/token on one device (+12%) and 34.8 -> 37.4 at world 2 (+7%), int8 in
+38.6 -> 43.7 (+13%) and 50.4 -> 52.7 (+5%) on this 2-core VM (`tp generate`, medians of
+interleaved runs, 2026-12-07).
+
 Kernels (split.llama.quant_kernels). The modules at 1.1B shapes, ms per call, fp32 in and out, bf16
 for the kernel (scripts/bench_quant_kernels.py --rounds 30: interleaved rounds, median; a 2-core
 AVX-512 VM shared with other work, 2 threads, warm weights):
@@ -64,9 +76,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LlamaConfig
 from .model import Llama
-from .quant_kernels import (WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear, aligned,
-                            pack_int4, pack_int8_groups)
+from .quant_kernels import (QuantLinear, WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear,
+                            aligned, pack_int4, pack_int8_groups)
 
 SCHEMES = ("int8", "int8g", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -318,6 +331,44 @@ def quantize_rows(h: Format, read_rows, n_out: int, chunk: int = 1024) -> dict[s
     return out
 
 
+def row_units(config: LlamaConfig, h: Format) -> dict[str, list[tuple[int, int]]]:
+    """The fixed units whose partial sums a row-parallel projection in format `h` rounds on their own
+    (QuantLinear.set_units), as input column ranges by module name in a layer: o_proj one per KV
+    head's group of query heads, down_proj num_key_value_heads chunks of the intermediate dimension
+    in whole h.unit columns (the first ones a unit larger where they do not divide evenly, the last
+    also taking any remainder; fewer chunks when there are fewer units). A tensor-parallel plan
+    gives each rank whole units of both (edge_runtime.tp.plan), so every plan, and one device,
+    sums the same bf16 partials."""
+    kv, I = config.num_key_value_heads, config.intermediate_size
+    width = config.num_attention_heads // kv * config.head_dim  # o_proj columns of one KV group
+    n = I // h.unit  # whole units of the intermediate dimension
+    chunks = min(kv, n)
+    if chunks == 0:
+        raise ValueError(f"{h.name} needs intermediate_size of at least {h.unit}, got {I}")
+    sizes = [(n // chunks + (i < n % chunks)) * h.unit for i in range(chunks)]
+    sizes[-1] += I % h.unit
+    bounds = [sum(sizes[:i]) for i in range(chunks + 1)]
+    return {"self_attn.o_proj": [(i * width, (i + 1) * width) for i in range(kv)],
+            "mlp.down_proj": list(zip(bounds, bounds[1:]))}
+
+
+def _with_row_units(config: LlamaConfig, name: str, module: QuantLinear, h: Format) -> QuantLinear:
+    """`module` (linear `name`, e.g. "layers.3.mlp.down_proj"), with row_units' units if it is row-parallel."""
+    units = row_units(config, h).get(name.split(".", 2)[-1])
+    if units is not None:
+        module.set_units(units)
+    return module
+
+
+def use_row_units(model: Llama, h: Format) -> Llama:
+    """What quantize_model and load_quantized do, for a model whose quantized modules (format `h`) were
+    built by hand: row_units' fixed units on every held layer's o_proj and down_proj. Returns `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            _with_row_units(model.config, name, module, h)
+    return model
+
+
 def handler(scheme: str, group_size: int | None = None) -> Format:
     """The handler that quantizes, dequantizes and builds modules for a format (see the module docstring):
     "int8" -> Int8() (per-channel; any group_size is ignored, as it always was), "int8g" -> Int8Group(G),
@@ -411,7 +462,7 @@ def quantize_model(model: Llama, scheme: str, group_size: int = 32, head: bool =
     for name, lin in targets:
         bias = None if lin.bias is None else lin.bias.detach()
         _set_module(model, name, h.module(h.quantize(lin.weight), bias, compute_dtype))
-    return model
+    return use_row_units(model, h)
 
 
 @torch.no_grad()
@@ -436,7 +487,7 @@ def load_quantized(model: Llama, state: dict[str, torch.Tensor], compute_dtype: 
         bias = state.get(f"{name}.bias")  # also loaded below, into the module's bias buffer
         if (bias is None) != (lin.bias is None):
             raise ValueError(f"{name}: bias {'missing from' if bias is None else 'unexpected in'} the stored tensors")
-        _set_module(model, name, h.module(t, bias, compute_dtype))
+        _set_module(model, name, _with_row_units(model.config, name, h.module(t, bias, compute_dtype), h))
     tied = model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear)
     if tied and "lm_head.weight" not in state and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]
