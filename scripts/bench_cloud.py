@@ -13,7 +13,7 @@ core; concurrency 1, 4, 16, 64:
                           (plus the batch sizes cloud-service-batching formed at concurrency 16: CNN target)
   cloud-service           `cloud-service serve`: each request runs alone on the model's executor
   cloud-service-batching  the same with [dynamic_batching] (max_batch_size 64, 500 us queue delay)
-  mlserver                MLServer 1.7.1 from its own venv (.cache/mlserver-venv, installed here on first
+  mlserver                MLServer 1.7.1 from its own venv (~/.cache/edgefold/mlserver-venv, installed on first
                           use), runtime scripts/mlserver_onnx_runtime.py, parallel_workers 0, debug off
   mlserver-batching       the same with adaptive batching (max_batch_size 64, max_batch_time 500 us)
 Every ONNX Runtime session uses intra_op/inter_op threads = 1. Throughput is concurrency / mean latency

@@ -6,7 +6,7 @@ Runs only inside MLServer's own venv (mlserver and tritonclient cannot share a p
     {"name": "mlp", "implementation": "mlserver_onnx_runtime.OnnxRuntimeModel",
      "parameters": {"uri": "/abs/path/model.onnx"},
      "max_batch_size": 64, "max_batch_time": 0.0005}     # omit both: no adaptive batching
-    PYTHONPATH=scripts .cache/mlserver-venv/bin/mlserver start DIR
+    PYTHONPATH=scripts ~/.cache/edgefold/mlserver-venv/bin/mlserver start DIR
 
 Inputs and outputs go through MLServer's own NumpyCodec (raw_input_contents are unpacked by
 MLServer before predict() sees them, and packed again on the way out). onnxruntime uses one

@@ -1,5 +1,7 @@
-"""MLServer in a venv of its own (.cache/mlserver-venv; mlserver and tritonclient cannot share one),
-installed on first use, and model repositories for it: ONNX models served by
+"""MLServer in a venv of its own (mlserver and tritonclient cannot share one), installed on first use
+in the user's cache (~/.cache/edgefold/mlserver-venv, or $EDGEFOLD_MLSERVER_VENV), so every clone on
+a machine shares one install (its packages only; each server gets its clone on PYTHONPATH), and
+model repositories for it: ONNX models served by
 mlserver_onnx_runtime.py, and the collaborative LLM's cloud continuation served by
 cloud_service.mlserver_runtime (the venv holds torch and safetensors for it).
 
@@ -12,6 +14,7 @@ Used by scripts/bench_cloud.py (the serving comparison), tests/test_self_contain
 stock server running a self-contained compressed tail) and tests/test_mlserver_llm.py (the LLM
 continuation on MLServer).
 """
+import fcntl
 import importlib.metadata
 import json
 import os
@@ -22,7 +25,7 @@ from pathlib import Path
 from loadgen import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".cache" / "mlserver-venv"
+VENV = Path(os.environ.get("EDGEFOLD_MLSERVER_VENV") or Path.home() / ".cache" / "edgefold" / "mlserver-venv")
 INSTALLED = VENV / "edgefold-requirements.txt"   # what ensure() installed, one requirement a line
 LLM_RUNTIME = "cloud_service.mlserver_runtime.LlmContinuationRuntime"
 
@@ -43,21 +46,24 @@ PIP = ["mlserver==1.7.1", "uvloop==0.21.0", "onnxruntime", "numpy", "protobuf>=6
 
 
 def ensure(log=print) -> str | None:
-    """Create VENV on first use, and bring a venv installed from another PIP list up to this one;
-    returns why it failed, or None."""
+    """Create VENV on first use, and bring a venv installed from another PIP list up to this one
+    (one installer at a time: a lock file beside it); returns why it failed, or None."""
     wanted = "\n".join(PIP) + "\n"
-    if (VENV / "bin" / "mlserver").exists() and INSTALLED.exists() and INSTALLED.read_text() == wanted:
-        return None
-    log(f"installing {' '.join(PIP)} into {VENV}")
-    try:
-        if not (VENV / "bin" / "pip").exists():
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300,
-                           capture_output=True, text=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", *PIP], check=True,
-                       timeout=1200, capture_output=True, text=True)
-    except (subprocess.SubprocessError, OSError) as err:
-        return f"cannot install MLServer into {VENV}: {err} {(getattr(err, 'stderr', '') or '')[-400:]}"
-    INSTALLED.write_text(wanted)
+    VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(VENV.parent / f"{VENV.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)       # another clone's tests may be installing it right now
+        if (VENV / "bin" / "mlserver").exists() and INSTALLED.exists() and INSTALLED.read_text() == wanted:
+            return None
+        log(f"installing {' '.join(PIP)} into {VENV}")
+        try:
+            if not (VENV / "bin" / "pip").exists():
+                subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300,
+                               capture_output=True, text=True)
+            subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", *PIP], check=True,
+                           timeout=1200, capture_output=True, text=True)
+        except (subprocess.SubprocessError, OSError) as err:
+            return f"cannot install MLServer into {VENV}: {err} {(getattr(err, 'stderr', '') or '')[-400:]}"
+        INSTALLED.write_text(wanted)
     return None
 
 
