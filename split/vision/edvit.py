@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from split.vision.models import NUM_CLASSES, Block, ClsHead
-from split.vision.train import _sgd, batches
+from split.vision.train import fit
 
 
 def partition_classes(n_classes: int, capabilities: list[float]) -> list[list[int]]:
@@ -155,28 +154,17 @@ def distill(sub: nn.Sequential, full: nn.Sequential, classes: list[int], x: np.n
             desc: str = "distil") -> nn.Sequential:
     """Train `sub` on every image: KL to the full model's folded probabilities (at `temperature`)
     plus cross-entropy on the folded true label."""
-    g = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), fold_labels(torch.from_numpy(y), classes)
     with torch.no_grad():
         full.eval()
         teacher = torch.cat([fold(torch.softmax(full(xt[i:i + 256]) / temperature, 1), classes)
                              for i in range(0, len(xt), 256)])                     # (N, c + 1)
-    steps = (len(xt) + batch - 1) // batch
-    opt, sched = _sgd(sub.parameters(), epochs, steps, lr)
-    sub.train()
-    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
-        total = 0.0
-        for idx in batches(len(xt), batch, g):
-            logits = sub(xt[idx])                                                  # (B, c + 1)
-            soft = F.kl_div(F.log_softmax(logits / temperature, 1), teacher[idx], reduction="batchmean")
-            loss = temperature ** 2 * soft + F.cross_entropy(logits, yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{total / len(xt):.3f}")
-    return sub.eval()
+
+    def loss(idx):
+        logits = sub(xt[idx])                                                      # (B, c + 1)
+        soft = F.kl_div(F.log_softmax(logits / temperature, 1), teacher[idx], reduction="batchmean")
+        return temperature ** 2 * soft + F.cross_entropy(logits, yt[idx])
+    return fit(sub, len(xt), loss, epochs, lr, batch, torch.Generator().manual_seed(seed), desc)
 
 
 class Fusion(nn.Module):
@@ -209,18 +197,11 @@ def train_fusion(subs: list[nn.Sequential], parts: list[list[int]], x: np.ndarra
     with torch.no_grad():
         answers, _ = fusion_inputs([torch.cat([s.eval()(xt[i:i + 256]) for i in range(0, len(xt), 256)])
                                     for s in subs], parts)                           # (N, width)
-    widths = [len(p) + 1 for p in parts]
+    widths = torch.tensor([len(p) + 1 for p in parts])
     fusion = Fusion(parts)
-    steps = (len(xt) + batch - 1) // batch
-    opt, sched = _sgd(fusion.parameters(), epochs, steps, lr)
-    fusion.train()
-    for _ in tqdm(range(epochs), desc="fusion", unit="epoch"):
-        for idx in batches(len(xt), batch, g):
-            present = (torch.rand(len(idx), len(parts), generator=g) >= drop).float()   # (B, peers)
-            mask = torch.repeat_interleave(present, torch.tensor(widths), dim=1)        # (B, width)
-            loss = F.cross_entropy(fusion(answers[idx] * mask, present), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return fusion.eval()
+
+    def loss(idx):
+        present = (torch.rand(len(idx), len(parts), generator=g) >= drop).float()   # (B, peers)
+        mask = torch.repeat_interleave(present, widths, dim=1)                      # (B, width)
+        return F.cross_entropy(fusion(answers[idx] * mask, present), yt[idx])
+    return fit(fusion, len(xt), loss, epochs, lr, batch, g, "fusion")

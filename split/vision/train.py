@@ -2,6 +2,7 @@
 the frame-stream models. Each shows a progress bar; seeds are fixed.
 
     train_exit_net(net, x, y, epochs=8)
+    fit(module, n, batch_loss, epochs, lr, batch, g, desc)   # the loop the recipes share
     train_bottleneck(backbone, k, bn, x, y)          # stage 1 distil, stage 2 fine-tune
     train_frame_model(model, stream, epochs=8)
     train_pose_model(model, frames, pose, epochs=10)  # pose models: L1 on the normalised 4-DoF pose
@@ -29,27 +30,36 @@ def _sgd(params, epochs: int, steps: int, lr: float):
     return opt, sched
 
 
-def train_exit_net(net: EarlyExitNet, x: np.ndarray, y: np.ndarray, epochs: int = 8, lr: float = 3e-3,
-                   exit_weight: float = 0.5, batch: int = 64, seed: int = 0, desc: str = "train") -> EarlyExitNet:
-    """BranchyNet joint training: loss = final CE + exit_weight * sum of exit CEs."""
-    g = torch.Generator().manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    steps = (len(xt) + batch - 1) // batch
-    opt, sched = _sgd(net.parameters(), epochs, steps, lr)
-    net.train()
+def fit(module: nn.Module, n: int, batch_loss, epochs: int, lr: float, batch: int, g: torch.Generator,
+        desc: str, params=None) -> nn.Module:
+    """The loop the recipes share: AdamW with a one-cycle schedule over `epochs` of n samples shuffled
+    into batches by `g`; batch_loss(idx) -> the loss of the samples idx (a 1-D index tensor)."""
+    steps = (n + batch - 1) // batch
+    opt, sched = _sgd(module.parameters() if params is None else params, epochs, steps, lr)
+    module.train()
     for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
         total = 0.0
-        for idx in batches(len(xt), batch, g):
-            outputs = net(xt[idx])                                 # [(B, 10)] per exit + final
-            loss = F.cross_entropy(outputs[-1], yt[idx]) + exit_weight * sum(
-                F.cross_entropy(o, yt[idx]) for o in outputs[:-1])
+        for idx in batches(n, batch, g):
+            loss = batch_loss(idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        bar.set_postfix(loss=f"{total / len(xt):.3f}")
-    return net.eval()
+        bar.set_postfix(loss=f"{total / n:.3f}")
+    return module.eval()
+
+
+def train_exit_net(net: EarlyExitNet, x: np.ndarray, y: np.ndarray, epochs: int = 8, lr: float = 3e-3,
+                   exit_weight: float = 0.5, batch: int = 64, seed: int = 0, desc: str = "train") -> EarlyExitNet:
+    """BranchyNet joint training: loss = final CE + exit_weight * sum of exit CEs."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def loss(idx):
+        outputs = net(xt[idx])                                     # [(B, 10)] per exit + final
+        return F.cross_entropy(outputs[-1], yt[idx]) + exit_weight * sum(
+            F.cross_entropy(o, yt[idx]) for o in outputs[:-1])
+    return fit(net, len(xt), loss, epochs, lr, batch, torch.Generator().manual_seed(seed), desc)
 
 
 @torch.no_grad()
