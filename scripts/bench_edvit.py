@@ -1,6 +1,6 @@
 """ED-ViT across emulated Raspberry Pi 4 peers against the full ViT on one (issue 16).
 
-    .venv/bin/python scripts/bench_edvit.py --out docs/bench_edvit.jsonl [--peers 2,3,5] [--epochs 15] \\
+    .venv/bin/python scripts/bench_edvit.py --out docs/bench_edvit.jsonl [--peers 2,3,5] [--epochs 40] \\
         [--latency-frames 100]
 
 The full model is the project's `vit` (split.vision.zoo, trained on the bundled digits, cached).
@@ -109,7 +109,7 @@ def missing_peer_accuracy(parts, subs, fusion, xt, yt) -> list[float]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--peers", default="2,3,5")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--latency-frames", type=int, default=100)
     p.add_argument("--out")
     args = p.parse_args(argv)
