@@ -91,34 +91,18 @@ def train_bottleneck(backbone: nn.Sequential, k: int, bn: Bottleneck, x: np.ndar
     with torch.no_grad():
         acts = torch.cat([head(xt[i:i + 256]) for i in range(0, len(xt), 256)])        # (N, C, H, W)
         teacher = torch.cat([teacher_tail(acts[i:i + 256]) for i in range(0, len(acts), 256)])   # (N, 10)
-    steps = (len(xt) + batch - 1) // batch
-    opt, sched = _sgd(bn.parameters(), distil_epochs, steps, lr)
-    bn.train()
-    for _ in (bar := tqdm(range(distil_epochs), desc=f"bottleneck b{bn.channels} distil", unit="epoch")):
-        for idx in batches(len(xt), batch, g):
-            loss = F.mse_loss(bn(acts[idx]), acts[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(mse=f"{loss.item():.4f}")
+    fit(bn, len(xt), lambda idx: F.mse_loss(bn(acts[idx]), acts[idx]), distil_epochs, lr, batch, g,
+        f"bottleneck b{bn.channels} distil")
     bn.encoder.eval().requires_grad_(False)
-    params = list(bn.decoder.parameters()) + list(tail.parameters())
-    opt, sched = _sgd(params, finetune_epochs, steps, lr / 3)
-    bn.decoder.train()
-    tail.train()
-    for _ in (bar := tqdm(range(finetune_epochs), desc=f"bottleneck b{bn.channels} fine-tune", unit="epoch")):
-        for idx in batches(len(xt), batch, g):
-            with torch.no_grad():
-                z = bn.encoder(acts[idx])
-            logits = tail(bn.decoder(fake_quantize(z, levels)))
-            loss = F.cross_entropy(logits, yt[idx]) + F.kl_div(
-                F.log_softmax(logits, -1), F.softmax(teacher[idx], -1), reduction="batchmean")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+    def finetune_loss(idx):
+        with torch.no_grad():
+            z = bn.encoder(acts[idx])
+        logits = tail(bn.decoder(fake_quantize(z, levels)))
+        return F.cross_entropy(logits, yt[idx]) + F.kl_div(
+            F.log_softmax(logits, -1), F.softmax(teacher[idx], -1), reduction="batchmean")
+    fit(nn.ModuleList([bn.decoder, tail]), len(xt), finetune_loss, finetune_epochs, lr / 3, batch, g,
+        f"bottleneck b{bn.channels} fine-tune")
     return bn.eval(), tail.eval()
 
 
@@ -132,18 +116,7 @@ def train_frame_model(model: nn.Sequential, frames: np.ndarray, labels: np.ndarr
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xt, yt, pt = torch.from_numpy(frames), torch.from_numpy(labels), torch.from_numpy(xy)
-    steps = (len(xt) + batch - 1) // batch
-    opt, sched = _sgd(model.parameters(), epochs, steps, lr)
-    model.train()
-    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
-        for idx in batches(len(xt), batch, g):
-            loss = frame_loss(model(xt[idx]), yt[idx], pt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+    return fit(model, len(xt), lambda idx: frame_loss(model(xt[idx]), yt[idx], pt[idx]), epochs, lr, batch, g, desc)
 
 
 def train_pose_model(model: nn.Sequential, frames: np.ndarray, pose: np.ndarray, epochs: int = 10, lr: float = 3e-3,
@@ -157,20 +130,9 @@ def train_pose_model(model: nn.Sequential, frames: np.ndarray, pose: np.ndarray,
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     xt, pt = torch.from_numpy(frames), torch.from_numpy(pose)
-    steps = (len(xt) + batch - 1) // batch
     params = [p for name, p in model.named_parameters() if not name.startswith("head.aux.")]
-    opt, sched = _sgd(params, epochs, steps, lr)
-    model.train()
-    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
-        total = 0.0
-        for idx in batches(len(xt), batch, g):
-            loss = F.l1_loss(model(xt[idx].contiguous(memory_format=fmt))[:, :4], pt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        bar.set_postfix(l1=f"{total / len(xt):.4f}")
+    fit(model, len(xt), lambda idx: F.l1_loss(model(xt[idx].contiguous(memory_format=fmt))[:, :4], pt[idx]),
+        epochs, lr, batch, g, desc, params)
     return model.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -190,17 +152,5 @@ def train_pose_aux(model: nn.Sequential, frames: np.ndarray, pose: np.ndarray, e
         pred = torch.cat([p for p, _ in parts])                                   # (N, 4)
         z = torch.cat([a for _, a in parts])                                      # (N, hidden + 4 + C)
         err = (pred - torch.from_numpy(pose)).abs().mean(1, keepdim=True)         # (N, 1)
-    steps = (len(z) + batch - 1) // batch
-    opt, sched = _sgd(head.aux.parameters(), epochs, steps, lr)
-    head.aux.train()
-    for _ in (bar := tqdm(range(epochs), desc=desc, unit="epoch")):
-        total = 0.0
-        for idx in batches(len(z), batch, g):
-            loss = F.mse_loss(head.aux(z[idx]), err[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
-        bar.set_postfix(rmse=f"{(total / len(z)) ** 0.5:.4f}")
+    fit(head.aux, len(z), lambda idx: F.mse_loss(head.aux(z[idx]), err[idx]), epochs, lr, batch, g, desc)
     return model.eval()
