@@ -1,0 +1,235 @@
+"""bench_cloud_sessions: one cloud-service process, on one core, serving a fleet of simulated devices.
+
+    .venv/bin/python scripts/bench_cloud_sessions.py --model runs/ee_lm --exit-layer 4 \\
+        --loads 1,16,64,256 --out docs/bench_cloud_sessions.jsonl [--plot docs/cloud_sessions.png]
+    (run it by its path: scripts/ is then on sys.path for `import bench_collab_llm`)
+
+A simulated device is a thread of this process (pinned to the other core). `cloud-stream` devices
+open one ModelStreamInfer stream each (backend llm_stream: continuous batching). The other modes
+replay what one real device sent: each mode's generation first runs once for real (CollabLlm
+against the same cloud) through a recording client that keeps every request and the device's time
+before it (its own compute: the exit head, the edge layers); a simulated device then sends those
+requests under a sequence id of its own, sleeping the recorded device time before each, so the
+cloud sees what N boards would send while this machine spends no CPU on their layers.
+
+Per mode and load (one JSON object each): per-device ms/token (median and p90 over devices),
+time to first token, the cloud's generated tokens/s (all devices' tokens over the wall time), the
+cloud process's CPU seconds per token (psutil), and wrong tokens: every replayed response and
+every streamed token is checked against the solo run (target 0). Modes: cloud-stream, cloud-only
+(one llm_full call per token), collaborative (exact catch-up at the calibrated threshold).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from edge_runtime.client.oip_client import OipClient
+from edge_runtime.collab.device import CollabLlm
+from edge_runtime.collab.stream import CloudStream
+from edgefold_proto import pb
+from split.llama.exits import read_exits_json
+
+from bench_collab_llm import emit, start, write_repository
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_CORE, CLIENT_CORE = 0, 1
+
+
+class RecordingClient(OipClient):
+    """An OipClient that keeps every ModelInfer request, its reply and the time the device spent
+    since the previous reply (its own compute) before sending it."""
+
+    def __init__(self, target: str, **kw):
+        super().__init__(target, **kw)
+        self.trace: list[tuple[float, bytes, int]] = []   # (device seconds before, request, next_token)
+        self._last = time.perf_counter()
+
+    def call(self, rpc, request, timeout_s=None):
+        device_s = time.perf_counter() - self._last
+        reply = super().call(rpc, request, timeout_s)
+        if rpc == "ModelInfer":
+            token = next((int(np.frombuffer(raw, np.int64)[0]) for out, raw in
+                          zip(reply.outputs, reply.raw_output_contents) if out.name == "next_token"), -1)
+            self.trace.append((device_s, request.SerializeToString(), token))
+        self._last = time.perf_counter()
+        return reply
+
+
+def record(model_dir: Path, address: str, mode: str, k: int, threshold: float, prompt, new_tokens: int):
+    """One real generation of `mode`; returns (trace, tokens)."""
+    client = RecordingClient(address, timeout_s=30.0)
+    edge = CollabLlm(model_dir, mode=mode, threshold=threshold, exit_layer=k, client=client, timeout_s=30.0)
+    edge.generate(prompt[:4], 2)                 # warm-up (its own session), not recorded
+    client.trace.clear()
+    client._last = time.perf_counter()
+    result = edge.generate(prompt, new_tokens)
+    edge.close()
+    return list(client.trace), result.tokens
+
+
+def replay_device(address: str, trace, seq_id: int, out: dict) -> None:
+    """Send the recorded requests as sequence `seq_id`; out: seconds, first-token seconds, wrong tokens."""
+    client, wrong = OipClient(address, timeout_s=60.0), 0
+    t0 = time.perf_counter()
+    first = None
+    try:
+        for device_s, raw, token in trace:
+            time.sleep(device_s)
+            request = pb.ModelInferRequest.FromString(raw)
+            request.parameters["sequence_id"].int64_param = seq_id
+            reply = client.call("ModelInfer", request)
+            got = next(int(np.frombuffer(r, np.int64)[0]) for o, r in zip(reply.outputs, reply.raw_output_contents)
+                       if o.name == "next_token")
+            wrong += got != token
+            first = first or time.perf_counter() - t0
+    except Exception as err:  # a device that failed: counted, never hidden
+        out["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        client.close()
+    out.update(seconds=time.perf_counter() - t0, first_s=first, wrong=wrong)
+
+
+def stream_device(address: str, prompt, new_tokens: int, reference: list[int], out: dict) -> None:
+    t0 = time.perf_counter()
+    try:
+        with CloudStream(address, timeout_s=60.0) as cloud:
+            r = cloud.generate(prompt, new_tokens, ignore_eos=True)
+        out.update(wrong=sum(a != b for a, b in zip(r.tokens, reference)) + abs(len(r.tokens) - len(reference)),
+                   first_s=r.time_to_first_token_s, batch=max(r.batch_streams or [0]))
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {err}"
+    out["seconds"] = time.perf_counter() - t0
+
+
+def run_load(target, n: int, cloud_pid: int) -> tuple[list[dict], float, float]:
+    """n devices at once, each running target(out_dict); returns (outs, wall seconds, cloud CPU seconds)."""
+    outs = [{} for _ in range(n)]
+    threads = [threading.Thread(target=target, args=(i, outs[i]), daemon=True) for i in range(n)]
+    cpu0 = sum(psutil.Process(cloud_pid).cpu_times()[:2])
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    wall = time.perf_counter() - t0
+    return outs, wall, sum(psutil.Process(cloud_pid).cpu_times()[:2]) - cpu0
+
+
+def summarize(mode: str, n: int, outs, wall: float, cpu: float, tokens_each: int, common: dict) -> dict:
+    ok = [o for o in outs if "error" not in o and "seconds" in o]
+    per_token = sorted(1e3 * o["seconds"] / tokens_each for o in ok)
+    tokens = tokens_each * len(ok)
+    return {"kind": "fleet", "mode": mode, "devices": n, **common,
+            "ms_per_token_median": round(statistics.median(per_token), 2) if per_token else None,
+            "ms_per_token_p90": round(per_token[int(0.9 * (len(per_token) - 1))], 2) if per_token else None,
+            "ttft_ms_median": round(1e3 * statistics.median(o["first_s"] for o in ok if o.get("first_s")), 2)
+            if any(o.get("first_s") for o in ok) else None,
+            "cloud_tokens_per_s": round(tokens / wall, 1), "cloud_cpu_ms_per_token": round(1e3 * cpu / max(tokens, 1), 3),
+            "wrong_tokens": sum(o.get("wrong", 0) for o in ok), "failed_devices": len(outs) - len(ok),
+            "errors": sorted({o["error"] for o in outs if "error" in o})[:3],
+            "max_batch_streams": max((o.get("batch", 0) for o in ok), default=0), "wall_s": round(wall, 2)}
+
+
+def write_stream_model(repo: Path, model: Path, max_streams: int) -> None:
+    d = repo / "llm_stream"
+    (d / "1").mkdir(parents=True)
+    (d / "config.toml").write_text(
+        f'backend = "llm_stream"\n[model_transaction_policy]\ndecoupled = true\n[parameters]\n'
+        f'checkpoint = "{model.resolve()}"\nmax_streams = {max_streams}\nmax_batch_rows = {max(256, 2 * max_streams)}\n'
+        f'intra_op_thread_count = 1\n')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--exit-layer", type=int)
+    p.add_argument("--loads", default="1,16,64,256")
+    p.add_argument("--modes", default="cloud-stream,cloud-only,collaborative")
+    p.add_argument("--prompt-tokens", type=int, default=24)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--out")
+    p.add_argument("--plot")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    model_dir = Path(args.model)
+    meta = read_exits_json(model_dir)
+    k = args.exit_layer or max(meta["exit_layers"])
+    threshold = meta.get("threshold", {}).get("max_prob", {}).get("value", 0.5)
+    loads = [int(n) for n in args.loads.split(",")]
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    text = (ROOT.parent / "shared" / "data" / "shakespeare.txt").read_text(encoding="utf-8")
+    prompt = tok.encode(text[int(len(text) * 0.95):]).ids[: args.prompt_tokens]
+    common = {"model": str(model_dir), "exit_layer": k, "threshold": threshold, "new_tokens": args.new_tokens,
+              "machine": f"{os.cpu_count()} vCPU, cloud pinned to core {SERVER_CORE}, devices on core {CLIENT_CORE}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "repo"
+        write_repository(repo, model_dir, k)
+        write_stream_model(repo, model_dir, max(loads))
+        cloud, port = start(["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "cloud_service.cli", "serve",
+                             "--repository", str(repo), "--host", "127.0.0.1", "--port", "0", "--log-level",
+                             "WARNING"], r"serving grpcs?://[^:]+:(\d+)")
+        os.sched_setaffinity(0, {CLIENT_CORE})
+        address = f"127.0.0.1:{port}"
+        try:
+            for m, mode in enumerate(args.modes.split(",")):
+                if mode == "cloud-stream":
+                    with CloudStream(address, timeout_s=60.0) as cloud_stream:
+                        reference = cloud_stream.generate(prompt, args.new_tokens, ignore_eos=True).tokens
+
+                    def target(i, out):
+                        stream_device(address, prompt, args.new_tokens, reference, out)
+                    tokens_each = len(reference)
+                else:
+                    trace, tokens = record(model_dir, address, mode, k, threshold, prompt, args.new_tokens)
+                    emit({"kind": "trace", "mode": mode, **common, "requests": len(trace), "tokens": len(tokens),
+                          "device_ms_total": round(1e3 * sum(t[0] for t in trace), 2)}, args.out)
+
+                    def target(i, out, trace=trace, m=m):
+                        replay_device(address, trace, ((m + 1) << 32) + i, out)
+                    tokens_each = len(tokens)
+                for n in loads:
+                    outs, wall, cpu = run_load(target, n, cloud.pid)
+                    emit(summarize(mode, n, outs, wall, cpu, tokens_each, common), args.out)
+        finally:
+            cloud.terminate()
+            cloud.wait(30)
+    if args.plot and args.out:
+        plot(args.out, args.plot)
+
+
+def plot(results: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in Path(results).read_text().splitlines() if '"fleet"' in line]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["devices"])
+        x = [r["devices"] for r in mine]
+        a.plot(x, [r["ms_per_token_median"] for r in mine], "o-", label=mode)
+        b.plot(x, [r["cloud_tokens_per_s"] for r in mine], "o-", label=mode)
+    for ax, label in ((a, "per-device ms/token (median)"), (b, "cloud tokens/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent devices")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a.legend()
+    fig.suptitle("one cloud-service process on one core")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
