@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from split.llama import Llama, LlamaConfig, generate, load_llama  # noqa: E402
 from split.llama.quantize import (  # noqa: E402
-    Int4, Int8, Int8Group, WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear, handler,
+    CastLinear, Int4, Int8, Int8Group, WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear, handler,
     handler_from_dict, handler_of, kernel_state, linears, load_quantized, quantize_model, quantized_state_dict)
 
 HANDLERS = [Int8(), Int8Group(32), Int8Group(64), Int4(32), Int4(64), Int4(128)]
@@ -253,6 +253,39 @@ def test_unit_partials_do_not_depend_on_how_the_units_are_split_over_ranks(h):
         assert torch.equal(sum(parts), want) and torch.equal(sum(reversed(parts)), want), split
     with pytest.raises(ValueError, match="units must tile"):
         whole.set_units([(0, u), (2 * u, K)])
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_bf16_float_unit_partials_do_not_depend_on_the_split_either(rows):
+    """The same for float weights held in bf16 (CastLinear.set_units), at decode (1 row) and prefill
+    sizes. One matmul over a rank's columns (the code before) rounds another partial and differs
+    from the one-device result at every size here; QuantLinear's masked rows differ from 16 rows on."""
+    torch.manual_seed(0)
+    K, out, units = 1408, 256, [(0, 352), (352, 704), (704, 1056), (1056, 1408)]
+    w, bias = torch.randn(out, K) * 0.05, torch.randn(out)
+    x = torch.randn(rows, K)
+
+    def cast(w, b):
+        m = CastLinear(w.shape[1], w.shape[0], bias=b is not None, dtype=torch.bfloat16)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if b is not None:
+                m.bias.copy_(b)
+        return m
+
+    whole = cast(w, bias)
+    whole.set_units(units, keep_float64=True)
+    want = whole(x)
+    for split in ([[0], [1, 2, 3]], [[0, 1], [2, 3]], [[0], [1], [2, 3]]):
+        parts = []
+        for rank, held in enumerate(split):
+            a, b = units[held[0]][0], units[held[-1]][1]
+            shard = cast(w[:, a:b], bias if rank == 0 else None)
+            shard.set_units([(units[i][0] - a, units[i][1] - a) for i in held], keep_float64=True)
+            parts.append(shard(x[:, a:b]))
+        assert torch.equal(sum(parts), want), split
+    whole.set_units(None)
+    assert whole(x).dtype == torch.float32 and torch.allclose(whole(x), want.float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -110,8 +110,9 @@ def peers(model, tmp_path_factory):
 
 
 def make_group(model_dir, addresses, cache, logs, timeout_s=1.0, join_timeout_s=20.0, profile=None,
-               quantize=None) -> Group:
-    config = TPConfig(master=f"127.0.0.1:{free_port()}", timeout_s=timeout_s, join_timeout_s=join_timeout_s)
+               quantize=None, dtype="fp32") -> Group:
+    config = TPConfig(master=f"127.0.0.1:{free_port()}", timeout_s=timeout_s, join_timeout_s=join_timeout_s,
+                      dtype=dtype)
     return Group(model_dir, addresses, config, cache_dir=cache, log=logs.append, profile=profile, quantize=quantize)
 
 
@@ -193,24 +194,26 @@ def qpeers(tmp_path_factory):
         p.stop()
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("scheme", ["int4", "int8", "bf16"])
 def test_quantized_weights_keep_every_token_bit_for_bit_through_a_re_plan(qpeers, scheme):
-    """A peer killed mid-generation at world 3 with int4-g32 (int8) weights: every token equals the
-    uninterrupted world-3 run's and a one-device run's. The re-prefill attends each generated row as
-    its decode step did, and every plan sums the same fixed units' partials exactly; with a plain
-    re-prefill and per-rank bf16 partials (the code before, run against this test) the run with the
-    kill parted from the uninterrupted one at its 14th token (int4) and 37th (int8)."""
+    """A peer killed mid-generation at world 3 with int4-g32 (int8) weights, or float weights computed
+    in bf16: every token equals the uninterrupted world-3 run's and a one-device run's. The re-prefill
+    attends each generated row as its decode step did, and every plan sums the same fixed units'
+    partials exactly; with a plain re-prefill and per-rank bf16 partials (the code before, run against
+    this test) the run with the kill parted from the uninterrupted one at its 14th token (int4) and
+    37th (int8), and bf16's world-3 run parted from the one-device run at its 25th."""
     model, procs, cache = qpeers
     for p in procs:  # the one an earlier case killed
         if p.proc.poll() is not None:
             p.restart()
-    h, logs = handler(scheme, 32), []
-    alone = make_group(model, [], cache, logs, quantize=h)
+    h, dtype = (None, "bf16") if scheme == "bf16" else (handler(scheme, 32), "fp32")
+    logs = []
+    alone = make_group(model, [], cache, logs, quantize=h, dtype=dtype)
     try:
         one = list(alone.generate(PROMPT, Q_NEW))
     finally:
         alone.close()
-    group = make_group(model, [p.address for p in procs], cache, logs, quantize=h)
+    group = make_group(model, [p.address for p in procs], cache, logs, quantize=h, dtype=dtype)
     try:
         assert group.describe()["world_size"] == 3
         uninterrupted = list(group.generate(PROMPT, Q_NEW))

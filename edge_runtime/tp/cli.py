@@ -57,6 +57,9 @@ def add_parser(commands) -> None:
     p.add_argument("--max-rank-memory", metavar="SIZE", help="e.g. 512MiB: each rank's window is the largest "
                    "that fits (budget.py); a plan that cannot fit is refused with the figures")
     weight_format(p)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="the dtype the float weights will be computed in: bf16 splits the MLP in whole units, "
+                        "so every plan gives the same bits (give the workers the same --dtype)")
 
     def comm(p):  # what every rank of a group is told: TPConfig's fields
         p.add_argument("--window", type=int, default=None,
@@ -196,7 +199,8 @@ def _prepare(args) -> int:
     from .gguf_source import DEFAULT_GGUF_CACHE, model_folder
 
     model = model_folder(args.model, DEFAULT_GGUF_CACHE)  # a .gguf: its small model folder, made once
-    plan = prepare(model, args.world_size, weights, args.out, max_rank_memory=_budget(args), quantize=_quantize(args))
+    plan = prepare(model, args.world_size, weights, args.out, max_rank_memory=_budget(args), quantize=_quantize(args),
+                   dtype=args.dtype)
     print(json.dumps({"out": str(args.out), "kv_heads": plan.kv_heads, "mlp": plan.mlp, "windows": plan_windows(plan),
                       "max_rank_memory": plan.extra.get("max_rank_memory"), "quantize": plan.extra.get("quantize")}))
     return 0
@@ -283,7 +287,7 @@ def _generate_local(args, sampling) -> int:
         world_size = args.world_size if args.world_size is not None else 1
         weights = parse_weights(args.weights, world_size)
         shards = cached_shards(Path(args.model), world_size, weights, Path(args.cache_dir), not args.json,
-                               _budget(args), _quantize(args))
+                               _budget(args), _quantize(args), dtype=args.dtype)
     config = _config(args, world_size, args.master or (f"127.0.0.1:{free_port()}" if world_size > 1 else ""))
     workers = LocalWorkers(shards, config) if world_size > 1 else None
     if workers is not None and "OMP_NUM_THREADS" not in os.environ:

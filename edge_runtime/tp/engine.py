@@ -76,7 +76,7 @@ class Shard:
         try:
             apply_tp(self.model, self.plan, collective)
             weight_shells(self.model, self.format, dtype)
-            if self.format is not None:
+            if self.format is not None or dtype == torch.bfloat16:  # partials rounded to bf16: fixed units
                 exact_partials(self.model, self.plan, self.rank, self.format)
             apply_paging(self.model, self.pager)
             if self.rank == 0:  # embeddings, final norm, LM head: streamed from the files whenever blocks are paged

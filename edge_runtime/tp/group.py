@@ -270,7 +270,8 @@ class Group:
         from .prepare import make_format_plan
         weights, budget = self._shares(members), self._budget(members)
         try:
-            return make_format_plan(self.llama, 1 + len(members), weights, self.quantize, budget), weights, budget
+            return (make_format_plan(self.llama, 1 + len(members), weights, self.quantize, budget, self.tp.dtype),
+                    weights, budget)
         except ValueError as err:
             raise GroupError(f"no plan fits {1 + len(members)} rank(s) ({', '.join(['this device', *(m.name for m in members)])}): "
                              f"{err}") from None
@@ -307,7 +308,7 @@ class Group:
     def _rank0(self, world: int, weights, budget) -> Path:
         from .launch import cached_shards
         return cached_shards(self.model_dir, world, weights, self.cache_dir, self.progress, budget, self.quantize,
-                             ranks=[0]) / "rank0"
+                             ranks=[0], dtype=self.tp.dtype) / "rank0"
 
     def _form(self, candidates: list[Member], warm: bool) -> None:
         """Make the group over `candidates` (those that fail to take part are dropped, and it tries again)."""

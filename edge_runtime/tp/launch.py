@@ -74,7 +74,7 @@ def model_fingerprint(model: Path) -> str:
 
 
 def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progress: bool = True,
-                  max_rank_memory: int | None = None, quantize=None, ranks=None) -> Path:
+                  max_rank_memory: int | None = None, quantize=None, ranks=None, dtype: str = "fp32") -> Path:
     """Prepared shards for (model, plan), made once: cache_dir/<config hash>-<source>-<plan hash>;
     the plan holds the weight format (`quantize`, a split.llama.quantize handler) and the budget.
     `ranks`: only those ranks' folders (a peer of an elastic group prepares its own part; the folder
@@ -87,12 +87,12 @@ def cached_shards(model: Path, world_size: int, weights, cache_dir: Path, progre
 
     model = model_folder(model, Path(cache_dir) / "gguf", progress)
     config = LlamaConfig.from_dir(model)
-    plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
+    plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory, dtype)
     src = hashlib.sha256(str(model.resolve()).encode()).hexdigest()[:8]
     part = "" if ranks is None else "-r" + "_".join(str(r) for r in sorted(set(ranks)))
     out = Path(cache_dir) / f"{plan.model['config_hash']}-{src}-{plan_checksum(plan).decode()}{part}"
     if not (is_prepared(out, plan, ranks) and _newer_than_checkpoint(out, model)):
-        prepare(model, world_size, weights, out, progress, max_rank_memory, quantize, ranks)  # written aside, renamed when complete
+        prepare(model, world_size, weights, out, progress, max_rank_memory, quantize, ranks, dtype)  # written aside, renamed when complete
     return out
 
 

@@ -93,18 +93,20 @@ def apply_tp(model: Llama, plan: ShardPlan, collective: Collective) -> Llama:
     return model
 
 
-def exact_partials(model: Llama, plan: ShardPlan, rank: int, h: Format) -> Llama:
-    """Quantized weights (format `h`, after weight_shells): each o_proj / down_proj of `rank` sums its
-    fixed units' partials (split.llama.quantize.row_units; QuantLinear.set_units) in float64 and hands
-    that to the allreduce, which sums float64 and casts once: exact sums of the same bf16 partials on
-    every plan, so a re-plan, or one device, gives the same bits. Returns the model."""
+def exact_partials(model: Llama, plan: ShardPlan, rank: int, h: Format | None) -> Llama:
+    """Quantized weights (format `h`) or float weights held in bf16 (h None), after weight_shells:
+    each o_proj / down_proj of `rank` sums its fixed units' partials (split.llama.quantize.row_units;
+    set_units) in float64 and hands that to the allreduce, which sums float64 and casts once: exact
+    sums of the same bf16 partials on every plan, so a re-plan, or one device, gives the same bits.
+    Returns the model."""
     units = row_units(model.config, h)
     spans = {"self_attn.o_proj": plan.q_rows(rank), "mlp.down_proj": plan.mlp[rank]}
     for name, (a, b) in spans.items():
         local = [(u - a, v - a) for u, v in units[name] if a <= u and v <= b]
         if sum(v - u for u, v in local) != b - a:
             raise ValueError(f"rank {rank}'s {name} columns [{a}, {b}) are not whole units of {units[name]} "
-                             f"(shards prepared by an older version: prepare them again)")
+                             f"(shards prepared by an older version, or for fp32 weights: prepare them again, "
+                             f"with --dtype bf16 for bf16)")
         for layer in model.layers.values():
             layer.get_submodule(name).set_units(local, keep_float64=True)
     return model

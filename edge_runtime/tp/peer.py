@@ -84,7 +84,10 @@ class Peer:
         if budget is not None and not (type(budget) is int and budget > 0):
             raise ValueError(f"max_rank_memory must be a positive integer or null, got {budget!r}")
         job["format"] = handler_from_dict(job["quantize"])
-        self.make_plan(self.config, world, job["weights"], job["format"], budget)  # fits?
+        if job["dtype"] not in (None, "fp32", "bf16"):
+            raise ValueError(f"dtype must be fp32 or bf16, got {job['dtype']!r}")
+        job["dtype"] = job["dtype"] or "fp32"
+        self.make_plan(self.config, world, job["weights"], job["format"], budget, job["dtype"])  # fits?
         job["warm"] = [w for w in request.get("warm") or [] if isinstance(w, dict)]
         return job
 
@@ -98,15 +101,15 @@ class Peer:
 
         rank, world = job["rank"], job["world_size"]
         try:
-            folder = self._shards(world, job["weights"], job["format"], job["max_rank_memory"], rank)
+            folder = self._shards(world, job["weights"], job["format"], job["max_rank_memory"], rank, job["dtype"])
             for w in job["warm"]:  # the plans a loss would lead to: ready before they are needed
                 try:
                     self._shards(int(w["world_size"]), w["weights"], job["format"], w.get("max_rank_memory"),
-                                 int(w["rank"]))
+                                 int(w["rank"]), job["dtype"])
                 except (KeyError, TypeError, ValueError, OSError) as err:
                     self.log(f"tp peer: cannot prepare a warm plan {w!r}: {err}")
             config = TPConfig(world_size=world, master=f"{f'[{master_host}]' if ':' in master_host else master_host}"
-                              f":{job['master_port']}", payload=job["payload"] or "fp32", dtype=job["dtype"] or "fp32",
+                              f":{job['master_port']}", payload=job["payload"] or "fp32", dtype=job["dtype"],
                               window=job["window"], timeout_s=float(job["timeout_s"] or 2.0),
                               join_timeout_s=self.setup.join_timeout_s, curve_keys=self.setup.curve_keys,
                               insecure=self.setup.insecure)
@@ -125,9 +128,10 @@ class Peer:
             return
         self.log(f"tp peer: the group ended ({'shut down' if code == 0 else 'aborted'}); waiting for a master")
 
-    def _shards(self, world: int, weights, fmt, budget, rank: int) -> Path:
+    def _shards(self, world: int, weights, fmt, budget, rank: int, dtype: str) -> Path:
         from .launch import cached_shards
-        return cached_shards(self.model_dir, world, weights, self.cache_dir, False, budget, fmt, ranks=[rank]) / f"rank{rank}"
+        return cached_shards(self.model_dir, world, weights, self.cache_dir, False, budget, fmt, ranks=[rank],
+                             dtype=dtype) / f"rank{rank}"
 
 
 def serve_peer(setup: PeerSetup, log=print, on_listening=None) -> int:

@@ -111,10 +111,14 @@ def _read(source: TensorSource, src: Source, shape: tuple[int, ...], how: str = 
 
 
 def make_format_plan(config: LlamaConfig, world_size: int, weights: list[float] | None,
-                     quantize: Int8 | Int4 | None = None, max_rank_memory: int | None = None) -> ShardPlan:
-    """The plan `prepare` writes: the split (in whole quantization units), the weight format and, with
-    a budget, each rank's window. Every slice is checked against the format's shape rules."""
-    chunks = None if quantize is None else row_units(config, quantize)["mlp.down_proj"]
+                     quantize: Int8 | Int4 | None = None, max_rank_memory: int | None = None,
+                     dtype: str = "fp32") -> ShardPlan:
+    """The plan `prepare` writes: the split, the weight format and, with a budget, each rank's window.
+    Every slice is checked against the format's shape rules. Where partials are rounded to bf16
+    (`quantize`, or float weights computed in `dtype` "bf16") the MLP is split in whole row_units
+    chunks, so every plan sums the same partials; fp32 weights are split in columns."""
+    rounded = quantize is not None or dtype == "bf16"
+    chunks = row_units(config, quantize)["mlp.down_proj"] if rounded else None
     plan = make_plan(config, world_size, weights, mlp_chunks=chunks)
     if quantize is not None:
         plan.extra["quantize"] = quantize.to_dict()
@@ -135,7 +139,7 @@ def make_format_plan(config: LlamaConfig, world_size: int, weights: list[float] 
 
 def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None, out: str | Path,
             progress: bool = True, max_rank_memory: int | None = None,
-            quantize: Int8 | Int4 | None = None, ranks: Sequence[int] | None = None) -> ShardPlan:
+            quantize: Int8 | Int4 | None = None, ranks: Sequence[int] | None = None, dtype: str = "fp32") -> ShardPlan:
     """Write the shard folder for a `world_size`-way split; returns the plan. The folder is written
     under a temporary name beside `out` and renamed at the end, so a failure (a bad checkpoint, a
     full disk) leaves no partial folder; an earlier shard folder at `out` is replaced. With
@@ -144,7 +148,7 @@ def prepare(model_dir: str | Path, world_size: int, weights: list[float] | None,
     rank folders (a peer preparing its own part of a plan; default all)."""
     model_dir, out = Path(model_dir), Path(out)
     config = LlamaConfig.from_dir(model_dir)
-    plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory)
+    plan = make_format_plan(config, world_size, weights, quantize, max_rank_memory, dtype)
     source = tensor_source(model_dir)
     if out.exists() and not _replaceable(out):
         raise ValueError(f"--out: {out} exists and is not a shard folder (no plan.json); give a new or empty folder")

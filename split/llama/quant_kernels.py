@@ -52,10 +52,16 @@ def pack_int8_groups(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) 
     return packed, scales_and_zeros
 
 
-def _tiles(ranges: list[tuple[int, int]], n: int) -> bool:
-    """Do the ranges [(a, b), ...] cover [0, n) in order, each non-empty, without gaps or overlaps?"""
-    return (bool(ranges) and ranges[0][0] == 0 and ranges[-1][1] == n and all(a < b for a, b in ranges)
-            and all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:])))
+def checked_units(units, n: int) -> list[tuple[int, int]] | None:
+    """`units` [(a, b), ...] as int pairs if they tile [0, n) in order, each non-empty, without gaps or
+    overlaps (None stays None); ValueError otherwise."""
+    if units is None:
+        return None
+    units = [(int(a), int(b)) for a, b in units]
+    if not (units and units[0][0] == 0 and units[-1][1] == n and all(a < b for a, b in units)
+            and all(b == c for (_, b), (c, _) in zip(units, units[1:]))):
+        raise ValueError(f"units must tile [0, {n}) in order, got {units}")
+    return units
 
 
 class QuantLinear(nn.Module, ABC):
@@ -87,11 +93,7 @@ class QuantLinear(nn.Module, ABC):
         """Sum the partial outputs of the input column ranges `units` [(a, b), ...] (tiling
         [0, in_features), in order) exactly; None: one kernel call as it rounds. keep_float64: return the
         float64 sum instead of casting it to the input's dtype (the caller sums ranks, then casts)."""
-        if units is not None:
-            units = [(int(a), int(b)) for a, b in units]
-            if not _tiles(units, self.in_features):
-                raise ValueError(f"units must tile [0, {self.in_features}) in order, got {units}")
-        self.units, self.keep_float64, self._masks = units, keep_float64, None
+        self.units, self.keep_float64, self._masks = checked_units(units, self.in_features), keep_float64, None
 
     @abstractmethod
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:  # (M, in) compute dtype -> (M, out)

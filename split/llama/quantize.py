@@ -79,7 +79,7 @@ from torch import nn
 from .config import LlamaConfig
 from .model import Llama
 from .quant_kernels import (QuantLinear, WeightOnlyInt4Linear, WeightOnlyInt8GroupLinear, WeightOnlyInt8Linear,
-                            aligned, pack_int4, pack_int8_groups)
+                            aligned, checked_units, pack_int4, pack_int8_groups)
 
 SCHEMES = ("int8", "int8g", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -331,22 +331,22 @@ def quantize_rows(h: Format, read_rows, n_out: int, chunk: int = 1024) -> dict[s
     return out
 
 
-def row_units(config: LlamaConfig, h: Format) -> dict[str, list[tuple[int, int]]]:
-    """The fixed units whose partial sums a row-parallel projection in format `h` rounds on their own
-    (QuantLinear.set_units), as input column ranges by module name in a layer: o_proj one per KV
-    head's group of query heads, down_proj num_key_value_heads chunks of the intermediate dimension
-    in whole h.unit columns (the first ones a unit larger where they do not divide evenly, the last
-    also taking any remainder; fewer chunks when there are fewer units). A tensor-parallel plan
-    gives each rank whole units of both (edge_runtime.tp.plan), so every plan, and one device,
-    sums the same bf16 partials."""
-    kv, I = config.num_key_value_heads, config.intermediate_size
+def row_units(config: LlamaConfig, h: Format | None) -> dict[str, list[tuple[int, int]]]:
+    """The fixed units whose partial sums a row-parallel projection in format `h` (None: float weights
+    held in bf16, CastLinear) rounds on their own (set_units), as input column ranges by module name
+    in a layer: o_proj one per KV head's group of query heads, down_proj num_key_value_heads chunks
+    of the intermediate dimension in whole h.unit columns (the first ones a unit larger where they
+    do not divide evenly, the last also taking any remainder; fewer chunks when there are fewer
+    units). A tensor-parallel plan gives each rank whole units of both (edge_runtime.tp.plan), so
+    every plan, and one device, sums the same bf16 partials."""
+    kv, I, unit = config.num_key_value_heads, config.intermediate_size, 1 if h is None else h.unit
     width = config.num_attention_heads // kv * config.head_dim  # o_proj columns of one KV group
-    n = I // h.unit  # whole units of the intermediate dimension
+    n = I // unit  # whole units of the intermediate dimension
     chunks = min(kv, n)
     if chunks == 0:
-        raise ValueError(f"{h.name} needs intermediate_size of at least {h.unit}, got {I}")
-    sizes = [(n // chunks + (i < n % chunks)) * h.unit for i in range(chunks)]
-    sizes[-1] += I % h.unit
+        raise ValueError(f"{h.name} needs intermediate_size of at least {unit}, got {I}")
+    sizes = [(n // chunks + (i < n % chunks)) * unit for i in range(chunks)]
+    sizes[-1] += I % unit
     bounds = [sum(sizes[:i]) for i in range(chunks + 1)]
     return {"self_attn.o_proj": [(i * width, (i + 1) * width) for i in range(kv)],
             "mlp.down_proj": list(zip(bounds, bounds[1:]))}
@@ -519,11 +519,33 @@ def kernel_state(tensors: dict[str, torch.Tensor], compute_dtype: torch.dtype = 
 
 class CastLinear(nn.Linear):
     """nn.Linear whose weight is held in a narrower float dtype (bf16): the activation is cast to it for
-    the matmul and the result back, so norms, the residual stream and the allreduce stay float32."""
+    the matmul and the result back, so norms, the residual stream and the allreduce stay float32.
+
+    A row-parallel projection may sum fixed units of its input columns on their own (set_units, as
+    QuantLinear does): each unit's partial is one matmul over its own columns, rounded to bf16, and
+    the partials are added in float64, exactly. Every plan (and one device) runs the same matmuls
+    on the same columns, which gives the same bits whatever the weight's row stride or the thread
+    count (checked on this machine's kernels for M = 1..64); one matmul over a rank's columns, or
+    masked rows as QuantLinear runs, does not once M reaches 16. The price: down_proj of the 1.1B
+    shape in 4 units, 2.4 -> 3.8 ms a decode call on one thread."""
+
+    units: list[tuple[int, int]] | None = None
+    keep_float64 = False
+
+    def set_units(self, units, keep_float64: bool = False) -> None:
+        """See QuantLinear.set_units."""
+        self.units, self.keep_float64 = checked_units(units, self.in_features), keep_float64
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         w, b = self.weight, self.bias
-        return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype)).to(x.dtype)
+        if self.units is None:
+            return F.linear(x.to(w.dtype), w, None if b is None else b.to(w.dtype)).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features).to(w.dtype)  # (M, in)
+        y = torch.stack([F.linear(x2[:, a:c], w[:, a:c]) for a, c in self.units]).double().sum(dim=0)  # (M, out)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        if b is not None:
+            y = y + b.double()
+        return y if self.keep_float64 else y.to(x.dtype)
 
 
 def weight_shells(model: Llama, h: Format | None, float_dtype: torch.dtype = torch.float32) -> Llama:
