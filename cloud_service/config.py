@@ -13,6 +13,7 @@
     data_type = "TYPE_FP32"            # or "FP32"
     dims = [784]                       # without the batch dimension; -1 is variable
     allow_non_finite = false           # ours: NaN/Inf inputs are rejected unless true
+    optional = false                   # Triton's: a request may leave this input out
     [[output]]
     name = "y"
     data_type = "TYPE_FP32"
@@ -47,6 +48,7 @@ class TensorSpec:
     datatype: str              # OIP name: FP32, INT64, BYTES, ...
     dims: tuple[int, ...]      # without the batch dimension when the model batches
     allow_non_finite: bool = False
+    optional: bool = False     # a request may leave it out
 
 
 @dataclass
@@ -92,7 +94,7 @@ def _tensors(entries, kind: str, path: Path) -> list[TensorSpec]:
         if not isinstance(dims, list) or not all(isinstance(d, int) and (d > 0 or d == -1) for d in dims):
             raise ConfigError(f"{where} ('{entry['name']}'): 'dims' must be a list of positive ints or -1, got {dims!r}")
         specs.append(TensorSpec(entry["name"], _datatype(entry.get("data_type"), where), tuple(dims),
-                                bool(entry.get("allow_non_finite", False))))
+                                bool(entry.get("allow_non_finite", False)), bool(entry.get("optional", False))))
     return specs
 
 

@@ -54,7 +54,7 @@ def model_inputs(request: pb.ModelInferRequest, config: ModelConfig) -> dict[str
         if array.dtype.kind == "f" and not spec.allow_non_finite and not np.isfinite(array).all():
             raise InvalidArgument(f"input '{tensor.name}': contains NaN or Inf, which this model does not accept")
         arrays[tensor.name] = array
-    missing = [name for name in by_name if name not in arrays]
+    missing = [name for name, spec in by_name.items() if name not in arrays and not spec.optional]
     if missing:
         raise InvalidArgument(f"missing input(s) {', '.join(repr(m) for m in missing)} for model '{request.model_name}'")
     if max_batch_size > 0:

@@ -1,7 +1,7 @@
 """LLM-continuation backend: the cloud half of the collaborative LLM (DESIGN.md, "Continue in the cloud").
 
 Runs layers [k, L) and the LM head of a Llama-family model (split.llama) and keeps each session's
-KV cache in the session store, so a device sends every hidden state once. config.toml:
+KV cache in the session store, so a device sends every hidden state (or token id) once. config.toml:
 
     backend = "llm_continuation"
     [sequence_batching]                      # required: the KV cache is per sequence_id
@@ -10,27 +10,41 @@ KV cache in the session store, so a device sends every hidden state once. config
     [parameters]
     checkpoint = "/path/to/hf_folder"        # relative paths are relative to the version folder
     first_layer = 4                          # k; 0 = the whole model from token ids (cloud-only)
-    catch_up = "exact"                       # or "propagated" (see below)
+    catch_up = "exact"                       # or "propagated" or "tokens" (see below)
     top_k = 5
 
 Inputs (declared here; config.toml may set hidden_states' data_type to FP16 for an fp16 wire):
     hidden_states  FP32 [T, C]   the layer-k outputs for positions p..p+T-1 the cloud has not seen;
                                  int8 per-row (split.codec, axis 0) arrives dequantized  (k > 0)
-    input_ids      INT64 [T]     the tokens at positions p..p+T-1                        (k = 0)
+    input_ids      INT64 [T]     the tokens at positions p..p+T-1          (k = 0, or catch_up "tokens")
     start          INT64 [1]     p: must equal the number of positions this session has seen
     exited         UINT8 [T]     1 where the token after this row was decided by the device's exit
                                  head (the row exited at layer k: catch-up only in `propagated`
                                  mode); the last row is the one to decide now: 0
-Outputs (for the last position p+T-1):
-    next_token INT64 [1], top_ids INT64 [top_k], top_probs FP32 [top_k]
+Outputs (for the last position p+T-1, or after the accepted drafts):
+    next_token INT64 [1], top_ids INT64 [top_k], top_probs FP32 [top_k], accepted INT64 [1] (0 unless verifying)
     work       INT64 [5]  this request: layer-token evaluations, K/V-projection layer-token
                           evaluations, LM-head evaluations; the session: states received, positions held
 
 Catch-up modes for the exited rows: `exact` runs them through layers [k, L) like any other
 (the offloaded token then sees exactly the full model's context); `propagated` computes only each
-deeper layer's K and V from the exit-layer state (CALM-style), a fraction of a layer's cost.
-The other rows always run through [k, L). Every check happens before the session's state is
-touched, so INVALID_ARGUMENT leaves the session usable.
+deeper layer's K and V from the exit-layer state (CALM-style), a fraction of a layer's cost;
+`tokens` loads layers [0, L) with the embeddings and takes input_ids instead of hidden_states: the
+device sends 8 bytes per token instead of a state and the cloud recomputes layers [0, k) itself
+(`work` counts every row over all L layers). The other rows always run through [k, L).
+
+Speculative verification (models that take input_ids; optional inputs, so a request without them
+is answered as before): the last `draft_len` ids are the device's drafts. One forward scores them
+all; `accepted` says how many the cloud keeps and `next_token` is its own token after them (the
+correction, or the bonus token when all are kept); the session's KV cache is cut back to the
+accepted prefix (positions held = start + T - draft_len + accepted).
+    draft_len    INT64 [1]      d, 0..T-1 (the row before the drafts decides the first)
+    draft_probs  FP32 [d, V]    sampling only: the distribution q each draft was drawn from
+    temperature  FP32 [1], top_k INT64 [1], top_p FP32 [1], seed INT64 [1]: the sampling settings
+                                 (split.llama.Sampling; absent or temperature 0: greedy)
+Greedy keeps drafts while each is the argmax; sampling is standard speculative sampling
+(`verify_drafts`). Every check happens before the session's state is touched, so INVALID_ARGUMENT
+leaves the session usable.
 """
 from pathlib import Path
 
@@ -40,10 +54,12 @@ import torch
 from cloud_service.backends.base import Backend
 from cloud_service.config import ConfigError, ModelConfig, TensorSpec
 from edgefold_proto.serving import InvalidArgument
-from split.llama import KVCache, LlamaConfig, load_llama
+from split.llama import KVCache, LlamaConfig, Sampling, load_llama, sample
 from split.llama.exits import continue_layers
+from split.llama.sampling import distribution
 
-CATCH_UP_MODES = ("exact", "propagated")
+CATCH_UP_MODES = ("exact", "propagated", "tokens")
+SAMPLING_INPUTS = (("temperature", "FP32"), ("top_k", "INT64"), ("top_p", "FP32"), ("seed", "INT64"))
 
 
 def checkpoint_config(version_dir: Path, config: ModelConfig) -> tuple[Path, LlamaConfig]:
@@ -55,6 +71,28 @@ def checkpoint_config(version_dir: Path, config: ModelConfig) -> tuple[Path, Lla
         return checkpoint, LlamaConfig.from_dir(checkpoint)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model '{config.name}': parameters.checkpoint: {err}") from None
+
+
+def verify_drafts(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, s: Sampling,
+                  gen: torch.Generator | None) -> tuple[int, int]:
+    """(accepted, next token) for drafts x_1..x_d given the target's logits (d + 1, vocab) at the
+    position before each draft and after the last. Greedy: keep drafts while x_i is the argmax, then
+    the argmax. Sampling (Leviathan et al. 2023, Chen et al. 2023): keep x_i with probability
+    min(1, p_i(x_i) / q_i(x_i)), p_i = distribution(logits[i], s) and q (d, vocab) what the drafts
+    were drawn from; at the first rejection draw from normalize(max(0, p_i - q_i)); after d
+    acceptances draw the bonus token from p_d. The tokens are then distributed as sample() from the
+    target alone would draw them, whatever q is."""
+    for i, x in enumerate(drafts):
+        if s.greedy:
+            best = int(logits[i].argmax())
+            if x != best:
+                return i, best
+            continue
+        p = distribution(logits[i], s)  # (vocab,)
+        if float(torch.rand((), generator=gen)) * float(q[i, x]) >= float(p[x]):  # rejected
+            residual = (p - q[i]).clamp_min(0)  # (vocab,); multinomial normalizes it
+            return i, int(torch.multinomial(residual if residual.sum() > 0 else p, 1, generator=gen))
+    return len(drafts), sample(logits[-1], s, gen)
 
 
 class LlmContinuationBackend(Backend):
@@ -81,11 +119,12 @@ class LlmContinuationBackend(Backend):
         threads = params.get("intra_op_thread_count")
         if threads:
             torch.set_num_threads(int(threads))
-        self.layers = range(self.first_layer, n_layers)
-        self.model = load_llama(self.checkpoint, layers=self.layers, with_embed=self.first_layer == 0)
-        C = self.llama_config.hidden_size
+        self.takes_ids = self.first_layer == 0 or self.catch_up == "tokens"
+        self.layers = range(0 if self.takes_ids else self.first_layer, n_layers)
+        self.model = load_llama(self.checkpoint, layers=self.layers, with_embed=self.takes_ids)
+        C, V = self.llama_config.hidden_size, self.llama_config.vocab_size
         declared = {spec.name: spec for spec in config.inputs}
-        if self.first_layer == 0:
+        if self.takes_ids:
             self.state_input = TensorSpec("input_ids", "INT64", (-1,))
         else:
             dtype = declared["hidden_states"].datatype if "hidden_states" in declared else "FP32"
@@ -93,8 +132,13 @@ class LlmContinuationBackend(Backend):
                 raise ConfigError(f"model '{config.name}': input hidden_states must be FP32 or FP16, got {dtype}")
             self.state_input = TensorSpec("hidden_states", dtype, (-1, C))
         self.inputs = [self.state_input, TensorSpec("start", "INT64", (1,)), TensorSpec("exited", "UINT8", (-1,))]
+        if self.takes_ids:   # speculative verification: optional, an old client sends none of these
+            self.inputs += [TensorSpec("draft_len", "INT64", (1,), optional=True),
+                            TensorSpec("draft_probs", "FP32", (-1, V), optional=True)]
+            self.inputs += [TensorSpec(name, dtype, (1,), optional=True) for name, dtype in SAMPLING_INPUTS]
         self.outputs = [TensorSpec("next_token", "INT64", (1,)), TensorSpec("top_ids", "INT64", (self.top_k,)),
-                        TensorSpec("top_probs", "FP32", (self.top_k,)), TensorSpec("work", "INT64", (5,))]
+                        TensorSpec("top_probs", "FP32", (self.top_k,)), TensorSpec("work", "INT64", (5,)),
+                        TensorSpec("accepted", "INT64", (1,))]
 
     # --- checks (before any state changes) ---------------------------------------------------
     def _check(self, inputs: dict, state: dict) -> tuple[np.ndarray, int, np.ndarray]:
@@ -115,21 +159,60 @@ class LlmContinuationBackend(Backend):
         if start + T > limit:
             raise InvalidArgument(f"input '{self.state_input.name}': positions up to {start + T - 1} exceed "
                                   f"max_position_embeddings {limit}")
-        if self.first_layer == 0 and (rows.min() < 0 or rows.max() >= self.llama_config.vocab_size):
+        if self.takes_ids and T and (rows.min() < 0 or rows.max() >= self.llama_config.vocab_size):
             raise InvalidArgument(f"input 'input_ids': token ids must lie in 0..{self.llama_config.vocab_size - 1}")
         return rows, start, exited.astype(bool)
+
+    def _verification(self, inputs: dict, rows: np.ndarray, exited: np.ndarray):
+        """(draft_len, q (d, vocab) or None, Sampling) of a request; (0, None, greedy) without drafts."""
+        T, V = rows.shape[0], self.llama_config.vocab_size
+        d = int(np.asarray(inputs.get("draft_len", [0])).reshape(-1)[0])
+        if not 0 <= d < max(T, 1):
+            raise InvalidArgument(f"input 'draft_len': {d} drafts need {d + 1} or more rows of 'input_ids' (the "
+                                  f"drafts and the position before them), and draft_len >= 0; got {T} rows")
+        if d and exited[-(d + 1):].any():
+            raise InvalidArgument("input 'exited': the drafts and the row before them must be 0 (the full model "
+                                  "verifies them)")
+        values = {name: np.asarray(inputs[name]).reshape(-1)[0].item() for name, _ in SAMPLING_INPUTS if name in inputs}
+        if values.get("seed", 0) < 0:
+            raise InvalidArgument(f"input 'seed': expected an integer >= 0, got {values['seed']}")
+        try:
+            s = Sampling(**values)
+        except ValueError as err:   # Sampling's message names the setting
+            raise InvalidArgument(f"input {err}") from None
+        q = inputs.get("draft_probs")
+        if q is None:
+            if d and not s.greedy:
+                raise InvalidArgument("input 'draft_probs': required to verify drafts when sampling (temperature "
+                                      "> 0): the (draft_len, vocab_size) distributions the drafts were drawn from")
+            return d, None, s
+        if s.greedy:
+            raise InvalidArgument("input 'draft_probs': only when sampling (temperature > 0); greedy verification "
+                                  "compares ids")
+        if q.shape != (d, V):
+            raise InvalidArgument(f"input 'draft_probs': shape {list(q.shape)}, expected [{d}, {V}] (draft_len, "
+                                  "vocab_size)")
+        if d and ((q < 0).any() or np.abs(q.sum(1, dtype=np.float64) - 1).max() > 1e-3):
+            raise InvalidArgument("input 'draft_probs': each row must be a probability distribution (entries >= 0 "
+                                  "summing to 1)")
+        drawn = q[np.arange(d), rows[T - d:]]
+        if d and (drawn <= 0).any():
+            raise InvalidArgument(f"input 'draft_probs': draft {int(np.argmin(drawn))} has probability 0 in its "
+                                  "row; a draft must be drawn from its row of draft_probs")
+        return d, torch.from_numpy(np.asarray(q, np.float32)), s
 
     @torch.inference_mode()
     def infer(self, inputs, state=None):
         if state is None:
             raise InvalidArgument("the llm_continuation backend needs a session (sequence_id)")
         rows, start, exited = self._check(inputs, state)
+        d, q, sampling = self._verification(inputs, rows, exited) if self.takes_ids else (0, None, Sampling())
         T, L = rows.shape[0], len(self.layers)
         if T == 0:   # nothing new (a request that only carries sequence_end): no work, no token
             return {"next_token": np.array([-1], np.int64), "top_ids": np.zeros(self.top_k, np.int64),
-                    "top_probs": np.zeros(self.top_k, np.float32),
+                    "top_probs": np.zeros(self.top_k, np.float32), "accepted": np.zeros(1, np.int64),
                     "work": np.array([0, 0, 0, state.get("received", 0), state.get("seen", 0)], np.int64)}
-        if self.first_layer == 0:
+        if self.takes_ids:
             h = self.model.embed(torch.from_numpy(rows.astype(np.int64)).reshape(1, T))  # (1, T, C)
         else:
             h = torch.from_numpy(np.asarray(rows, np.float32)).reshape(1, T, -1)  # (1, T, C)
@@ -138,16 +221,18 @@ class LlmContinuationBackend(Backend):
             cache = state["cache"] = KVCache()
             state["kv"] = (cache.k, cache.v, cache.pos)  # so the session store counts the cache's bytes
             state["received"] = 0
-        if self.catch_up == "exact":
+        if self.catch_up in ("exact", "tokens"):
             exited[:] = False
         # exited rows only fill each layer's K/V (propagated mode); the others run layers [k, L)
         out, _, n_full, n_kv = continue_layers(self.model, h, exited, start, cache, self.layers)
-        logits = self.model.head(out[:, -1:])[0, -1]  # (vocab,): the last row is never exited
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_probs, top_ids = probs.topk(self.top_k)
-        state["seen"] = start + T
+        logits = self.model.head(out[:, -(d + 1):])[0]  # (d + 1, vocab): the last d + 1 rows are never exited
+        accepted, token = verify_drafts(logits, rows[T - d:].tolist(), q, sampling, sampling.generator())
+        seen = start + T - d + accepted
+        cache.crop(seen)   # forget the rejected drafts
+        top_probs, top_ids = torch.softmax(logits[accepted].float(), dim=-1).topk(self.top_k)
+        state["seen"] = seen
         state["received"] += T
-        work = [n_full * L, n_kv * L, 1, state["received"], state["seen"]]
-        return {"next_token": np.array([int(logits.argmax())], np.int64),
+        work = [n_full * L, n_kv * L, d + 1, state["received"], seen]
+        return {"next_token": np.array([token], np.int64), "accepted": np.array([accepted], np.int64),
                 "top_ids": top_ids.numpy().astype(np.int64), "top_probs": top_probs.numpy().astype(np.float32),
                 "work": np.array(work, np.int64)}

@@ -6,20 +6,25 @@
     edge-runtime generate --model runs/ee_lm --mode cloud-only --cloud 127.0.0.1:8001 --prompt "ROMEO:"
     edge-runtime generate --model runs/ee_lm --mode cloud-stream --cloud 127.0.0.1:8001 --prompt "ROMEO:" \
         [--temperature 0.8 --top-p 0.95 --seed 7] [--stop-ids 13,13]
+    edge-runtime generate --model runs/ee_lm --mode speculative --cloud 127.0.0.1:8001 --prompt "ROMEO:" \
+        [--gamma 4] [--temperature 0.8 --seed 7] [--stop-ids 13,13] [--json]
     edge-runtime generate --model runs/ee_lm --cloud 127.0.0.1:8001 --quantize int4 --group-size 32 --prompt "ROMEO:"
     edge-runtime calibrate --model runs/ee_lm --eval-text val.txt --max-ppl-increase 0.02
 
 The cloud serves the `llm_continuation` backend: --cloud-model (layers [k, L), default "llm"; a
 model with catch_up = "propagated" is typically named "llm_prop") and --cloud-full-model (k = 0,
-for cloud-only; default "llm_full"). --mode cloud-stream asks the cloud's `llm_stream` model
-(--cloud-stream-model) to generate the whole answer and stream it back (collab/stream.py); the
-device only tokenizes, and the sampling flags (--temperature, --top-k, --top-p, --seed) and
---stop-ids apply to it alone. Without --threshold, generate uses the one `calibrate` wrote
-into the model's exits.json. --quantize runs the device half (embeddings + layers [0, k)) from int8 /
-int4 blocks prepared once into the `tp` cache (${EDGEFOLD_CACHE:-~/.cache/edgefold}/tp-shards;
-collab/quantized.py); the exit head stays float. Exit status: 0 done (also when degraded: see
-"degraded" in --json), 1 the cloud refused a request, 2 bad arguments or files. torch is imported
-only inside run().
+for cloud-only and speculative; default "llm_full"); a --cloud-model with catch_up = "tokens" gets
+token ids instead of states (the device reads that from the model's metadata). --mode cloud-stream
+asks the cloud's `llm_stream` model (--cloud-stream-model) to generate the whole answer and stream
+it back (collab/stream.py); the device only tokenizes. --mode speculative drafts up to --gamma
+tokens per round with the exit head and has the full model verify them in one call
+(collab/speculative.py; --json adds drafted and accepted counts). The sampling flags (--temperature,
+--top-k, --top-p, --seed) and --stop-ids apply to these two modes. Without --threshold, generate
+uses the one `calibrate` wrote into the model's exits.json. --quantize runs the device half
+(embeddings + layers [0, k)) from int8 / int4 blocks prepared once into the `tp` cache
+(${EDGEFOLD_CACHE:-~/.cache/edgefold}/tp-shards; collab/quantized.py); the exit head stays float.
+Exit status: 0 done (also when degraded: see "degraded" in --json), 1 the cloud refused a request,
+2 bad arguments or files. torch is imported only inside run().
 """
 import json
 import sys
@@ -28,8 +33,9 @@ import sys
 def add_parser(commands) -> None:
     g = commands.add_parser("generate", help="collaborative LLM generation (edge exit head + cloud)")
     g.add_argument("--model", required=True, help="HF folder with exits.json + exit_heads.safetensors")
-    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only", "cloud-stream"),
+    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only", "cloud-stream", "speculative"),
                    default="collaborative")
+    g.add_argument("--gamma", type=int, default=4, help="speculative: the most drafts per verification (adapted)")
     g.add_argument("--cloud", help="HOST:PORT of the cloud-service")
     g.add_argument("--threshold", type=float, help="emit at the edge when confidence >= T (default: calibrated)")
     g.add_argument("--metric", choices=("max_prob", "entropy"), default="max_prob")
@@ -37,12 +43,12 @@ def add_parser(commands) -> None:
     g.add_argument("--cloud-model", default="llm")
     g.add_argument("--cloud-full-model", default="llm_full")
     g.add_argument("--cloud-stream-model", default="llm_stream", help="the cloud's streaming model (cloud-stream)")
-    g.add_argument("--temperature", type=float, default=0.0, help="cloud-stream: 0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="cloud-stream: 0 = off")
-    g.add_argument("--top-p", type=float, default=1.0, help="cloud-stream: 1 = off")
-    g.add_argument("--seed", type=int, help="cloud-stream: the sampling seed (default: a fresh one)")
+    g.add_argument("--temperature", type=float, default=0.0, help="cloud-stream, speculative: 0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="cloud-stream, speculative: 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="cloud-stream, speculative: 1 = off")
+    g.add_argument("--seed", type=int, help="cloud-stream, speculative: the sampling seed (default: a fresh one)")
     g.add_argument("--stop-ids", action="append", default=[], metavar="ID,ID,...",
-                   help="cloud-stream: a stop sequence of token ids (repeatable)")
+                   help="cloud-stream, speculative: a stop sequence of token ids (repeatable)")
     g.add_argument("--wire", choices=("int8", "fp16", "fp32"), default="int8")
     g.add_argument("--timeout-s", type=float, default=5.0)
     g.add_argument("--max-kept-states", type=int, default=4096, help="memory cap on unacknowledged states")
@@ -115,20 +121,34 @@ def _prompt(args):
     return None, [int(x) for x in args.prompt_ids.split(",") if x.strip()]
 
 
+def _sampling_and_stop(args):
+    """(Sampling, stop sequences) from the sampling flags and --stop-ids."""
+    from split.llama.sampling import Sampling
+
+    stop = [[int(x) for x in seq.split(",") if x.strip()] for seq in args.stop_ids]
+    if any(not seq for seq in stop):
+        raise ValueError("--stop-ids: each stop sequence needs at least one token id")
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed), stop
+
+
 def _generate(args) -> int:
     if args.mode == "cloud-stream":
         return _cloud_stream(args)
     from edge_runtime.collab.device import CollabLlm
+    from split.llama import Stop
 
     sampled = (args.temperature, args.top_k, args.top_p, args.seed, args.stop_ids) != (0.0, 0, 1.0, None, [])
-    if sampled:
-        raise ValueError("--temperature, --top-k, --top-p, --seed and --stop-ids apply to --mode cloud-stream only")
+    if sampled and args.mode != "speculative":
+        raise ValueError("--temperature, --top-k, --top-p, --seed and --stop-ids apply to --mode cloud-stream "
+                         "and speculative only")
+    sampling, stop = _sampling_and_stop(args)
     threshold = resolve_threshold(args.model, args.threshold, args.metric, args.exit_layer, args.mode)
     tok, ids = _prompt(args)
     edge = CollabLlm(args.model, mode=args.mode, cloud=args.cloud, threshold=threshold, metric=args.metric,
                      exit_layer=args.exit_layer, cloud_model=args.cloud_model,
                      cloud_full_model=args.cloud_full_model, wire=args.wire, timeout_s=args.timeout_s,
-                     max_kept_states=args.max_kept_states, quantize=args.quantize, group_size=args.group_size)
+                     max_kept_states=args.max_kept_states, quantize=args.quantize, group_size=args.group_size,
+                     gamma=args.gamma)
     try:
         stream = not args.json and tok is not None
 
@@ -138,7 +158,7 @@ def _generate(args) -> int:
 
         if stream:
             print(args.prompt, end="", flush=True)
-        result = edge.generate(ids, args.max_new_tokens, on_token=show)
+        result = edge.generate(ids, args.max_new_tokens, Stop(sequences=stop), on_token=show, sampling=sampling)
     finally:
         edge.close()
     text = tok.decode(result.tokens) if tok is not None else None
@@ -162,12 +182,8 @@ def _generate(args) -> int:
 def _cloud_stream(args) -> int:
     """The cloud generates the whole answer; tokens are printed as they arrive."""
     from edge_runtime.collab.stream import CloudStream
-    from split.llama.sampling import Sampling
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    stop = [[int(x) for x in seq.split(",") if x.strip()] for seq in args.stop_ids]
-    if any(not seq for seq in stop):
-        raise ValueError("--stop-ids: each stop sequence needs at least one token id")
+    sampling, stop = _sampling_and_stop(args)
     tok, ids = _prompt(args)
     show = not args.json and tok is not None
     if show:

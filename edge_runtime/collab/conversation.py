@@ -18,13 +18,17 @@ from split.llama import KVCache
 class Counters:
     edge_tokens: int = 0           # decided by the exit head (incl. degraded)
     cloud_tokens: int = 0          # decided by the cloud
+    drafted: int = 0               # speculative: draft tokens sent for verification
+    accepted: int = 0              # speculative: drafts the cloud accepted (each one a "draft" token)
     degraded_tokens: int = 0       # wanted the cloud, decided here because it was unreachable/late
     requests: int = 0              # successful cloud calls
+    round_trips: int = 0           # ModelInfer calls, answered or not (incl. resends)
     failed_requests: int = 0       # UNAVAILABLE / DEADLINE_EXCEEDED
     resends: int = 0               # FAILED_PRECONDITION -> full resend with sequence_start
     states_sent: int = 0           # rows (hidden states or token ids) in successful requests
     bytes_sent: int = 0            # tensor payloads + codec parameters of successful requests
     request_bytes: int = 0         # the whole serialized ModelInferRequests (names, shapes, framing)
+    bytes_received: int = 0        # the whole serialized ModelInferResponses of successful requests
     cloud_layer_evals: int = 0     # layer-token evaluations the cloud reported
     cloud_kv_evals: int = 0        # K/V-projection-only layer-token evaluations the cloud reported
     edge_layer_evals: int = 0      # layer-token evaluations on the device (incl. recomputation)
@@ -48,13 +52,15 @@ class Conversation:
     unfed: list[int] = field(default_factory=list)      # the last generated token, fed next turn
     cache: KVCache = field(default_factory=KVCache)
     h: torch.Tensor | None = None                       # layer-k states of the last fed chunk
+    ahead: list = field(default_factory=list)           # speculative: (1, 1, C) layer-k states of accepted
+                                                        # drafts the edge cache holds beyond `tokens`
     retry_at: float = 0.0
 
 
 @dataclass
 class Result:
     tokens: list[int]
-    sources: list[str]             # per token: "edge", "cloud" or "degraded"
+    sources: list[str]             # per token: "edge", "cloud", "draft" (accepted) or "degraded"
     confidences: list[float]
     counters: Counters
     seconds_per_token: list[float] = field(default_factory=list)

@@ -3,6 +3,7 @@
     s = Sampling(temperature=0.8, top_k=40, top_p=0.95, seed=7, repetition_penalty=1.1)
     gen = s.generator()                                  # None when greedy
     tok = sample(logits, s, gen, history=ids_so_far)     # logits: (vocab,)
+    q = distribution(logits, s, history=ids_so_far)      # (vocab,): what sample() draws from
 
 Order, as in transformers: repetition penalty (every id in `history` -- prompt and generated --
 has a positive logit divided by the penalty, a negative one multiplied), then greedy argmax, or
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,27 @@ class Sampling:
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None,
            history: Sequence[int] = ()) -> int:
     """One token from (vocab,) logits."""
-    if s.repetition_penalty != 1 and history:
-        seen = torch.as_tensor(sorted(set(history)), dtype=torch.long)  # (n_seen,)
-        picked = logits.float()[seen]
-        logits = logits.float().clone()
-        logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
     if s.greedy:
-        return int(logits.argmax())
+        return int(_penalized(logits, s, history).argmax())
+    return int(torch.multinomial(distribution(logits, s, history), 1, generator=gen))
+
+
+def _penalized(logits: torch.Tensor, s: Sampling, history: Sequence[int]) -> torch.Tensor:
+    if s.repetition_penalty == 1 or not history:
+        return logits
+    seen = torch.as_tensor(sorted(set(history)), dtype=torch.long)  # (n_seen,)
+    picked = logits.float()[seen]
+    logits = logits.float().clone()
+    logits[seen] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
+    return logits
+
+
+def distribution(logits: torch.Tensor, s: Sampling, history: Sequence[int] = ()) -> torch.Tensor:
+    """(vocab,) logits -> the (vocab,) float32 probabilities `sample` draws from (greedy: one-hot
+    at the argmax), e.g. a draft's q or the verifier's p in speculative sampling."""
+    logits = _penalized(logits, s, history)
+    if s.greedy:
+        return F.one_hot(logits.argmax(), logits.shape[-1]).float()
     logits = logits.float() / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -68,4 +84,4 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None,
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > s.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+    return logits.softmax(-1)
