@@ -8,6 +8,7 @@
         [--temperature 0.8 --top-p 0.95 --seed 7] [--stop-ids 13,13]
     edge-runtime generate --model runs/ee_lm --mode speculative --cloud 127.0.0.1:8001 --prompt "ROMEO:" \
         [--gamma 4] [--temperature 0.8 --seed 7] [--stop-ids 13,13] [--json]
+    edge-runtime generate --model runs/ee_lm --mode auto --cloud 127.0.0.1:8001 --link-rate-mbit 10 --prompt "ROMEO:"
     edge-runtime generate --model runs/ee_lm --cloud 127.0.0.1:8001 --quantize int4 --group-size 32 --prompt "ROMEO:"
     edge-runtime calibrate --model runs/ee_lm --eval-text val.txt --max-ppl-increase 0.02
 
@@ -18,7 +19,9 @@ token ids instead of states (the device reads that from the model's metadata). -
 asks the cloud's `llm_stream` model (--cloud-stream-model) to generate the whole answer and stream
 it back (collab/stream.py); the device only tokenizes. --mode speculative drafts up to --gamma
 tokens per round with the exit head and has the full model verify them in one call
-(collab/speculative.py; --json adds drafted and accepted counts). The sampling flags (--temperature,
+(collab/speculative.py; --json adds drafted and accepted counts). --mode auto measures the round
+trip, the device's and the cloud's step and picks the mode predicted fastest (collab/auto.py; --json
+adds every mode's prediction and what it measured); greedy, lossless modes unless --max-ppl-increase. The sampling flags (--temperature,
 --top-k, --top-p, --seed) and --stop-ids apply to these two modes. Without --threshold, generate
 uses the one `calibrate` wrote into the model's exits.json. --quantize runs the device half
 (embeddings + layers [0, k)) from int8 / int4 blocks prepared once into the `tp` cache
@@ -27,14 +30,18 @@ Exit status: 0 done (also when degraded: see "degraded" in --json), 1 the cloud 
 2 bad arguments or files. torch is imported only inside run().
 """
 import json
+import math
 import sys
 
 
 def add_parser(commands) -> None:
     g = commands.add_parser("generate", help="collaborative LLM generation (edge exit head + cloud)")
     g.add_argument("--model", required=True, help="HF folder with exits.json + exit_heads.safetensors")
-    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only", "cloud-stream", "speculative"),
+    g.add_argument("--mode", choices=("standalone", "collaborative", "cloud-only", "cloud-stream", "speculative", "auto"),
                    default="collaborative")
+    g.add_argument("--link-rate-mbit", type=float, default=10.0, help="auto: the link's rate (the round trip is measured)")
+    g.add_argument("--max-ppl-increase", type=float, default=0.0,
+                   help="auto: the quality loss a lossy mode may cost (calibrated; 0 = lossless modes only)")
     g.add_argument("--gamma", type=int, default=4, help="speculative: the most drafts per verification (adapted)")
     g.add_argument("--cloud", help="HOST:PORT of the cloud-service")
     g.add_argument("--threshold", type=float, help="emit at the edge when confidence >= T (default: calibrated)")
@@ -134,6 +141,8 @@ def _sampling_and_stop(args):
 def _generate(args) -> int:
     if args.mode == "cloud-stream":
         return _cloud_stream(args)
+    if args.mode == "auto":
+        return _auto(args)
     from edge_runtime.collab.device import CollabLlm
     from split.llama import Stop
 
@@ -176,6 +185,46 @@ def _generate(args) -> int:
                   "cloud was unreachable]", file=sys.stderr)
     else:
         print(" ".join(map(str, result.tokens)))
+    return 0
+
+
+def _auto(args) -> int:
+    """Measure, choose, run; the choice and every prediction go into --json."""
+    from edge_runtime.collab.auto import AutoLlm
+    from edge_runtime.collab.device import CollabLlm
+    from split.llama import Stop
+
+    sampling, stop = _sampling_and_stop(args)
+    if not sampling.greedy or args.seed is not None:
+        raise ValueError("--mode auto decodes greedily: --temperature, --top-k, --top-p and --seed do not apply")
+    threshold = resolve_threshold(args.model, args.threshold, args.metric, args.exit_layer, args.mode)
+    tok, ids = _prompt(args)
+    edge = CollabLlm(args.model, mode="speculative", cloud=args.cloud, threshold=threshold, metric=args.metric,
+                     exit_layer=args.exit_layer, cloud_model=args.cloud_model, cloud_full_model=args.cloud_full_model,
+                     wire=args.wire, timeout_s=args.timeout_s, max_kept_states=args.max_kept_states,
+                     quantize=args.quantize, group_size=args.group_size, gamma=args.gamma)
+    try:
+        auto = AutoLlm(edge, args.link_rate_mbit, args.max_ppl_increase, args.cloud_stream_model, args.cloud_full_model)
+        result = auto.generate(ids, args.max_new_tokens, Stop(sequences=stop))
+    finally:
+        edge.close()
+    n, text = len(result.tokens), tok.decode(result.tokens) if tok is not None else None
+    if args.json:
+        print(json.dumps({"mode": "auto", "chose": result.mode, "gamma": result.choice.gamma,
+                          "predicted_ms_per_token": 1e3 * result.choice.predicted_s_per_token,
+                          "predictions": [{"mode": r.mode, "ms_per_token": 1e3 * r.seconds_per_token,
+                                           "cloud_layer_evals_per_token": r.cloud_layer_evals_per_token,
+                                           "ppl_increase": r.ppl_increase if math.isfinite(r.ppl_increase) else None,
+                                           "allowed": r.allowed, "gamma": r.gamma}
+                                          for r in result.choice.rows],
+                          "observed": {k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                       for k, v in result.observed.__dict__.items()},
+                          "tokens": result.tokens, "text": text,
+                          "sources": result.sources, "degraded": result.degraded,
+                          "ms_per_token": 1e3 * sum(result.seconds_per_token) / max(n, 1), "counters": result.counters}))
+    else:
+        print(f"[auto: {result.mode}]", file=sys.stderr)
+        print(args.prompt + text if text is not None and args.prompt is not None else " ".join(map(str, result.tokens)))
     return 0
 
 

@@ -91,6 +91,7 @@ class CollabLlm:
         else:   # cache_dir: where the quantized blocks are prepared (default: the tp CLI's cache)
             self.model = load_device_half(self.model_dir, self.k, quantize, group_size, cache_dir)
         self.head = load_exit_heads(self.model_dir, [self.k])[self.k]
+        self._cloud_models = (cloud_model, cloud_full_model)   # layers [k, L) / the whole model
         self.cloud_model = cloud_full_model if mode in ("cloud-only", "speculative") else cloud_model
         self.gamma = Gamma(gamma)                  # speculative: drafts per round, adapted (speculative.py)
         self.drafter = drafter or ExitHeadDrafter(self.head)
@@ -103,6 +104,15 @@ class CollabLlm:
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+    def set_mode(self, mode: str) -> None:
+        """Switch mode between turns (--mode auto, the agent's policy); a conversation started in one
+        mode is not continued in another."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        self.cloud_model = self._cloud_models[mode in ("cloud-only", "speculative")]
+        self._takes_ids = None
 
     # --- the edge model ----------------------------------------------------------------------
     def _edge_step(self, ids: list[int], pos: int, cache: KVCache) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""`--mode auto`: measure the link, the device and the cloud, predict every mode (chooser.py), run the
+fastest one whose quality loss is allowed, and keep going on the device when the link drops.
+
+    auto = AutoLlm(CollabLlm("runs/ee_lm", mode="speculative", cloud="127.0.0.1:8001"), rate_mbit=10)
+    result = auto.generate(prompt_ids, 32)
+    result.mode, result.tokens, result.sources, result.choice.rows     # what ran, and every prediction
+
+Measured before each generation (every wait under the CollabLlm's deadline):
+- the round trip: median of 3 ServerLive heartbeats (none answered: the link is down, and the
+  device generates standalone, every token flagged degraded);
+- the device's step: one token through layers [0, k) and the exit head, timed here;
+- the cloud's step at its current load: one token on its full model (`llm_full`) in a throwaway
+  session, less the round trip (the cloud's queue and batch are in it);
+- the exit rate and quality loss at the threshold: what `edge-runtime calibrate` wrote into
+  exits.json (none written: the exit decides nothing and collaborative counts as lossy);
+- the drafts' acceptance: what this device's speculative rounds measured so far (0.5 before the
+  first one).
+The link rate is configured (`rate_mbit`: a heartbeat carries too few bytes to measure it).
+
+A link that drops mid-generation loses no token and repeats none: collaborative and speculative
+decide on the device (flagged degraded) and go back to the cloud when it answers (device.py); a
+cloud-stream that breaks keeps the tokens it delivered and the rest is generated in speculative
+mode from the prompt plus those tokens, which does the same.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+
+from edge_runtime.client.oip_client import build_request
+from edge_runtime.collab.chooser import Choice, Observed, choose
+from edge_runtime.collab.device import CollabLlm, cloud_takes_ids
+from edge_runtime.collab.stream import CloudStream
+from edgefold_proto import pb
+from split.llama import KVCache, Stop
+from split.llama.exits import read_exits_json
+from split.llama.sampling import Sampling
+
+PRIOR_ACCEPTANCE = 0.5
+_LINK_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass
+class AutoResult:
+    mode: str                          # the mode that ran (the choice; "standalone" when the link was down)
+    choice: Choice | None = None       # generate(): every mode's prediction and the pick
+    observed: Observed | None = None   # generate(): what it measured
+    tokens: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)     # per token: edge, cloud, draft or degraded
+    seconds_per_token: list[float] = field(default_factory=list)
+    counters: dict = field(default_factory=dict)          # the mode's counters (bytes, round trips, cloud work)
+
+    @property
+    def degraded(self) -> bool:
+        return "degraded" in self.sources
+
+
+class AutoLlm:
+    def __init__(self, llm: CollabLlm, rate_mbit: float = 10.0, max_ppl_increase: float = 0.0,
+                 stream_model: str = "llm_stream", full_model: str = "llm_full"):
+        if llm.client is None:
+            raise ValueError("mode 'auto' needs --cloud HOST:PORT")
+        if not rate_mbit > 0:
+            raise ValueError(f"rate_mbit must be > 0, got {rate_mbit!r}")
+        self.llm, self.rate_bps, self.max_ppl_increase = llm, rate_mbit * 1e6, max_ppl_increase
+        self.full_model, self.collab_model = full_model, llm.cloud_model
+        self.stream = CloudStream(model=stream_model, timeout_s=llm.timeout_s, client=llm.client)
+        self.drafted, self.accepted = 0, 0            # this device's speculative rounds so far
+        meta = read_exits_json(llm.model_dir)
+        calibrated = meta.get("threshold", {}).get(llm.metric, {})
+        usable = calibrated.get("exit_layer", llm.k) == llm.k and "edge_fraction" in calibrated
+        self.exit_rate = float(calibrated["edge_fraction"]) if usable else 0.0
+        self.collab_ppl = float(calibrated.get("ppl_increase", float("inf"))) if usable else float("inf")
+        self.layers = llm.model.config.num_hidden_layers
+
+    # --- measurements -------------------------------------------------------------------------
+    def _rtt(self) -> float | None:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            try:
+                self.llm.client.call("ServerLive", pb.ServerLiveRequest(), self.llm.timeout_s)
+            except grpc.RpcError as err:
+                if err.code() in _LINK_DOWN:
+                    continue
+                raise
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) if times else None
+
+    @torch.inference_mode()
+    def _device_step(self, token: int) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            self.llm.head(self.llm._edge_step([token], 0, KVCache()))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def _cloud_step(self, token: int, rtt: float) -> float:
+        request = build_request(self.full_model, {"input_ids": np.array([token], np.int64),
+                                                  "start": np.zeros(1, np.int64), "exited": np.zeros(1, np.uint8)},
+                                parameters={"sequence_id": next(self.llm._sequence_ids), "sequence_start": True,
+                                            "sequence_end": True})
+        t0 = time.perf_counter()
+        self.llm.client.call("ModelInfer", request, self.llm.timeout_s)
+        return max(time.perf_counter() - t0 - rtt, 1e-4)
+
+    def observe(self, prompt_ids: list[int]) -> Observed:
+        llm, token = self.llm, int(prompt_ids[-1])
+        rtt = self._rtt()
+        d = self._device_step(token)
+        c = self._cloud_step(token, rtt) if rtt is not None else d
+        ids = rtt is not None and cloud_takes_ids(llm.client, self.collab_model, llm.timeout_s)
+        return Observed(rtt_s=rtt, rate_bps=self.rate_bps, device_token_s=d, cloud_token_s=c, layers=self.layers,
+                        exit_layer=llm.k, exit_rate=self.exit_rate,
+                        acceptance=self.accepted / self.drafted if self.drafted else PRIOR_ACCEPTANCE,
+                        state_bytes=llm.model.config.hidden_size + 8, catch_up="tokens" if ids else "exact",
+                        prefill_s=c * (1 + 0.15 * (len(prompt_ids) - 1)), collab_ppl_increase=self.collab_ppl)
+
+    # --- generation ---------------------------------------------------------------------------
+    def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop()) -> AutoResult:
+        """Measure, choose, run the choice."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("prompt_ids must hold at least one token")
+        observed = self.observe(prompt)
+        choice = choose(observed, max_new_tokens, self.max_ppl_increase)
+        result = self.run(choice.mode, prompt, max_new_tokens, stop, choice.gamma)
+        result.choice, result.observed = choice, observed
+        return result
+
+    def run(self, mode: str, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), gamma: int | None = None) -> AutoResult:
+        """One greedy generation in `mode` (any of chooser's), with auto's fallbacks; what generate()
+        runs once it has chosen, and what a benchmark runs to compare the prediction with every mode."""
+        result = AutoResult(mode)
+        if mode == "cloud-stream":
+            self._stream(result, [int(t) for t in prompt_ids], max_new_tokens, stop)
+        else:
+            self._collab(result, mode, [int(t) for t in prompt_ids], max_new_tokens, stop, gamma)
+        return result
+
+    def _collab(self, result: AutoResult, mode: str, prompt: list[int], n: int, stop: Stop, gamma=None) -> None:
+        llm = self.llm
+        llm.set_mode(mode)
+        if gamma is not None:
+            llm.gamma.max = gamma
+        r = llm.generate(prompt, n, stop)
+        llm.end(r.conversation)
+        if mode == "speculative":
+            self.drafted += r.counters.drafted
+            self.accepted += r.counters.accepted
+        result.tokens += r.tokens
+        result.sources += r.sources
+        result.seconds_per_token += r.seconds_per_token
+        for key, value in r.counters.as_dict().items():
+            result.counters[key] = result.counters.get(key, 0) + value
+
+    def _stream(self, result: AutoResult, prompt: list[int], n: int, stop: Stop) -> None:
+        got = []
+        try:
+            r = self.stream.generate(prompt, n, Sampling(), stop.sequences, ignore_eos=not stop.eos_ids,
+                                     on_token=lambda step, token, source: got.append(token))
+            result.tokens, result.sources, result.seconds_per_token = r.tokens, r.sources, r.seconds_per_token
+            result.counters = {"bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
+                               "round_trips": r.round_trips, "cloud_layer_evals": r.cloud_layer_evals}
+            return
+        except grpc.RpcError as err:
+            if err.code() not in (*_LINK_DOWN, grpc.StatusCode.CANCELLED):
+                raise
+        # the stream broke: keep what arrived, generate the rest on the device (and the cloud when it answers)
+        result.tokens, result.sources = list(got), ["cloud"] * len(got)
+        if len(got) < n and not (got and stop.reached(got)):
+            self._collab(result, "speculative", prompt + got, n - len(got), stop)
