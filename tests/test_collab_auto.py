@@ -125,3 +125,20 @@ def test_cli_auto_json(cloud):
     assert report["chose"] in LOSSLESS and len(report["tokens"]) == 6
     assert {p["mode"] for p in report["predictions"]} >= {"cloud-stream", "speculative", "cloud-only"}
     assert report["observed"]["rate_bps"] == 100e6 and report["observed"]["rtt_s"] > 0
+
+
+def test_the_agents_collab_llm_pipeline_in_auto_mode(cloud, ref):
+    from edge_runtime.agent.llm_pipelines import CollabPipeline
+    from edge_runtime.agent.pipeline import Context
+    from edge_runtime.agent.policy import Decision
+    ctx = Context(cloud[1].address, None, None, None)
+    pipe = CollabPipeline("chat", cloud[0], {"mode": "auto", "max_new_tokens": N_NEW}, ctx)
+    try:
+        s = pipe.stream(PROMPT, N_NEW, None, ())
+        assert list(s) == ref and s.finish_reason == "length" and len(s.sources) == N_NEW
+        assert pipe.describe()["mode"] in LOSSLESS and pipe.describe()["auto"]
+        pipe.adapt(Decision(allow_cloud=False, objective="latency", reason="metered link"), None)  # no cloud
+        s = pipe.stream(PROMPT, 4, None, ())
+        assert len(list(s)) == 4 and s.sources == ["edge"] * 4 and pipe.describe()["mode"] == "standalone"
+    finally:
+        pipe.close()

@@ -389,7 +389,7 @@ class CollabPipeline(LlmPipeline):
         metric = str(options.get("metric", "max_prob"))
         threshold = resolve_threshold(folder, options.get("threshold"), metric, None, self.mode)
         deadline_s = float(options.get("deadline_s", 5.0))
-        self.llm = CollabLlm(folder, self.mode, None, threshold, metric,
+        self.llm = CollabLlm(folder, "speculative" if self.mode == "auto" else self.mode, None, threshold, metric,
                              cloud_model=str(options.get("cloud_model", "llm")), timeout_s=deadline_s,
                              quantize=options.get("quantize"), group_size=int(options.get("group_size", 32)),
                              client=ctx.client(deadline_s) if self.mode != "standalone" and ctx.cloud else None)
@@ -403,22 +403,36 @@ class CollabPipeline(LlmPipeline):
         self.reason = "start"
         self._init_llm(int(options.get("max_new_tokens", 32)))
         self.outputs += (TensorInfo("sources", "BYTES", (-1,)),)
+        self.auto, self.allow_cloud, self.chose = None, True, None
+        if self.mode == "auto":   # per request: measure, predict, run the fastest lossless mode (collab/auto.py)
+            from edge_runtime.collab.auto import AutoLlm
+            rate = float(options.get("link_rate_mbit", getattr(ctx.link, "rate_mbit", 10.0) or 10.0))
+            self.auto = AutoLlm(self.llm, rate, float(options.get("max_ppl_increase", 0.0)))
 
     def adapt(self, decision: Decision, link) -> None:
-        if self.mode == "collaborative":
+        if self.mode in ("collaborative", "auto"):
             with self._lock:
-                self.llm.mode = "collaborative" if decision.allow_cloud else "standalone"
-                self.reason = decision.reason
+                if self.mode == "collaborative":
+                    self.llm.mode = "collaborative" if decision.allow_cloud else "standalone"
+                self.allow_cloud, self.reason = decision.allow_cloud, decision.reason
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "mode": self.llm.mode, "threshold": self.llm.threshold, "why": self.reason}
+        return {"kind": self.kind, "mode": self.chose or self.llm.mode, "threshold": self.llm.threshold,
+                "why": self.reason, **({"auto": True} if self.auto else {})}
 
     def infer(self, inputs: dict, params: dict, stop_ids=()) -> dict:
         return super().infer(inputs, params, stop_ids)
 
     def _run(self, p: Progress, max_new_tokens: int, sampling, stop):
         """One CollabLlm turn, token by token; then the conversation is ended (one request, one
-        conversation: the cloud frees it)."""
+        conversation: the cloud frees it). Mode auto: the mode AutoLlm picks (standalone while the
+        policy keeps the cloud off)."""
+        if self.auto is not None:
+            if self.allow_cloud:
+                yield from self._run_auto(p, max_new_tokens, stop)
+                return
+            self.llm.set_mode("standalone")
+            self.chose = "standalone"
         turn = self.llm.turn(p.prompt_ids, max_new_tokens, stop)
         res = turn.result
         p.sources, p.seconds = res.sources, turn.generation.seconds
@@ -432,6 +446,43 @@ class CollabPipeline(LlmPipeline):
             self.counters["offloaded"] += res.sources.count("cloud")
             self.counters["degraded"] += res.sources.count("degraded")
             self.llm.end(res.conversation)
+
+    def _run_auto(self, p: Progress, max_new_tokens: int, stop):
+        """AutoLlm.generate on a thread of its own, its tokens handed out as they are decided; the
+        thread is waited for before the pipeline's lock is released."""
+        import queue
+        tokens, done = queue.Queue(), object()
+
+        def work():
+            try:
+                r = self.auto.generate(p.prompt_ids, max_new_tokens, stop,
+                                       on_token=lambda step, token, source: tokens.put((token, source)))
+                self.chose = r.mode
+                tokens.put((done, r))
+            except BaseException as err:   # handed to the stream's reader
+                tokens.put((done, err))
+        worker = threading.Thread(target=work, name=f"{self.name}-auto", daemon=True)
+        worker.start()
+        p.sources, generated, t0 = [], [], time.perf_counter()
+        try:
+            while True:
+                token, source = tokens.get(timeout=self.llm.timeout_s * (max_new_tokens + 4))
+                if token is done:
+                    if isinstance(source, BaseException):
+                        raise source
+                    break
+                generated.append(token)
+                p.sources.append(source)
+                p.seconds.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                p.device_tokens = sum(s in ("edge", "degraded") for s in p.sources)
+                if len(generated) == max_new_tokens or stop.reached(generated):
+                    p.finish_reason = "length" if len(generated) == max_new_tokens and not stop.reached(generated) else "stop"
+                yield token
+        finally:
+            worker.join(self.llm.timeout_s * (max_new_tokens + 4))
+            self.counters["offloaded"] += sum(s in ("cloud", "draft") for s in p.sources)
+            self.counters["degraded"] += p.sources.count("degraded")
 
     def _release(self) -> None:
         self.llm.close()

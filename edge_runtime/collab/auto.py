@@ -123,33 +123,34 @@ class AutoLlm:
                         prefill_s=c * (1 + 0.15 * (len(prompt_ids) - 1)), collab_ppl_increase=self.collab_ppl)
 
     # --- generation ---------------------------------------------------------------------------
-    def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop()) -> AutoResult:
-        """Measure, choose, run the choice."""
+    def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), on_token=None) -> AutoResult:
+        """Measure, choose, run the choice; on_token(step, token, source) as each token is decided."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids must hold at least one token")
         observed = self.observe(prompt)
         choice = choose(observed, max_new_tokens, self.max_ppl_increase)
-        result = self.run(choice.mode, prompt, max_new_tokens, stop, choice.gamma)
+        result = self.run(choice.mode, prompt, max_new_tokens, stop, choice.gamma, on_token)
         result.choice, result.observed = choice, observed
         return result
 
-    def run(self, mode: str, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), gamma: int | None = None) -> AutoResult:
+    def run(self, mode: str, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), gamma: int | None = None,
+            on_token=None) -> AutoResult:
         """One greedy generation in `mode` (any of chooser's), with auto's fallbacks; what generate()
         runs once it has chosen, and what a benchmark runs to compare the prediction with every mode."""
-        result = AutoResult(mode)
+        result, emit = AutoResult(mode), on_token or (lambda step, token, source: None)
         if mode == "cloud-stream":
-            self._stream(result, [int(t) for t in prompt_ids], max_new_tokens, stop)
+            self._stream(result, [int(t) for t in prompt_ids], max_new_tokens, stop, emit)
         else:
-            self._collab(result, mode, [int(t) for t in prompt_ids], max_new_tokens, stop, gamma)
+            self._collab(result, mode, [int(t) for t in prompt_ids], max_new_tokens, stop, emit, gamma)
         return result
 
-    def _collab(self, result: AutoResult, mode: str, prompt: list[int], n: int, stop: Stop, gamma=None) -> None:
-        llm = self.llm
+    def _collab(self, result: AutoResult, mode: str, prompt: list[int], n: int, stop: Stop, emit, gamma=None) -> None:
+        llm, before = self.llm, len(result.tokens)
         llm.set_mode(mode)
         if gamma is not None:
             llm.gamma.max = gamma
-        r = llm.generate(prompt, n, stop)
+        r = llm.generate(prompt, n, stop, on_token=lambda step, token, source: emit(before + step, token, source))
         llm.end(r.conversation)
         if mode == "speculative":
             self.drafted += r.counters.drafted
@@ -160,11 +161,15 @@ class AutoLlm:
         for key, value in r.counters.as_dict().items():
             result.counters[key] = result.counters.get(key, 0) + value
 
-    def _stream(self, result: AutoResult, prompt: list[int], n: int, stop: Stop) -> None:
+    def _stream(self, result: AutoResult, prompt: list[int], n: int, stop: Stop, emit) -> None:
         got = []
+
+        def arrived(step, token, source):
+            got.append(token)
+            emit(step, token, source)
         try:
             r = self.stream.generate(prompt, n, Sampling(), stop.sequences, ignore_eos=not stop.eos_ids,
-                                     on_token=lambda step, token, source: got.append(token))
+                                     on_token=arrived)
             result.tokens, result.sources, result.seconds_per_token = r.tokens, r.sources, r.seconds_per_token
             result.counters = {"bytes_sent": r.bytes_sent, "bytes_received": r.bytes_received,
                                "round_trips": r.round_trips, "cloud_layer_evals": r.cloud_layer_evals}
@@ -175,4 +180,4 @@ class AutoLlm:
         # the stream broke: keep what arrived, generate the rest on the device (and the cloud when it answers)
         result.tokens, result.sources = list(got), ["cloud"] * len(got)
         if len(got) < n and not (got and stop.reached(got)):
-            self._collab(result, "speculative", prompt + got, n - len(got), stop)
+            self._collab(result, "speculative", prompt + got, n - len(got), stop, emit)
