@@ -87,6 +87,10 @@ def assemble_repository(m: dict) -> Path:
         (repo / name / "config.toml").write_text(
             f'backend = "llm_continuation"\n[sequence_batching]\n[parameters]\n'
             f'checkpoint = "{m["lm"].resolve()}"\nfirst_layer = {first}\ncatch_up = "exact"\n')
+    (repo / "llm_stream" / "1").mkdir(parents=True)
+    (repo / "llm_stream" / "config.toml").write_text(
+        f'backend = "llm_stream"\n[model_transaction_policy]\ndecoupled = true\n[parameters]\n'
+        f'checkpoint = "{m["lm"].resolve()}"\nintra_op_thread_count = 1\n')
     return repo
 
 
@@ -186,7 +190,7 @@ def main() -> int:
                              f"{agent.start_s:.2f} s / {ready_s:.1f} s"))
                 rows += vision(client, m, args.frames)
                 rows += sdk_example(agent.address)
-                rows += chat(client)
+                rows += chat(client, m["lm"], link.address)
                 rows += tensor_parallel(client, m)
                 rows += link_down(client, m, link)
                 rows += fleet(cloud.address)
@@ -233,7 +237,7 @@ def sdk_example(address: str) -> list:
              "ok" if done.returncode == 0 else f"failed ({done.returncode})")]
 
 
-def chat(client) -> list:
+def chat(client, lm: Path, link: str) -> list:
     prompt = "ROMEO:\n"
     start = time.perf_counter()
     out = client.infer("chat", {"prompt": np.array([prompt.encode()], dtype=object)},
@@ -243,8 +247,20 @@ def chat(client) -> list:
     text = out["text"][0].decode()
     print(f"\nchat (collaborative LLM through the agent):\n{prompt}{text}")
     edge = sources.count("edge") / len(sources)
-    return [("collab LLM", f"{len(sources)} tokens, exit head on the device, the rest in the cloud",
+    rows = [("collab LLM", f"{len(sources)} tokens, exit head on the device, the rest in the cloud",
              f"{edge:.0%} decided on the device; {1e3 * seconds / len(sources):.0f} ms/token")]
+    for mode, what in (("speculative", "device drafts, the cloud verifies a draft per call"),
+                       ("cloud-stream", "the cloud generates and streams every token")):
+        out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "generate", "--model", str(lm), "--mode", mode,
+                              "--cloud", link, "--prompt", prompt, "--max-new-tokens", "24", "--json"],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        if out.returncode:
+            rows.append((f"LLM {mode}", what, f"failed: {out.stderr.strip()[-200:]}"))
+            continue
+        print(demo_collab.summary(mode, json.loads(out.stdout)))
+        r = json.loads(out.stdout)
+        rows.append((f"LLM {mode}", f"{what} (through the link, from this process)", f"{r['ms_per_token']:.0f} ms/token"))
+    return rows
 
 
 def tensor_parallel(client, m: dict) -> list:

@@ -70,6 +70,8 @@ def test_lossy_modes_only_within_the_quality_limit_and_standalone_when_the_link_
     o = Observed(rtt_s=0.08, exit_rate=0.9, collab_ppl_increase=0.02, standalone_ppl_increase=0.4,
                  **dict(BASE, cloud_token_s=0.2))
     assert choose(o, 32).mode != "collaborative"                  # default: lossless only
+    better = Observed(rtt_s=0.08, exit_rate=0.9, collab_ppl_increase=-0.02, **dict(BASE, cloud_token_s=0.2))
+    assert choose(better, 32).mode != "collaborative"             # lower perplexity, yet other tokens
     assert choose(o, 32, max_ppl_increase=0.05).mode == "collaborative"
     down = choose(Observed(rtt_s=None, **BASE), 32)
     assert down.mode == "standalone" and [r.mode for r in down.rows] == ["standalone"]

@@ -118,8 +118,12 @@ def predict(o: Observed, new_tokens: int) -> list[Row]:
 
 def choose(o: Observed, new_tokens: int, max_ppl_increase: float = 0.0) -> Choice:
     """The fastest mode whose quality loss is within max_ppl_increase (0: lossless modes only, and
-    standalone only when the link is down)."""
-    rows = [Row(r.mode, r.seconds_per_token, r.cloud_layer_evals_per_token, r.ppl_increase, r.gamma,
-                r.ppl_increase <= max_ppl_increase or o.rtt_s is None) for r in predict(o, new_tokens)]
+    standalone only when the link is down). A lossy mode's loss is its measured perplexity increase,
+    which can be negative on held-out text while its tokens still differ from the full model's: it
+    is allowed only when some loss is (max_ppl_increase > 0)."""
+    def allowed(r: Row) -> bool:
+        return r.mode in LOSSLESS or o.rtt_s is None or 0 < max_ppl_increase and r.ppl_increase <= max_ppl_increase
+    rows = [Row(r.mode, r.seconds_per_token, r.cloud_layer_evals_per_token, r.ppl_increase, r.gamma, allowed(r))
+            for r in predict(o, new_tokens)]
     best = min((r for r in rows if r.allowed), key=lambda r: r.seconds_per_token)
     return Choice(best.mode, best.gamma, best.seconds_per_token, rows)
