@@ -5,11 +5,15 @@ Three paths to the backend, chosen by config.toml:
   `instance_group.count` threads; see runner.py);
 - [dynamic_batching]: concurrent requests are merged by the DynamicBatcher;
 - [sequence_batching]: requests of one sequence_id run in order against that session's state.
+  A backend with `submit(inputs, state) -> Future` (llm_continuation) batches concurrent
+  sessions itself: it checks the request at once and answers it from its next packed forward,
+  which it runs on a thread of its own (instance_group.count does not apply).
 A decoupled model ([model_transaction_policy] decoupled = true, e.g. backend llm_stream) answers
 through `stream()` instead: 0..N responses per request, produced on a thread of the request's own.
 """
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,10 +43,11 @@ class ServedModel:
         self.sessions = (SessionStore(config.sequence_idle_us / 1e6, config.max_state_bytes)
                          if config.stateful else None)
         self._session_locks: dict = {}
+        self._submit = getattr(backend, "submit", None) if self.sessions is not None else None
 
     def start(self) -> None:
         """Create what needs the running event loop (call from within it)."""
-        if self.config.decoupled:   # the backend's packed steps (on its thread) are this model's executions
+        if self.config.decoupled or self._submit:   # the backend's packed forwards are this model's executions
             loop = asyncio.get_running_loop()
             self.backend.on_step = lambda info, ns: loop.call_soon_threadsafe(
                 self.stats.execution_done, info.streams, ns)
@@ -71,6 +76,24 @@ class ServedModel:
         self.stats.execution_done(rows, compute_ns)
         return outputs, InferTiming(0, compute_ns, rows)
 
+    async def _run_batched(self, inputs, state) -> tuple[dict, InferTiming]:
+        """One session's request through the backend's batcher: a member from when it is queued until
+        its answer is back here (the batcher gathers while members are still on their way)."""
+        batcher = self.backend.batcher
+        batcher.join()
+        try:
+            t0 = time.perf_counter_ns()
+            future = asyncio.wrap_future(self._submit(inputs, state))   # InvalidArgument: before anything runs
+            try:
+                outputs, info = await asyncio.shield(future)
+            except asyncio.CancelledError:   # the forward may be using the session's cache: hold its lock till done
+                await asyncio.wait([future])
+                raise
+            waited = time.perf_counter_ns() - t0
+            return outputs, InferTiming(max(waited - info.compute_ns, 0), info.compute_ns, info.streams)
+        finally:
+            batcher.leave()
+
     async def _infer_in_session(self, inputs, seq: SequenceParams):
         if seq.sequence_id is None:
             raise InvalidArgument(f"model '{self.name}' is stateful: set the 'sequence_id' parameter "
@@ -82,10 +105,10 @@ class ServedModel:
             async with entry[0]:
                 session = self.sessions.begin(seq.sequence_id) if seq.start else self.sessions.get(seq.sequence_id)
                 try:
-                    result = await self._run(inputs, session.state)
+                    result = await (self._run_batched if self._submit else self._run)(inputs, session.state)
                 except InvalidArgument:
                     raise  # raised before the backend touched the state: the session stays usable
-                except Exception:
+                except (Exception, asyncio.CancelledError):   # cancelled: the client cannot know what it holds now
                     self.sessions.end(seq.sequence_id)  # half-updated state must not be reused
                     raise
                 if seq.end:

@@ -5,6 +5,14 @@ A stateful model's requests carry `sequence_id`; the first one of a sequence als
 budget is exceeded the least-recently-used sessions are evicted; idle ones expire. A
 request for a session that is not here gets FAILED_PRECONDITION with the reason, and the
 client is expected to resend its context with `sequence_start`.
+
+What a session holds is counted from its state's buffers (state_nbytes): for the LLM backends
+the KV cache's allocated tensors (capacity, not only the positions in use), after each request.
+The store lives on the event loop. Evicting only drops the store's reference: a request already
+queued or running on an evicted session (llm_continuation packs many into one forward on its own
+thread) finishes on that state, its update() is a no-op, and its device learns at its next
+request. So memory may pass the budget by what the forwards in flight add, until their requests
+are accounted.
 """
 import time
 from collections import OrderedDict

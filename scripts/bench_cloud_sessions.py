@@ -1,7 +1,7 @@
 """bench_cloud_sessions: one cloud-service process, on one core, serving a fleet of simulated devices.
 
-    .venv/bin/python scripts/bench_cloud_sessions.py --model runs/ee_lm --exit-layer 4 \\
-        --loads 1,16,64,256 --out docs/bench_cloud_sessions.jsonl [--plot docs/cloud_sessions.png]
+    nice -n 5 .venv/bin/python scripts/bench_cloud_sessions.py --model runs/ee_lm_q --exit-layer 4 \\
+        --loads 1,16,64,256 --out docs/bench_cloud_sessions.jsonl --plot docs/cloud_sessions.png
     (run it by its path: scripts/ is then on sys.path for `import bench_collab_llm`)
 
 A simulated device is a thread of this process (pinned to the other core). `cloud-stream` devices
@@ -12,11 +12,18 @@ before it (its own compute: the exit head, the edge layers); a simulated device 
 requests under a sequence id of its own, sleeping the recorded device time before each, so the
 cloud sees what N boards would send while this machine spends no CPU on their layers.
 
-Per mode and load (one JSON object each): per-device ms/token (median and p90 over devices),
-time to first token, the cloud's generated tokens/s (all devices' tokens over the wall time), the
-cloud process's CPU seconds per token (psutil), and wrong tokens: every replayed response and
-every streamed token is checked against the solo run (target 0). Modes: cloud-stream, cloud-only
-(one llm_full call per token), collaborative (exact catch-up at the calibrated threshold).
+Per mode, batching and load (one JSON object each): per-device ms/token (median and p90 over
+devices), time to first token, the cloud's generated tokens/s (all devices' tokens over the wall
+time), the cloud process's CPU seconds per token (psutil), the model's packed forwards (from
+ModelStatistics: how many, segments per forward, forward ms per token), and wrong tokens: every replayed
+response (next token, accepted drafts) and every streamed token is checked against the solo run
+(target 0). Modes: cloud-stream, cloud-only (one llm_full call per token), collaborative (exact
+catch-up at the calibrated threshold), collaborative-tokens (token-id catch-up: the llm_tok model,
+catch_up = "tokens"), speculative (exit-head drafts verified by llm_full). Every load runs twice:
+`batching` "batched" (the models as served: concurrent sessions or streams share a packed
+forward) and "unbatched" (the same load against a twin of each model with max_batch_rows = 1, so
+every forward carries one session's request or one stream's step); a row of kind "ratio" per mode
+and load gives batched over unbatched cloud tokens/s (issue 21's target: 4x at 64 sessions).
 """
 from __future__ import annotations
 
@@ -52,24 +59,36 @@ class RecordingClient(OipClient):
 
     def __init__(self, target: str, **kw):
         super().__init__(target, **kw)
-        self.trace: list[tuple[float, bytes, int]] = []   # (device seconds before, request, next_token)
+        self.trace: list[tuple[float, bytes, tuple]] = []   # (device seconds before, request, answer)
         self._last = time.perf_counter()
 
     def call(self, rpc, request, timeout_s=None):
         device_s = time.perf_counter() - self._last
         reply = super().call(rpc, request, timeout_s)
         if rpc == "ModelInfer":
-            token = next((int(np.frombuffer(raw, np.int64)[0]) for out, raw in
-                          zip(reply.outputs, reply.raw_output_contents) if out.name == "next_token"), -1)
-            self.trace.append((device_s, request.SerializeToString(), token))
+            self.trace.append((device_s, request.SerializeToString(), answer(reply)))
         self._last = time.perf_counter()
         return reply
+
+
+def answer(reply) -> tuple:
+    """What decides a device's next request: the cloud's (next_token, accepted)."""
+    out = {o.name: int(np.frombuffer(raw, np.int64)[0]) for o, raw in zip(reply.outputs, reply.raw_output_contents)
+           if o.name in ("next_token", "accepted")}
+    return out.get("next_token", -1), out.get("accepted", 0)
+
+
+DEVICE_MODES = {"cloud-only": ("cloud-only", {}), "collaborative": ("collaborative", {}),
+                "collaborative-tokens": ("collaborative", {"cloud_model": "llm_tok"}),
+                "speculative": ("speculative", {})}   # --modes name: CollabLlm's mode and cloud model
 
 
 def record(model_dir: Path, address: str, mode: str, k: int, threshold: float, prompt, new_tokens: int):
     """One real generation of `mode`; returns (trace, tokens)."""
     client = RecordingClient(address, timeout_s=30.0)
-    edge = CollabLlm(model_dir, mode=mode, threshold=threshold, exit_layer=k, client=client, timeout_s=30.0)
+    device_mode, kw = DEVICE_MODES[mode]
+    edge = CollabLlm(model_dir, mode=device_mode, threshold=threshold, exit_layer=k, client=client, timeout_s=30.0,
+                     **kw)
     edge.generate(prompt[:4], 2)                 # warm-up (its own session), not recorded
     client.trace.clear()
     client._last = time.perf_counter()
@@ -78,20 +97,19 @@ def record(model_dir: Path, address: str, mode: str, k: int, threshold: float, p
     return list(client.trace), result.tokens
 
 
-def replay_device(address: str, trace, seq_id: int, out: dict) -> None:
-    """Send the recorded requests as sequence `seq_id`; out: seconds, first-token seconds, wrong tokens."""
+def replay_device(address: str, trace, seq_id: int, suffix: str, out: dict) -> None:
+    """Send the recorded requests as sequence `seq_id` to each model's twin named model + suffix;
+    out: seconds, first-token seconds, wrong answers."""
     client, wrong = OipClient(address, timeout_s=60.0), 0
     t0 = time.perf_counter()
     first = None
     try:
-        for device_s, raw, token in trace:
+        for device_s, raw, want in trace:
             time.sleep(device_s)
             request = pb.ModelInferRequest.FromString(raw)
+            request.model_name += suffix
             request.parameters["sequence_id"].int64_param = seq_id
-            reply = client.call("ModelInfer", request)
-            got = next(int(np.frombuffer(r, np.int64)[0]) for o, r in zip(reply.outputs, reply.raw_output_contents)
-                       if o.name == "next_token")
-            wrong += got != token
+            wrong += answer(client.call("ModelInfer", request)) != want
             first = first or time.perf_counter() - t0
     except Exception as err:  # a device that failed: counted, never hidden
         out["error"] = f"{type(err).__name__}: {err}"
@@ -100,10 +118,10 @@ def replay_device(address: str, trace, seq_id: int, out: dict) -> None:
     out.update(seconds=time.perf_counter() - t0, first_s=first, wrong=wrong)
 
 
-def stream_device(address: str, prompt, new_tokens: int, reference: list[int], out: dict) -> None:
+def stream_device(address: str, model: str, prompt, new_tokens: int, reference: list[int], out: dict) -> None:
     t0 = time.perf_counter()
     try:
-        with CloudStream(address, timeout_s=60.0) as cloud:
+        with CloudStream(address, model, timeout_s=60.0) as cloud:
             r = cloud.generate(prompt, new_tokens, ignore_eos=True)
         out.update(wrong=sum(a != b for a, b in zip(r.tokens, reference)) + abs(len(r.tokens) - len(reference)),
                    first_s=r.time_to_first_token_s, batch=max(r.batch_streams or [0]))
@@ -112,10 +130,19 @@ def stream_device(address: str, prompt, new_tokens: int, reference: list[int], o
     out["seconds"] = time.perf_counter() - t0
 
 
-def run_load(target, n: int, cloud_pid: int) -> tuple[list[dict], float, float]:
-    """n devices at once, each running target(out_dict); returns (outs, wall seconds, cloud CPU seconds)."""
+def model_stats(address: str, model: str) -> np.ndarray:
+    """The model's (packed forwards, segments they carried, their compute ns) so far."""
+    with OipClient(address) as client:
+        s = client.call("ModelStatistics", pb.ModelStatisticsRequest(name=model)).model_stats[0]
+    return np.array([s.execution_count, s.inference_count, s.inference_stats.compute_infer.ns], np.int64)
+
+
+def run_load(target, n: int, cloud_pid: int, address: str, model: str) -> tuple[list[dict], float, float, np.ndarray]:
+    """n devices at once, each running target(out_dict); returns (outs, wall seconds, cloud CPU
+    seconds, the model's statistics over the run: forwards, segments, forward ns)."""
     outs = [{} for _ in range(n)]
     threads = [threading.Thread(target=target, args=(i, outs[i]), daemon=True) for i in range(n)]
+    stats0 = model_stats(address, model)
     cpu0 = sum(psutil.Process(cloud_pid).cpu_times()[:2])
     t0 = time.perf_counter()
     for t in threads:
@@ -123,14 +150,19 @@ def run_load(target, n: int, cloud_pid: int) -> tuple[list[dict], float, float]:
     for t in threads:
         t.join(600)
     wall = time.perf_counter() - t0
-    return outs, wall, sum(psutil.Process(cloud_pid).cpu_times()[:2]) - cpu0
+    cpu = sum(psutil.Process(cloud_pid).cpu_times()[:2]) - cpu0
+    return outs, wall, cpu, model_stats(address, model) - stats0
 
 
-def summarize(mode: str, n: int, outs, wall: float, cpu: float, tokens_each: int, common: dict) -> dict:
+def summarize(mode: str, batching: str, n: int, outs, wall: float, cpu: float, stats, tokens_each: int,
+              common: dict) -> dict:
     ok = [o for o in outs if "error" not in o and "seconds" in o]
     per_token = sorted(1e3 * o["seconds"] / tokens_each for o in ok)
     tokens = tokens_each * len(ok)
-    return {"kind": "fleet", "mode": mode, "devices": n, **common,
+    forwards, segments, forward_ns = (int(x) for x in stats)
+    return {"kind": "fleet", "mode": mode, "batching": batching, "devices": n, **common,
+            "forwards": forwards, "segments_per_forward": round(segments / max(forwards, 1), 2),
+            "forward_ms_per_token": round(forward_ns / 1e6 / max(tokens, 1), 3),
             "ms_per_token_median": round(statistics.median(per_token), 2) if per_token else None,
             "ms_per_token_p90": round(per_token[int(0.9 * (len(per_token) - 1))], 2) if per_token else None,
             "ttft_ms_median": round(1e3 * statistics.median(o["first_s"] for o in ok if o.get("first_s")), 2)
@@ -141,13 +173,25 @@ def summarize(mode: str, n: int, outs, wall: float, cpu: float, tokens_each: int
             "max_batch_streams": max((o.get("batch", 0) for o in ok), default=0), "wall_s": round(wall, 2)}
 
 
-def write_stream_model(repo: Path, model: Path, max_streams: int) -> None:
-    d = repo / "llm_stream"
-    (d / "1").mkdir(parents=True)
+def write_stream_model(repo: Path, model: Path, max_streams: int, name: str = "llm_stream", max_rows: int = 0) -> None:
+    d = repo / name
+    (d / "1").mkdir(parents=True, exist_ok=True)
     (d / "config.toml").write_text(
         f'backend = "llm_stream"\n[model_transaction_policy]\ndecoupled = true\n[parameters]\n'
-        f'checkpoint = "{model.resolve()}"\nmax_streams = {max_streams}\nmax_batch_rows = {max(256, 2 * max_streams)}\n'
-        f'intra_op_thread_count = 1\n')
+        f'checkpoint = "{model.resolve()}"\nmax_streams = {max_streams}\n'
+        f'max_batch_rows = {max_rows or max(256, 2 * max_streams)}\nintra_op_thread_count = 1\n')
+
+
+def write_fleet_models(repo: Path, model: Path, k: int, max_streams: int) -> None:
+    """bench_collab_llm's repository (llm, llm_prop, llm_tok, llm_full; llm_stream here with room for
+    max_streams streams) and a twin NAME_one of each model the devices call, with max_batch_rows = 1:
+    the same load, unbatched."""
+    write_repository(repo, model, k)
+    write_stream_model(repo, model, max_streams)
+    write_stream_model(repo, model, max_streams, "llm_stream_one", 1)
+    for name in ("llm", "llm_full", "llm_tok"):
+        (repo / f"{name}_one" / "1").mkdir(parents=True)   # [parameters] is the file's last table
+        (repo / f"{name}_one" / "config.toml").write_text((repo / name / "config.toml").read_text() + "max_batch_rows = 1\n")
 
 
 def main(argv=None):
@@ -155,7 +199,7 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--exit-layer", type=int)
     p.add_argument("--loads", default="1,16,64,256")
-    p.add_argument("--modes", default="cloud-stream,cloud-only,collaborative")
+    p.add_argument("--modes", default="cloud-stream,cloud-only,collaborative,collaborative-tokens,speculative")
     p.add_argument("--prompt-tokens", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out")
@@ -175,8 +219,7 @@ def main(argv=None):
               "machine": f"{os.cpu_count()} vCPU, cloud pinned to core {SERVER_CORE}, devices on core {CLIENT_CORE}"}
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        write_repository(repo, model_dir, k)
-        write_stream_model(repo, model_dir, max(loads))
+        write_fleet_models(repo, model_dir, k, max(loads))
         cloud, port = start(["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "cloud_service.cli", "serve",
                              "--repository", str(repo), "--host", "127.0.0.1", "--port", "0", "--log-level",
                              "WARNING"], r"serving grpcs?://[^:]+:(\d+)")
@@ -188,20 +231,28 @@ def main(argv=None):
                     with CloudStream(address, timeout_s=60.0) as cloud_stream:
                         reference = cloud_stream.generate(prompt, args.new_tokens, ignore_eos=True).tokens
 
-                    def target(i, out):
-                        stream_device(address, prompt, args.new_tokens, reference, out)
-                    tokens_each = len(reference)
+                    def target(i, out, suffix):
+                        stream_device(address, "llm_stream" + suffix, prompt, args.new_tokens, reference, out)
+                    tokens_each, model = len(reference), "llm_stream"
                 else:
                     trace, tokens = record(model_dir, address, mode, k, threshold, prompt, args.new_tokens)
                     emit({"kind": "trace", "mode": mode, **common, "requests": len(trace), "tokens": len(tokens),
                           "device_ms_total": round(1e3 * sum(t[0] for t in trace), 2)}, args.out)
 
-                    def target(i, out, trace=trace, m=m):
-                        replay_device(address, trace, ((m + 1) << 32) + i, out)
-                    tokens_each = len(tokens)
+                    def target(i, out, suffix, trace=trace, m=m):
+                        replay_device(address, trace, ((m + 1) << 40) + (len(suffix) << 32) + i, suffix, out)
+                    tokens_each, model = len(tokens), pb.ModelInferRequest.FromString(trace[0][1]).model_name
                 for n in loads:
-                    outs, wall, cpu = run_load(target, n, cloud.pid)
-                    emit(summarize(mode, n, outs, wall, cpu, tokens_each, common), args.out)
+                    rows = {}
+                    for batching, suffix in (("batched", ""), ("unbatched", "_one")):
+                        outs, wall, cpu, stats = run_load(lambda i, out, suffix=suffix: target(i, out, suffix), n,
+                                                          cloud.pid, address, model + suffix)
+                        rows[batching] = summarize(mode, batching, n, outs, wall, cpu, stats, tokens_each, common)
+                        emit(rows[batching], args.out)
+                    emit({"kind": "ratio", "mode": mode, "devices": n, **common,
+                          "batched_over_unbatched_tokens_per_s": round(
+                              rows["batched"]["cloud_tokens_per_s"] / max(rows["unbatched"]["cloud_tokens_per_s"], 1e-9),
+                              2)}, args.out)
         finally:
             cloud.terminate()
             cloud.wait(30)
@@ -214,19 +265,24 @@ def plot(results: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in Path(results).read_text().splitlines() if '"fleet"' in line]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["devices"])
-        x = [r["devices"] for r in mine]
-        a.plot(x, [r["ms_per_token_median"] for r in mine], "o-", label=mode)
-        b.plot(x, [r["cloud_tokens_per_s"] for r in mine], "o-", label=mode)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows)):
+        for batching, style in (("batched", "o-"), ("unbatched", "x--")):
+            mine = sorted((r for r in rows if r["mode"] == mode and r.get("batching", "batched") == batching),
+                          key=lambda r: r["devices"])
+            if not mine:
+                continue
+            x, kw = [r["devices"] for r in mine], {"color": f"C{i}", "label": f"{mode} ({batching})"}
+            a.plot(x, [r["ms_per_token_median"] for r in mine], style, **kw)
+            b.plot(x, [r["cloud_tokens_per_s"] for r in mine], style, **kw)
     for ax, label in ((a, "per-device ms/token (median)"), (b, "cloud tokens/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent devices")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    a.legend()
-    fig.suptitle("one cloud-service process on one core")
+    a.set_yscale("log")
+    a.legend(fontsize=7)
+    fig.suptitle("one cloud-service process on one core: batched (solid) vs max_batch_rows = 1 (dashed)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

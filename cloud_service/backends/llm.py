@@ -12,6 +12,8 @@ KV cache in the session store, so a device sends every hidden state (or token id
     first_layer = 4                          # k; 0 = the whole model from token ids (cloud-only)
     catch_up = "exact"                       # or "propagated" or "tokens" (see below)
     top_k = 5
+    max_batch_rows = 256                     # rows per packed forward (1: every request alone)
+    gather_microseconds = 2000               # how long a forward waits for requests still arriving
 
 Inputs (declared here; config.toml may set hidden_states' data_type to FP16 for an fp16 wire):
     hidden_states  FP32 [T, C]   the layer-k outputs for positions p..p+T-1 the cloud has not seen;
@@ -45,17 +47,28 @@ accepted prefix (positions held = start + T - draft_len + accepted).
 Greedy keeps drafts while each is the argmax; sampling is standard speculative sampling
 (`verify_drafts`). Every check happens before the session's state is touched, so INVALID_ARGUMENT
 leaves the session usable.
+
+Serving a fleet: concurrent sessions' requests share one forward. `submit` checks a request (on
+the caller's thread: a bad one fails alone, before anything runs) and queues it on the model's
+StepBatcher (step_batcher.py); the batcher's thread packs every queued request's rows into one
+forward (split.llama.packed: rows and positions differ per session, each attends to its own
+cache; exited rows only give K/V), then each session's drafts are verified and its cache cut on
+its own. A request with nobody else waiting or running goes at once; requests that arrive while
+a forward runs share the next. ServedModel awaits `submit`'s Future; `infer` is the same, blocking.
 """
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cloud_service.backends.base import Backend
+from cloud_service.backends.step_batcher import StepBatcher, StepInfo
 from cloud_service.config import ConfigError, ModelConfig, TensorSpec
 from edgefold_proto.serving import InvalidArgument
 from split.llama import KVCache, LlamaConfig, Sampling, load_llama, sample
-from split.llama.exits import continue_layers
+from split.llama.packed import Segment, packed_logits
 from split.llama.sampling import distribution
 
 CATCH_UP_MODES = ("exact", "propagated", "tokens")
@@ -71,6 +84,17 @@ def checkpoint_config(version_dir: Path, config: ModelConfig) -> tuple[Path, Lla
         return checkpoint, LlamaConfig.from_dir(checkpoint)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model '{config.name}': parameters.checkpoint: {err}") from None
+
+
+def batch_limits(config: ModelConfig) -> tuple[int, float]:
+    """parameters.max_batch_rows and gather_microseconds (as seconds), as llm_stream reads them."""
+    limits = {}
+    for key, default, least in (("max_batch_rows", 256, 1), ("gather_microseconds", 2000, 0)):
+        value = config.parameters.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"model '{config.name}': parameters.{key} must be an integer >= {least}, got {value!r}")
+        limits[key] = value
+    return limits["max_batch_rows"], limits["gather_microseconds"] / 1e6
 
 
 def verify_drafts(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, s: Sampling,
@@ -119,6 +143,7 @@ class LlmContinuationBackend(Backend):
         threads = params.get("intra_op_thread_count")
         if threads:
             torch.set_num_threads(int(threads))
+        max_rows, gather_s = batch_limits(config)
         self.takes_ids = self.first_layer == 0 or self.catch_up == "tokens"
         self.layers = range(0 if self.takes_ids else self.first_layer, n_layers)
         self.model = load_llama(self.checkpoint, layers=self.layers, with_embed=self.takes_ids)
@@ -139,6 +164,8 @@ class LlmContinuationBackend(Backend):
         self.outputs = [TensorSpec("next_token", "INT64", (1,)), TensorSpec("top_ids", "INT64", (self.top_k,)),
                         TensorSpec("top_probs", "FP32", (self.top_k,)), TensorSpec("work", "INT64", (5,)),
                         TensorSpec("accepted", "INT64", (1,))]
+        self.on_step = None   # ServedModel sets it: (StepInfo, compute_ns) after each packed forward
+        self.batcher = StepBatcher(self._forward, max_rows, gather_s, f"{config.name}-sessions", self._stepped)
 
     # --- checks (before any state changes) ---------------------------------------------------
     def _check(self, inputs: dict, state: dict) -> tuple[np.ndarray, int, np.ndarray]:
@@ -201,38 +228,81 @@ class LlmContinuationBackend(Backend):
                                   "row; a draft must be drawn from its row of draft_probs")
         return d, torch.from_numpy(np.asarray(q, np.float32)), s
 
-    @torch.inference_mode()
-    def infer(self, inputs, state=None):
+    # --- a request: checked, queued, run in a packed forward, finished per session -------------
+    def submit(self, inputs: dict, state: dict | None) -> Future:
+        """Check a request (InvalidArgument before anything runs) and queue it for the next packed
+        forward; the Future gives (outputs, StepInfo). The session's state is the caller's until then."""
         if state is None:
             raise InvalidArgument("the llm_continuation backend needs a session (sequence_id)")
         rows, start, exited = self._check(inputs, state)
         d, q, sampling = self._verification(inputs, rows, exited) if self.takes_ids else (0, None, Sampling())
-        T, L = rows.shape[0], len(self.layers)
+        T = rows.shape[0]
         if T == 0:   # nothing new (a request that only carries sequence_end): no work, no token
-            return {"next_token": np.array([-1], np.int64), "top_ids": np.zeros(self.top_k, np.int64),
-                    "top_probs": np.zeros(self.top_k, np.float32), "accepted": np.zeros(1, np.int64),
-                    "work": np.array([0, 0, 0, state.get("received", 0), state.get("seen", 0)], np.int64)}
-        if self.takes_ids:
-            h = self.model.embed(torch.from_numpy(rows.astype(np.int64)).reshape(1, T))  # (1, T, C)
-        else:
-            h = torch.from_numpy(np.asarray(rows, np.float32)).reshape(1, T, -1)  # (1, T, C)
+            done = Future()
+            done.set_result(({"next_token": np.array([-1], np.int64), "top_ids": np.zeros(self.top_k, np.int64),
+                              "top_probs": np.zeros(self.top_k, np.float32), "accepted": np.zeros(1, np.int64),
+                              "work": np.array([0, 0, 0, state.get("received", 0), state.get("seen", 0)], np.int64)},
+                             StepInfo(0, 0)))
+            return done
+        if self.catch_up in ("exact", "tokens"):
+            exited[:] = False
         cache = state.get("cache")
         if cache is None:
             cache = state["cache"] = KVCache()
             state["kv"] = (cache.k, cache.v, cache.pos)  # so the session store counts the cache's bytes
             state["received"] = 0
-        if self.catch_up in ("exact", "tokens"):
-            exited[:] = False
-        # exited rows only fill each layer's K/V (propagated mode); the others run layers [k, L)
-        out, _, n_full, n_kv = continue_layers(self.model, h, exited, start, cache, self.layers)
-        logits = self.model.head(out[:, -(d + 1):])[0]  # (d + 1, vocab): the last d + 1 rows are never exited
-        accepted, token = verify_drafts(logits, rows[T - d:].tolist(), q, sampling, sampling.generator())
-        seen = start + T - d + accepted
-        cache.crop(seen)   # forget the rejected drafts
+        flags = exited.tolist() if exited.any() else None   # exited rows only fill each layer's K/V
+        if self.takes_ids:
+            segment = Segment(rows.astype(np.int64).tolist(), start, cache, exited=flags, scored=d + 1)
+        else:
+            hidden = torch.from_numpy(np.asarray(rows, np.float32)).reshape(T, -1)  # (T, C)
+            segment = Segment(None, start, cache, hidden, flags)
+        request = _Request(segment, state, rows[T - d:].tolist(), q, sampling, int(exited.sum()))
+        return self.batcher.submit(request)
+
+    def infer(self, inputs, state=None):
+        outputs, _ = self.submit(inputs, state).result()
+        return outputs
+
+    def _forward(self, requests: list["_Request"]) -> list[dict]:
+        """The batcher's forward: every request's rows in one packed forward, then each on its own."""
+        with torch.inference_mode():
+            logits = packed_logits(self.model, [r.segment for r in requests])  # [(d + 1, vocab), ...]
+            return [self._finish(r, scores) for r, scores in zip(requests, logits)]
+
+    def _finish(self, r: "_Request", logits: torch.Tensor) -> dict:
+        """Verify a request's drafts against its logits (d + 1, vocab), cut its cache back to the
+        accepted prefix and answer."""
+        d, T, L = len(r.drafts), r.segment.rows, len(self.layers)
+        accepted, token = verify_drafts(logits, r.drafts, r.q, r.sampling, r.sampling.generator())
+        seen = r.segment.start + T - d + accepted
+        r.segment.cache.crop(seen)   # forget the rejected drafts
         top_probs, top_ids = torch.softmax(logits[accepted].float(), dim=-1).topk(self.top_k)
-        state["seen"] = seen
-        state["received"] += T
-        work = [n_full * L, n_kv * L, d + 1, state["received"], seen]
+        r.state["seen"] = seen
+        r.state["received"] += T
+        work = [(T - r.n_kv) * L, r.n_kv * L, d + 1, r.state["received"], seen]
         return {"next_token": np.array([token], np.int64), "accepted": np.array([accepted], np.int64),
                 "top_ids": top_ids.numpy().astype(np.int64), "top_probs": top_probs.numpy().astype(np.float32),
                 "work": np.array(work, np.int64)}
+
+    def _stepped(self, info: StepInfo, compute_ns: int) -> None:
+        if self.on_step is not None:
+            self.on_step(info, compute_ns)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+@dataclass
+class _Request:
+    """A checked request, queued for a packed forward."""
+    segment: Segment
+    state: dict                 # the session's state (its cache is segment.cache)
+    drafts: list[int]           # the ids to verify (the last d rows)
+    q: torch.Tensor | None      # (d, vocab) what the drafts were drawn from (sampling)
+    sampling: Sampling
+    n_kv: int                   # exited rows: K/V only
+
+    @property
+    def rows(self) -> int:
+        return self.segment.rows
