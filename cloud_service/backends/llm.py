@@ -86,15 +86,18 @@ def checkpoint_config(version_dir: Path, config: ModelConfig) -> tuple[Path, Lla
         raise ConfigError(f"model '{config.name}': parameters.checkpoint: {err}") from None
 
 
+def int_parameter(config: ModelConfig, key: str, default: int, least: int) -> int:
+    """parameters.<key>, an integer >= least; ConfigError naming the model and the key otherwise."""
+    value = config.parameters.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"model '{config.name}': parameters.{key} must be an integer >= {least}, got {value!r}")
+    return value
+
+
 def batch_limits(config: ModelConfig) -> tuple[int, float]:
-    """parameters.max_batch_rows and gather_microseconds (as seconds), as llm_stream reads them."""
-    limits = {}
-    for key, default, least in (("max_batch_rows", 256, 1), ("gather_microseconds", 2000, 0)):
-        value = config.parameters.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ConfigError(f"model '{config.name}': parameters.{key} must be an integer >= {least}, got {value!r}")
-        limits[key] = value
-    return limits["max_batch_rows"], limits["gather_microseconds"] / 1e6
+    """parameters.max_batch_rows (256) and gather_microseconds (2000, as seconds): the packed forward's
+    bounds, for the continuation's batching and llm_stream's alike."""
+    return int_parameter(config, "max_batch_rows", 256, 1), int_parameter(config, "gather_microseconds", 2000, 0) / 1e6
 
 
 def verify_drafts(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, s: Sampling,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from cloud_service.backends.base import Backend
-from cloud_service.backends.llm import checkpoint_config
+from cloud_service.backends.llm import batch_limits, checkpoint_config, int_parameter
 from cloud_service.backends.step_batcher import StepBatcher, StepInfo
 from cloud_service.config import ConfigError, ModelConfig, TensorSpec
 from edgefold_proto.serving import InvalidArgument
@@ -82,12 +82,8 @@ class LlmStreamBackend(Backend):
                               "[model_transaction_policy] decoupled = true to config.toml")
         params = config.parameters
         self.checkpoint, self.llama_config = checkpoint_config(version_dir, config)
-        limits = {}
-        for key, default in (("max_batch_rows", 256), ("max_streams", 64), ("gather_microseconds", 2000)):
-            value = params.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "gather_microseconds" else 1):
-                raise ConfigError(f"model '{config.name}': parameters.{key} must be a positive integer, got {value!r}")
-            limits[key] = value
+        max_rows, gather_s = batch_limits(config)
+        max_streams = int_parameter(config, "max_streams", 64, 1)
         threads = params.get("intra_op_thread_count")
         if threads:
             torch.set_num_threads(int(threads))
@@ -96,10 +92,10 @@ class LlmStreamBackend(Backend):
         self.n_layers = self.llama_config.num_hidden_layers
         self.inputs = [TensorSpec("input_ids", "INT64", (-1,))]
         self.outputs = [TensorSpec("token", "INT64", (1,))]
-        self.slots = threading.BoundedSemaphore(limits["max_streams"])
+        self.slots = threading.BoundedSemaphore(max_streams)
         self.on_step = None   # ServedModel sets it: (StepInfo, compute_ns) after each packed forward
-        self.batcher = StepBatcher(partial(packed_forward, self.model), limits["max_batch_rows"],
-                                   limits["gather_microseconds"] / 1e6, f"{config.name}-steps", self._stepped)
+        self.batcher = StepBatcher(partial(packed_forward, self.model), max_rows, gather_s, f"{config.name}-steps",
+                                   self._stepped)
 
     def _stepped(self, info: StepInfo, compute_ns: int) -> None:
         if self.on_step is not None:
