@@ -10,7 +10,8 @@ the model never see it. Loss = mean over the exits and the final head of next-to
 Checkpoints (--out/checkpoint/: state.safetensors with model, exit heads and AdamW moments;
 state.json with step and elapsed time) are written every --save-every steps and at the end; a rerun
 with the same --out resumes from there. The lr follows a cosine over progress = max(step / steps,
-elapsed / max-minutes), so a time-limited run still anneals.
+elapsed / max-minutes), so a time-limited run still anneals. Medusa heads for a trained model:
+scripts/train_medusa_heads.py (the same data pipeline and loop: split_text, batches, fit).
 """
 import argparse
 import json
@@ -126,37 +127,81 @@ def evaluate(model, heads, exits, ids, context, max_windows=64):
     return {name: v / n for name, v in sums.items()}
 
 
-def save_checkpoint(ckpt: Path, model, heads, opt, step, elapsed):
+def save_checkpoint(ckpt: Path, modules: dict, opt, step, elapsed):
+    """Every parameter of modules {prefix: nn.Module} as {prefix}.{name}, its AdamW moments as
+    opt.{prefix}.{name}.*, and state.json with the step and the elapsed seconds."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{n}": p.detach().contiguous() for n, p in model.named_parameters()}
-    tensors.update({f"exit.{n}": p.detach().contiguous() for n, p in heads.named_parameters()})
-    names = {id(p): n for n, p in list(model.named_parameters(prefix="model")) + list(heads.named_parameters(prefix="exit"))}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            st = opt.state.get(p)
-            if st:
-                tensors[f"opt.{names[id(p)]}.exp_avg"] = st["exp_avg"].contiguous()
-                tensors[f"opt.{names[id(p)]}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
-                tensors[f"opt.{names[id(p)]}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    named = [(f"{prefix}.{n}", p) for prefix, m in modules.items() for n, p in m.named_parameters()]
+    tensors = {n: p.detach().contiguous() for n, p in named}
+    for n, p in named:
+        st = opt.state.get(p)
+        if st:
+            tensors[f"opt.{n}.exp_avg"] = st["exp_avg"].contiguous()
+            tensors[f"opt.{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+            tensors[f"opt.{n}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
     tmp = ckpt / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(ckpt / "state.safetensors")
     (ckpt / "state.json").write_text(json.dumps({"step": step, "elapsed_s": elapsed}) + "\n")
 
 
-def load_checkpoint(ckpt: Path, model, heads, opt):
+def load_checkpoint(ckpt: Path, modules: dict, opt):
     state = load_file(str(ckpt / "state.safetensors"))
     meta = json.loads((ckpt / "state.json").read_text())
+    named = [(f"{prefix}.{n}", p) for prefix, m in modules.items() for n, p in m.named_parameters()]
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(state[f"model.{n}"])
-        for n, p in heads.named_parameters():
-            p.copy_(state[f"exit.{n}"])
-    for n, p in list(model.named_parameters(prefix="model")) + list(heads.named_parameters(prefix="exit")):
+        for n, p in named:
+            p.copy_(state[n])
+    for n, p in named:
         if f"opt.{n}.exp_avg" in state:
             opt.state[p] = {"exp_avg": state[f"opt.{n}.exp_avg"], "exp_avg_sq": state[f"opt.{n}.exp_avg_sq"],
                             "step": state[f"opt.{n}.step"][0].clone()}
     return meta["step"], meta["elapsed_s"]
+
+
+def fit(modules: dict, loss_fn, train_ids, args, ckpt: Path, log_file: Path, desc: str = "train"):
+    """The loop both recipes share: AdamW over the parameters of modules {prefix: nn.Module} that
+    require grad (weight decay 0.1 on matrices), lr warmup (100 steps) then a cosine to 0.1x over
+    progress = max(step / steps, elapsed / max-minutes), gradients clipped to norm 1, the batch of
+    each step seeded by (seed, step), a checkpoint in `ckpt` every --save-every steps and at the end,
+    resumed from there. loss_fn(x, y) -> (loss to minimize, {name: tensor} to log, with the shown
+    one first). Returns (step, elapsed seconds)."""
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    step, elapsed = 0, 0.0
+    if (ckpt / "state.json").is_file():
+        step, elapsed = load_checkpoint(ckpt, modules, opt)
+        print(f"resumed from {ckpt} at step {step} ({elapsed:.0f} s)", flush=True)
+    budget = args.max_minutes * 60
+    t_start = time.monotonic() - elapsed
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=args.steps, initial=step, desc=desc, dynamic_ncols=True)
+    with open(log_file, "a") as log:
+        while step < args.steps and time.monotonic() - t_start < budget:
+            progress = max(step / args.steps, (time.monotonic() - t_start) / budget)
+            lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = batches(train_ids, args.context, args.batch, args.seed * 1_000_003 + step)
+            loss, per = loss_fn(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{next(iter(per.values())).item():.3f}", lr=f"{lr:.2e}")
+            if step % 20 == 0:
+                log.write(json.dumps({"step": step, "lr": lr, **{k: v.item() for k, v in per.items()}}) + "\n")
+                log.flush()
+            if step % args.save_every == 0:
+                save_checkpoint(ckpt, modules, opt, step, time.monotonic() - t_start)
+    bar.close()
+    elapsed = time.monotonic() - t_start
+    save_checkpoint(ckpt, modules, opt, step, elapsed)
+    return step, elapsed
 
 
 def main(argv=None):
@@ -173,43 +218,14 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in heads.parameters())
     print(json.dumps({"train_tokens": len(train_ids), "val_tokens": len(val_ids), "params": n_params,
                       "exits": exits}), flush=True)
-    decay = [p for n, p in list(model.named_parameters()) + list(heads.named_parameters()) if p.ndim >= 2]
-    other = [p for n, p in list(model.named_parameters()) + list(heads.named_parameters()) if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
-    ckpt = out / "checkpoint"
-    step, elapsed = 0, 0.0
-    if (ckpt / "state.json").is_file():
-        step, elapsed = load_checkpoint(ckpt, model, heads, opt)
-        print(f"resumed from {ckpt} at step {step} ({elapsed:.0f} s)", flush=True)
-    budget = args.max_minutes * 60
-    model.train()
-    t_start = time.monotonic() - elapsed
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-    log = open(out / "train_log.jsonl", "a")
-    while step < args.steps and time.monotonic() - t_start < budget:
-        progress = max(step / args.steps, (time.monotonic() - t_start) / budget)
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = batches(train_ids, args.context, args.batch, args.seed * 1_000_003 + step)
+
+    def loss_fn(x, y):
         per = losses(model, heads, exits, x, y)
-        loss = sum(per.values()) / len(per)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(heads.parameters()), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{per['final'].item():.3f}", lr=f"{lr:.2e}")
-        if step % 20 == 0:
-            log.write(json.dumps({"step": step, "lr": lr, **{k: v.item() for k, v in per.items()}}) + "\n")
-            log.flush()
-        if step % args.save_every == 0:
-            save_checkpoint(ckpt, model, heads, opt, step, time.monotonic() - t_start)
-    bar.close()
-    elapsed = time.monotonic() - t_start
-    save_checkpoint(ckpt, model, heads, opt, step, elapsed)
+        return sum(per.values()) / len(per), per
+
+    model.train()
+    step, elapsed = fit({"model": model, "exit": heads}, loss_fn, train_ids, args, out / "checkpoint",
+                        out / "train_log.jsonl")
     val = evaluate(model, heads, exits, val_ids, args.context)
     model.save_pretrained(out, safe_serialization=True)
     save_exit_heads(out, {k: heads[str(k)] for k in exits},
