@@ -1,5 +1,6 @@
 """Multiply-accumulates of a forward pass, counted with hooks on Conv2d and Linear (the ViT's
-attention products are added by the Block hook). Batch 1.
+attention products are added by the Block hook, other attention modules' by their own
+`attention_macs(input)`: split.vision.efficientformer, split.vision.fastvit). Batch 1.
 
     macs(model, torch.rand(1, 1, 64, 64))     # int
 """
@@ -23,6 +24,9 @@ def macs(module: nn.Module, example: torch.Tensor) -> int:
         t = inp[0].shape[1]
         total[0] += 2 * t * t * m.heads * m.head_dim               # q @ k^T and att @ v
 
+    def attention(m, inp, out):
+        total[0] += m.attention_macs(inp[0])
+
     hooks = []
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -31,6 +35,8 @@ def macs(module: nn.Module, example: torch.Tensor) -> int:
             hooks.append(m.register_forward_hook(linear))
         elif isinstance(m, Block):
             hooks.append(m.register_forward_hook(block))
+        elif hasattr(m, "attention_macs"):
+            hooks.append(m.register_forward_hook(attention))
     try:
         module.eval()(example[:1])
     finally:

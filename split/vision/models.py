@@ -4,13 +4,20 @@ or index and `model[:k]` / `model[k:]` are the device head and the cloud tail.
     seq_cnn    plain conv stack                 (B,1,64,64) -> (B,10)
     res_cnn    residual CNN, cut between stages  (B,1,64,64) -> (B,10)
     vit        small ViT (patch 8, dim 64)       (B,1,64,64) -> (B,10)
+    efficientformer  EfficientFormer (split.vision.efficientformer)  (B,1,64,64) -> (B,10)
+    fastvit    MobileCLIP's FastViT (split.vision.fastvit), train-time branches; fastvit.reparameterize
+               gives the same function as single convs   (B,1,64,64) -> (B,10)
     frame_small / frame_big   frame-stream CNNs  (B,1,96,96) -> (B,12): 10 class logits + (x, y)
 """
 import math
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import nn
+
+from split.vision.efficientformer import efficientformer
+from split.vision.fastvit import fastvit
 
 NUM_CLASSES = 10
 
@@ -143,8 +150,10 @@ def frame_big() -> nn.Sequential:
     ))
 
 
-BUILDERS = {"seq_cnn": seq_cnn, "res_cnn": res_cnn, "vit": vit, "frame_small": frame_small, "frame_big": frame_big}
+BUILDERS = {"seq_cnn": seq_cnn, "res_cnn": res_cnn, "vit": vit, "frame_small": frame_small, "frame_big": frame_big,
+            "efficientformer": partial(efficientformer, NUM_CLASSES), "fastvit": partial(fastvit, NUM_CLASSES)}
 INPUT_SHAPES = {"seq_cnn": (1, 64, 64), "res_cnn": (1, 64, 64), "vit": (1, 64, 64),
+                "efficientformer": (1, 64, 64), "fastvit": (1, 64, 64),
                 "frame_small": (1, 96, 96), "frame_big": (1, 96, 96)}
 
 

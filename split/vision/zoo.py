@@ -1,6 +1,7 @@
 """Trained models, cached as safetensors under .cache/split/weights (trained on first use).
 
-    net = exit_net("res_cnn")            # EarlyExitNet, trained jointly with its exits
+    net = exit_net("res_cnn")            # EarlyExitNet, trained jointly with its exits; FastViT's
+                                         # backbone comes back reparameterized (split.vision.fastvit)
     bn, tail = bottleneck("res_cnn", "stage2", 8)
     small, big = frame_model("frame_small"), frame_model("frame_big")
     small, big = pose_model("pose_mobile_small"), pose_model("pose_mobile_big")   # issue 18's pose pairs
@@ -16,6 +17,7 @@ from split.vision import data, pose
 from split.vision.bottleneck import Bottleneck
 from split.vision.cut import cut_index
 from split.vision.exits import attach_exits
+from split.vision.fastvit import reparameterize
 from split.vision.models import INPUT_SHAPES, build
 from split.vision.pose_models import build_pose, has_aux
 from split.vision.train import train_bottleneck, train_exit_net, train_frame_model, train_pose_aux, train_pose_model
@@ -23,8 +25,9 @@ from split.vision.train import train_bottleneck, train_exit_net, train_frame_mod
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "split" / "weights"
 RECIPES = {"exits": "v2", "bottleneck": "v2", "frame_small": "v3", "frame_big": "v2",
            "pose_cnn_small": "v1", "pose_cnn_big": "v1", "pose_mobile_small": "v2", "pose_mobile_big": "v2"}
-EXITS = {"seq_cnn": ["conv2"], "res_cnn": ["stage1", "stage2"], "vit": ["block1", "block2"]}
-EPOCHS = {"seq_cnn": 8, "res_cnn": 8, "vit": 30}
+EXITS = {"seq_cnn": ["conv2"], "res_cnn": ["stage1", "stage2"], "vit": ["block1", "block2"],
+         "efficientformer": ["stage1", "stage2"], "fastvit": ["stage1", "stage2"]}
+EPOCHS = {"seq_cnn": 8, "res_cnn": 8, "vit": 30, "efficientformer": 30, "fastvit": 30}
 FRAMES = 12000
 FRAME_EPOCHS = {"frame_small": 20, "frame_big": 12}
 # Each pair shares one recipe (frames, epochs, lr), sized so its big model trains in about 6-7 min on 2 CPU
@@ -48,8 +51,10 @@ def exit_net(name: str):
     example = torch.rand(1, *INPUT_SHAPES[name])
     net = attach_exits(build(name), EXITS[name], example)
     x, y = data.digits("train")
-    return cached(CACHE / f"{name}_exits_{RECIPES['exits']}.safetensors", net,
-                   lambda: train_exit_net(net, x, y, epochs=EPOCHS[name], desc=f"{name} + exits"))
+    net = cached(CACHE / f"{name}_exits_{RECIPES['exits']}.safetensors", net,
+                 lambda: train_exit_net(net, x, y, epochs=EPOCHS[name], desc=f"{name} + exits"))
+    net.backbone = reparameterize(net.backbone)       # the inference form (a plain copy for most models)
+    return net
 
 
 def bottleneck(name: str, stage: str, channels: int, levels: int = 255):
@@ -59,7 +64,7 @@ def bottleneck(name: str, stage: str, channels: int, levels: int = 255):
     with torch.no_grad():
         activation = net.backbone[:k](torch.rand(1, *INPUT_SHAPES[name]))
     bn = Bottleneck.at(activation, channels)
-    tail = build(name)[k:]
+    tail = reparameterize(build(name))[k:]                # the structure of exit_net's backbone
     holder = torch.nn.ModuleDict({"bn": bn, "tail": tail})
     x, y = data.digits("train")
 
