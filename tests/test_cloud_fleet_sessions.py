@@ -272,10 +272,10 @@ def session_gauges(metrics_port: int, model: str) -> tuple[float, float]:
 
 
 def test_a_thousand_sessions_within_the_budget_resend_and_lose_nothing(fleet, threshold):
-    """1,000 conversations of two turns each, driven by 40 devices (25 conversations each, turn by
+    """1,000 conversations of two turns each, driven by 16 devices (62-63 conversations each, turn by
     turn in shuffled order): all 1,000 sessions are open at once, more than the budget holds, so
     the least recently used are evicted and their devices resend. Every token equals the solo run's."""
-    n_sessions, n_workers, turn_tokens = 1000, 40, 3
+    n_sessions, n_workers, turn_tokens = 1000, 16, 3
     ref = device(fleet, "collaborative", "llm_fleet", threshold)
     want = []
     for p in PROMPTS:   # each script alone: two turns of one conversation
