@@ -50,14 +50,19 @@ def auto_for(model_dir, address, **kw):
 def test_auto_measures_and_runs_a_lossless_mode_with_the_full_models_tokens(cloud, ref):
     auto = auto_for(cloud[0], cloud[1].address)
     try:
+        seen = []
         for _ in range(2):   # the second time with the acceptance the first one measured, if it drafted
             r = auto.generate(PROMPT, N_NEW)
+            seen.append(r.observed)
             assert r.mode in LOSSLESS and r.tokens == ref and not r.degraded
             o = r.observed
             assert o.rtt_s > 0 and o.cloud_token_s > 0 and o.device_token_s > 0 and o.layers == 4 and o.exit_layer == K
             assert r.choice.mode == r.mode and {row.mode for row in r.choice.rows} == {
                 "standalone", "cloud-only", "cloud-stream", "collaborative", "speculative"}
             assert min(row.seconds_per_token for row in r.choice.rows if row.allowed) == r.choice.predicted_s_per_token
+        assert (seen[1].rtt_s, seen[1].cloud_token_s) == (seen[0].rtt_s, seen[0].cloud_token_s)   # measured once
+        auto.remeasure_s = 0
+        assert auto.generate(PROMPT, 2).observed.cloud_token_s != seen[0].cloud_token_s           # measured again
     finally:
         auto.llm.close()
 
