@@ -13,6 +13,17 @@ from models import build_repository  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a module that declares `pytestmark = pytest.mark.usefixtures("one_torch_thread")`: torch on
+    one thread. Its references are tiny, and a thread pool on a shared machine only spins (10x slower)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repository(tmp_path_factory) -> Path:
     return build_repository(tmp_path_factory.mktemp("repository"))

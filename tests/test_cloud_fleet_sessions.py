@@ -25,20 +25,14 @@ from split.llama import KVCache, generate, load_llama
 from split.llama.exits import continue_layers
 from split.llama.packed import Segment, packed_logits
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = [[5, 17, 3, 42, 8, 11], [9, 8, 7], [60, 61, 62, 63], [1], [33, 44, 55, 66, 77, 88, 21, 2],
            [12, 13], [90, 3, 4, 5, 6], [40, 41, 42, 43, 44, 45, 46]]
 N_NEW = 10
 V = 97
 FLEET_BUDGET = 24_000_000   # bytes: ~700 of the 1,000 sessions' caches (~34 KB each) fit
 ONE_THREAD = "intra_op_thread_count = 1\n"   # the machine is shared: no spinning thread pools
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

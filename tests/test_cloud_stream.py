@@ -26,6 +26,8 @@ from llm_models import make_model, write_model
 from server_process import ServerProcess
 from split.llama import Sampling, Stop, generate, load_llama
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPT = [5, 17, 3, 42, 8, 11]
 EOS_PROMPT = [60, 61, 62, 63, 64, 65, 66, 67, 68]   # its greedy answer reaches the checkpoint's EOS (2)
 N_NEW = 12
@@ -38,15 +40,6 @@ def write_stream_model(repo, name, model_dir, **params):
     extra = "".join(f"{key} = {value}\n" for key, value in params.items())
     (d / "config.toml").write_text(f'backend = "llm_stream"\n[model_transaction_policy]\ndecoupled = true\n'
                                    f'[parameters]\ncheckpoint = "{model_dir}"\n{extra}')
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The references here are tiny; a thread pool on a shared machine only spins (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
