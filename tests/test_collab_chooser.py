@@ -83,3 +83,36 @@ def test_lossy_modes_only_within_the_quality_limit_and_standalone_when_the_link_
 def test_bad_observations_are_refused(bad, why):
     with pytest.raises(ValueError, match=why):
         Observed(rtt_s=0.01, **{**BASE, **bad})
+
+
+def test_the_measured_acceptance_is_per_draft_not_accepted_over_drafted():
+    """Rounds of 8 drafts, each accepted with chance 0.8 once the ones before it were: a round stops
+    judging at its first rejection, so accepted / drafted says about 0.42; the per-draft estimate
+    the chooser is given (speculative.Gamma.acceptance) says about 0.8."""
+    import random
+
+    from edge_runtime.collab.speculative import Gamma
+    gamma, rng, estimates, accepted, drafted = Gamma(8), random.Random(0), [], 0, 0
+    assert gamma.acceptance == 0.5                          # nothing measured yet
+    for _ in range(2000):
+        m = 0
+        while m < 8 and rng.random() < 0.8:
+            m += 1
+        gamma.update(8, m)
+        estimates.append(gamma.acceptance)
+        accepted, drafted = accepted + m, drafted + 8
+    assert 0.72 < sum(estimates) / len(estimates) < 0.85
+    assert accepted / drafted < 0.5
+
+
+def test_the_stream_is_predicted_from_its_own_step_when_measured():
+    """A call's own costs are in c, not in a streamed token: with the stream's step measured (s), a
+    stream is predicted from it, and a cloud whose calls cost more than its steps is streamed from."""
+    o = Observed(rtt_s=0.002, acceptance=0.5, prefill_s=0.1, **BASE)          # c = 6 ms, a long prefill
+    assert choose(o, 32).mode == "cloud-only"
+    fast = Observed(rtt_s=0.002, acceptance=0.5, prefill_s=0.1, stream_token_s=0.003, **BASE)
+    assert rows(fast)["cloud-stream"].seconds_per_token == pytest.approx(
+        (0.002 + 0.1 + (ID_BYTES * 32 + RPC_BYTES) * 8 / 10e6) / 32 + 0.003)
+    assert choose(fast, 32).mode == "cloud-stream"
+    with pytest.raises(ValueError, match="stream_token_s"):
+        Observed(rtt_s=0.002, stream_token_s=0.0, **BASE)

@@ -10,14 +10,16 @@ Measured before each generation (every wait under the CollabLlm's deadline):
   device generates standalone, every token flagged degraded);
 - the device's step: one token through layers [0, k) and the exit head, timed here;
 - the cloud's step at its current load: one token on its full model (`llm_full`) in a throwaway
-  session, less the round trip (the cloud's queue and batch are in it);
+  session, less the round trip (the cloud's queue and batch are in it, and a call's own costs);
+- the cloud's streaming step at its current load: the gaps between the tokens of a throwaway
+  4-token stream (`llm_stream`), which pays no per-call costs;
 - the exit rate and quality loss at the threshold: what `edge-runtime calibrate` wrote into
   exits.json (none written: the exit decides nothing and collaborative counts as lossy);
-- the drafts' acceptance: what this device's speculative rounds measured so far (0.5 before the
-  first one).
+- the drafts' acceptance: per draft, what this device's recent speculative rounds measured
+  (speculative.Gamma.acceptance: 0.5 before the first round).
 The link rate is configured (`rate_mbit`: a heartbeat carries too few bytes to measure it). The
-measurements are reused for `remeasure_s` (10 s): probing costs about four round trips, which on a
-40 ms link over a 32-token answer is 10 ms/token. A link found down, or a stream that broke, is
+measurements are reused for `remeasure_s` (10 s): probing costs about five round trips, which on a
+40 ms link over a 32-token answer is 12 ms/token. A link found down, or a stream that broke, is
 measured again at the next generation; the acceptance and the prompt's prefill are always current.
 
 A link that drops mid-generation loses no token and repeats none: collaborative and speculative
@@ -44,7 +46,6 @@ from split.llama import KVCache, Stop
 from split.llama.exits import read_exits_json
 from split.llama.sampling import Sampling
 
-PRIOR_ACCEPTANCE = 0.5
 _LINK_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -73,7 +74,6 @@ class AutoLlm:
         self.llm, self.rate_bps, self.max_ppl_increase = llm, rate_mbit * 1e6, max_ppl_increase
         self.full_model, self.collab_model = full_model, llm.cloud_model
         self.stream = CloudStream(model=stream_model, timeout_s=llm.timeout_s, client=llm.client)
-        self.drafted, self.accepted = 0, 0            # this device's speculative rounds so far
         self.remeasure_s, self._measured = remeasure_s, None   # (when, Observed) of the last measurement
         meta = read_exits_json(llm.model_dir)
         calibrated = meta.get("threshold", {}).get(llm.metric, {})
@@ -114,6 +114,14 @@ class AutoLlm:
         self.llm.client.call("ModelInfer", request, self.llm.timeout_s)
         return max(time.perf_counter() - t0 - rtt, 1e-4)
 
+    def _stream_step(self, token: int) -> float | None:
+        """The median gap between a throwaway 4-token stream's tokens (None: no stream model answered)."""
+        try:
+            gaps = self.stream.generate([token], 4, Sampling(), ignore_eos=True).seconds_per_token[1:]
+        except grpc.RpcError:
+            return None
+        return max(statistics.median(gaps), 1e-4) if gaps else None
+
     def observed(self, prompt_ids: list[int]) -> Observed:
         """The last measurement while it is fresh (the link up), with this prompt's prefill and the
         acceptance so far; else a new one."""
@@ -123,7 +131,7 @@ class AutoLlm:
             return self._measured[1]
         o = self._measured[1]
         return replace(o, prefill_s=o.cloud_token_s * (1 + 0.15 * (len(prompt_ids) - 1)),
-                       acceptance=self.accepted / self.drafted if self.drafted else PRIOR_ACCEPTANCE)
+                       acceptance=self.llm.gamma.acceptance)
 
     def observe(self, prompt_ids: list[int]) -> Observed:
         """Measure now (see the module docstring)."""
@@ -131,10 +139,12 @@ class AutoLlm:
         rtt = self._rtt()
         d = self._device_step(token)
         c = self._cloud_step(token, rtt) if rtt is not None else d
+        s = self._stream_step(token) if rtt is not None else None
         ids = rtt is not None and cloud_takes_ids(llm.client, self.collab_model, llm.timeout_s)
-        return Observed(rtt_s=rtt, rate_bps=self.rate_bps, device_token_s=d, cloud_token_s=c, layers=self.layers,
+        return Observed(rtt_s=rtt, rate_bps=self.rate_bps, device_token_s=d, cloud_token_s=c, stream_token_s=s,
+                        layers=self.layers,
                         exit_layer=llm.k, exit_rate=self.exit_rate,
-                        acceptance=self.accepted / self.drafted if self.drafted else PRIOR_ACCEPTANCE,
+                        acceptance=llm.gamma.acceptance,
                         state_bytes=llm.model.config.hidden_size + 8, catch_up="tokens" if ids else "exact",
                         prefill_s=c * (1 + 0.15 * (len(prompt_ids) - 1)), collab_ppl_increase=self.collab_ppl)
 
@@ -146,31 +156,25 @@ class AutoLlm:
             raise ValueError("prompt_ids must hold at least one token")
         observed = self.observed(prompt)
         choice = choose(observed, max_new_tokens, self.max_ppl_increase)
-        result = self.run(choice.mode, prompt, max_new_tokens, stop, choice.gamma, on_token)
+        result = self.run(choice.mode, prompt, max_new_tokens, stop, on_token)
         result.choice, result.observed = choice, observed
         return result
 
-    def run(self, mode: str, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), gamma: int | None = None,
-            on_token=None) -> AutoResult:
+    def run(self, mode: str, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), on_token=None) -> AutoResult:
         """One greedy generation in `mode` (any of chooser's), with auto's fallbacks; what generate()
         runs once it has chosen, and what a benchmark runs to compare the prediction with every mode."""
         result, emit = AutoResult(mode), on_token or (lambda step, token, source: None)
         if mode == "cloud-stream":
             self._stream(result, [int(t) for t in prompt_ids], max_new_tokens, stop, emit)
         else:
-            self._collab(result, mode, [int(t) for t in prompt_ids], max_new_tokens, stop, emit, gamma)
+            self._collab(result, mode, [int(t) for t in prompt_ids], max_new_tokens, stop, emit)
         return result
 
-    def _collab(self, result: AutoResult, mode: str, prompt: list[int], n: int, stop: Stop, emit, gamma=None) -> None:
+    def _collab(self, result: AutoResult, mode: str, prompt: list[int], n: int, stop: Stop, emit) -> None:
         llm, before = self.llm, len(result.tokens)
         llm.set_mode(mode)
-        if gamma is not None:
-            llm.gamma.max = gamma
         r = llm.generate(prompt, n, stop, on_token=lambda step, token, source: emit(before + step, token, source))
         llm.end(r.conversation)
-        if mode == "speculative":
-            self.drafted += r.counters.drafted
-            self.accepted += r.counters.accepted
         result.tokens += r.tokens
         result.sources += r.sources
         result.seconds_per_token += r.seconds_per_token

@@ -10,15 +10,18 @@ work per token, drop the modes whose quality loss is over the limit, take the fa
 Per generated token, steady state (t: seconds; n: the answer's length, which spreads first-call costs):
   standalone       d                                       the exit head decides every token (lossy)
   cloud-only       rtt + c + wire(id)                      one call per token, the cloud's full model
-  cloud-stream     (rtt + prefill) / n + c                 one call, then a token per cloud step
+  cloud-stream     (rtt + prefill) / n + s                 one call, then a token per cloud step
   collaborative    d + (1 - e) (rtt + c_k + wire(states))  the exit head decides a share e (lossy at
                                                            the calibrated threshold; catch_up exact or
                                                            propagated: states; tokens: ids)
   speculative(g)   (g d + rtt + c_verify(g)) / E(g)        E(g) = (1 - a^(g+1)) / (1 - a) tokens per
                                                            call for a per-draft acceptance a (lossless)
+                                                           (the best g: the device adapts its draft
+                                                           length itself, speculative.Gamma)
 d: one token through the device's layers [0, k) and its exit head; c: one token through the cloud's
-full model at its current load (what the device saw its calls take, less the round trip); c_k: the
-same for layers [k, L); c_verify(g) = c (1 + g verify_row_cost): g more rows ride in one forward.
+full model at its current load (what the device saw its calls take, less the round trip: the call's
+own costs are in it); s: one step of the cloud's streaming generation at its current load (the gap
+between streamed tokens; c when not measured); c_k: the same as c for layers [k, L); c_verify(g) = c (1 + g verify_row_cost): g more rows ride in one forward.
 Cloud work is layer-token evaluations per generated token. A link that is down leaves standalone
 (flagged degraded by the generation, not chosen here).
 """
@@ -46,6 +49,7 @@ class Observed:
     state_bytes: int = 0         # one layer-k state on the wire (int8: hidden + 8)
     catch_up: str = "exact"      # what the cloud's `llm` model declares: exact | propagated | tokens
     prefill_s: float = 0.0       # the cloud's prefill of the prompt (cloud-stream's first token)
+    stream_token_s: float | None = None    # s: the cloud's streaming step at its current load (None: c)
     collab_ppl_increase: float = 0.0       # measured quality loss at the threshold (calibrate)
     standalone_ppl_increase: float = float("inf")
     verify_row_cost: float = 0.15          # one more row in a verification forward, as a share of c
@@ -55,6 +59,8 @@ class Observed:
         for name in ("rate_bps", "device_token_s", "cloud_token_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.stream_token_s is not None and not self.stream_token_s > 0:
+            raise ValueError(f"stream_token_s must be > 0 or None, got {self.stream_token_s!r}")
         if not 0 <= self.exit_rate <= 1 or not 0 <= self.acceptance <= 1:
             raise ValueError("exit_rate and acceptance must lie in [0, 1]")
         if not 0 < self.exit_layer < self.layers:
@@ -103,7 +109,8 @@ def predict(o: Observed, new_tokens: int) -> list[Row]:
         return rows
     n = max(int(new_tokens), 1)
     rows.append(Row("cloud-only", o.rtt_s + c + _wire(ID_BYTES, o), float(L), 0.0))
-    rows.append(Row("cloud-stream", (o.rtt_s + o.prefill_s + _wire(ID_BYTES * n, o)) / n + c, float(L), 0.0))
+    s = o.stream_token_s or c
+    rows.append(Row("cloud-stream", (o.rtt_s + o.prefill_s + _wire(ID_BYTES * n, o)) / n + s, float(L), 0.0))
     c_k = c * (L - k) / L
     if o.catch_up == "tokens":   # ids only; the cloud recomputes layers [0, k) of every token
         up, cloud_layers = ID_BYTES / max(1 - e, 1e-9), float(L)

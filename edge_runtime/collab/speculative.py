@@ -87,7 +87,8 @@ class ExitHeadDrafter:
 
 
 class Gamma:
-    """Drafts per round: 1 + accepted / rejected (decayed counts), bounded 1..gamma_max."""
+    """Drafts per round: 1 + accepted / rejected (decayed counts), bounded 1..gamma_max. The same
+    counts estimate the per-draft acceptance (`acceptance`)."""
 
     def __init__(self, gamma_max: int):
         if isinstance(gamma_max, bool) or not isinstance(gamma_max, int) or gamma_max < 1:
@@ -99,6 +100,13 @@ class Gamma:
         if self.rejected == 0:
             return self.max
         return max(1, min(self.max, 1 + round(self.accepted / self.rejected)))
+
+    @property
+    def acceptance(self) -> float:
+        """The chance a draft is accepted once the ones before it were: accepted / (accepted +
+        rejections), as a round's drafts after its first rejection are never judged (accepted /
+        drafted would count them as rejected); Laplace-smoothed, so 0.5 before any round."""
+        return (self.accepted + 1) / (self.accepted + self.rejected + 2)
 
     def update(self, drafted: int, accepted: int) -> None:
         self.accepted = DECAY * self.accepted + accepted
