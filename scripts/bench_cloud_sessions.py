@@ -19,11 +19,21 @@ ModelStatistics: how many, segments per forward, forward ms per token), and wron
 response (next token, accepted drafts) and every streamed token is checked against the solo run
 (target 0). Modes: cloud-stream, cloud-only (one llm_full call per token), collaborative (exact
 catch-up at the calibrated threshold), collaborative-tokens (token-id catch-up: the llm_tok model,
-catch_up = "tokens"), speculative (exit-head drafts verified by llm_full). Every load runs twice:
+catch_up = "tokens"), collaborative-propagated (llm_prop), speculative (exit-head drafts verified
+by llm_full). Every load runs twice:
 `batching` "batched" (the models as served: concurrent sessions or streams share a packed
 forward) and "unbatched" (the same load against a twin of each model with max_batch_rows = 1, so
 every forward carries one session's request or one stream's step); a row of kind "ratio" per mode
 and load gives batched over unbatched cloud tokens/s (issue 21's target: 4x at 64 sessions).
+
+With --auto, after the modes: at each load, n - 1 simulated devices keep running the fastest
+lossless mode measured at that load (per-device median, batched), repeating their generation,
+while one real device (a CollabLlm or CloudStream of this process, its own layers computed here)
+joins them in each lossless mode in turn, then in `--mode auto` (AutoLlm, lossless modes only). A
+row of kind "auto" gives each one's ms/token over --auto-runs generations after a warm-up (auto's
+warm-up measures the link, the device and the cloud), what auto chose and predicted, and auto over
+the fastest of them (issue 21's target: within 10%). Every token is checked against the cloud
+model's own.
 """
 from __future__ import annotations
 
@@ -42,6 +52,7 @@ import psutil
 import torch
 
 from edge_runtime.client.oip_client import OipClient
+from edge_runtime.collab.auto import AutoLlm
 from edge_runtime.collab.device import CollabLlm
 from edge_runtime.collab.stream import CloudStream
 from edgefold_proto import pb
@@ -80,11 +91,12 @@ def answer(reply) -> tuple:
 
 DEVICE_MODES = {"cloud-only": ("cloud-only", {}), "collaborative": ("collaborative", {}),
                 "collaborative-tokens": ("collaborative", {"cloud_model": "llm_tok"}),
+                "collaborative-propagated": ("collaborative", {"cloud_model": "llm_prop"}),
                 "speculative": ("speculative", {})}   # --modes name: CollabLlm's mode and cloud model
 
 
 def record(model_dir: Path, address: str, mode: str, k: int, threshold: float, prompt, new_tokens: int):
-    """One real generation of `mode`; returns (trace, tokens)."""
+    """One real generation of `mode`; returns (trace, tokens, the request that ends its session)."""
     client = RecordingClient(address, timeout_s=30.0)
     device_mode, kw = DEVICE_MODES[mode]
     edge = CollabLlm(model_dir, mode=device_mode, threshold=threshold, exit_layer=k, client=client, timeout_s=30.0,
@@ -93,29 +105,40 @@ def record(model_dir: Path, address: str, mode: str, k: int, threshold: float, p
     client.trace.clear()
     client._last = time.perf_counter()
     result = edge.generate(prompt, new_tokens)
+    trace = list(client.trace)
+    edge.end(result.conversation)               # recorded apart: what frees the session
+    end = client.trace[len(trace)][1] if len(client.trace) > len(trace) else None
     edge.close()
-    return list(client.trace), result.tokens
+    return trace, result.tokens, end
 
 
-def replay_device(address: str, trace, seq_id: int, suffix: str, out: dict) -> None:
-    """Send the recorded requests as sequence `seq_id` to each model's twin named model + suffix;
-    out: seconds, first-token seconds, wrong answers."""
+def replay_device(address: str, trace, seq_id: int, suffix: str, out: dict, end: bytes | None = None) -> None:
+    """Send the recorded requests as sequence `seq_id` to each model's twin named model + suffix
+    (then, untimed, `end`: the request that frees the session); out: seconds, first-token seconds,
+    wrong answers."""
     client, wrong = OipClient(address, timeout_s=60.0), 0
+
+    def request_of(raw: bytes) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest.FromString(raw)
+        request.model_name += suffix
+        request.parameters["sequence_id"].int64_param = seq_id
+        return request
     t0 = time.perf_counter()
     first = None
     try:
         for device_s, raw, want in trace:
             time.sleep(device_s)
-            request = pb.ModelInferRequest.FromString(raw)
-            request.model_name += suffix
-            request.parameters["sequence_id"].int64_param = seq_id
-            wrong += answer(client.call("ModelInfer", request)) != want
+            wrong += answer(client.call("ModelInfer", request_of(raw))) != want
             first = first or time.perf_counter() - t0
+        out["seconds"] = time.perf_counter() - t0
+        if end is not None:
+            client.call("ModelInfer", request_of(end))
     except Exception as err:  # a device that failed: counted, never hidden
         out["error"] = f"{type(err).__name__}: {err}"
     finally:
         client.close()
-    out.update(seconds=time.perf_counter() - t0, first_s=first, wrong=wrong)
+    out.setdefault("seconds", time.perf_counter() - t0)
+    out.update(first_s=first, wrong=wrong)
 
 
 def stream_device(address: str, model: str, prompt, new_tokens: int, reference: list[int], out: dict) -> None:
@@ -173,6 +196,77 @@ def summarize(mode: str, batching: str, n: int, outs, wall: float, cpu: float, s
             "max_batch_streams": max((o.get("batch", 0) for o in ok), default=0), "wall_s": round(wall, 2)}
 
 
+LOSSLESS = ("cloud-stream", "cloud-only", "speculative")   # what auto may choose with no quality loss allowed
+
+
+def joining_device(mode: str, model_dir: Path, k: int, threshold: float, address: str):
+    """One real device in `mode` (a lossless mode, or auto): (generate(prompt, n) -> (tokens, AutoResult
+    or None), close)."""
+    if mode == "cloud-stream":
+        stream = CloudStream(address, timeout_s=60.0)
+        return (lambda prompt, n: (stream.generate(prompt, n, ignore_eos=True).tokens, None)), stream.close
+    edge = CollabLlm(model_dir, mode="speculative" if mode == "auto" else mode, threshold=threshold, exit_layer=k,
+                     cloud=address, timeout_s=60.0)
+    auto = AutoLlm(edge, rate_mbit=1000.0, max_ppl_increase=0.0)    # loopback: the rate is not what limits
+
+    def generate(prompt, n):
+        if mode == "auto":
+            r = auto.generate(prompt, n)
+            return r.tokens, r
+        r = edge.generate(prompt, n)
+        edge.end(r.conversation)
+        return r.tokens, None
+    return generate, edge.close
+
+
+def run_joining(n: int, background, model_dir: Path, k: int, threshold: float, address: str, prompt,
+                new_tokens: int, reference: list[int], runs: int) -> dict:
+    """A real device in each lossless mode, then one in `--mode auto`, each joining n - 1 devices that
+    run background(i, j, out) (device i's j-th generation) over and over meanwhile: per mode its
+    ms/token over `runs` generations after a warm-up (auto's measures), and what auto chose."""
+    stop, first_done = threading.Event(), threading.Event()
+
+    def keep_running(i: int) -> None:
+        j = 0
+        while not stop.is_set():
+            background(i, j, {})
+            j += 1
+            first_done.set()
+    threads = [threading.Thread(target=keep_running, args=(i,), daemon=True) for i in range(n - 1)]
+    for t in threads:
+        t.start()
+    if threads:   # the fleet in its steady state: past its first (prefill) round
+        first_done.wait(120)
+    ms, wrong, autos = {}, 0, []
+    try:
+        for mode in (*LOSSLESS, "auto"):
+            generate, close = joining_device(mode, model_dir, k, threshold, address)
+            try:
+                generate(prompt, new_tokens)             # warm-up (auto: measures the link, device and cloud)
+                seconds, tokens = 0.0, 0
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    out, result = generate(prompt, new_tokens)
+                    seconds += time.perf_counter() - t0
+                    tokens += len(out)
+                    wrong += sum(a != b for a, b in zip(out, reference)) + abs(len(out) - len(reference))
+                    if result is not None:
+                        autos.append(result)
+            finally:
+                close()
+            ms[mode] = round(1e3 * seconds / max(tokens, 1), 2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    best = min(LOSSLESS, key=ms.get)
+    return {"ms_per_token": ms, "chose": [r.mode for r in autos],
+            "predicted_ms_per_token": [round(1e3 * r.choice.predicted_s_per_token, 2) for r in autos],
+            "predictions_ms_per_token": {row.mode: round(1e3 * row.seconds_per_token, 2) for row in autos[-1].choice.rows},
+            "acceptance_estimate": round(autos[-1].observed.acceptance, 3), "wrong_tokens": wrong,
+            "best_lossless": best, "auto_over_best": round(ms["auto"] / ms[best], 3)}
+
+
 def write_stream_model(repo: Path, model: Path, max_streams: int, name: str = "llm_stream", max_rows: int = 0) -> None:
     d = repo / name
     (d / "1").mkdir(parents=True, exist_ok=True)
@@ -189,7 +283,7 @@ def write_fleet_models(repo: Path, model: Path, k: int, max_streams: int) -> Non
     write_repository(repo, model, k)
     write_stream_model(repo, model, max_streams)
     write_stream_model(repo, model, max_streams, "llm_stream_one", 1)
-    for name in ("llm", "llm_full", "llm_tok"):
+    for name in ("llm", "llm_prop", "llm_full", "llm_tok"):
         (repo / f"{name}_one" / "1").mkdir(parents=True)   # [parameters] is the file's last table
         (repo / f"{name}_one" / "config.toml").write_text((repo / name / "config.toml").read_text() + "max_batch_rows = 1\n")
 
@@ -199,9 +293,11 @@ def main(argv=None):
     p.add_argument("--model", required=True)
     p.add_argument("--exit-layer", type=int)
     p.add_argument("--loads", default="1,16,64,256")
-    p.add_argument("--modes", default="cloud-stream,cloud-only,collaborative,collaborative-tokens,speculative")
+    p.add_argument("--modes", default="cloud-stream,cloud-only,collaborative,collaborative-tokens,collaborative-propagated,speculative")
     p.add_argument("--prompt-tokens", type=int, default=24)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--auto", action="store_true", help="then a --mode auto device at each load (see above)")
+    p.add_argument("--auto-runs", type=int, default=3)
     p.add_argument("--out")
     p.add_argument("--plot")
     args = p.parse_args(argv)
@@ -226,21 +322,24 @@ def main(argv=None):
         os.sched_setaffinity(0, {CLIENT_CORE})
         address = f"127.0.0.1:{port}"
         try:
+            with CloudStream(address, timeout_s=60.0) as cloud_stream:   # the cloud model's own greedy tokens
+                reference = cloud_stream.generate(prompt, args.new_tokens, ignore_eos=True).tokens
+            background, measured = {}, {}   # per mode: background(i, j, out) for --auto; per (mode, n): batched row
             for m, mode in enumerate(args.modes.split(",")):
                 if mode == "cloud-stream":
-                    with CloudStream(address, timeout_s=60.0) as cloud_stream:
-                        reference = cloud_stream.generate(prompt, args.new_tokens, ignore_eos=True).tokens
-
                     def target(i, out, suffix):
                         stream_device(address, "llm_stream" + suffix, prompt, args.new_tokens, reference, out)
+                    background[mode] = lambda i, j, out, target=target: target(i, out, "")
                     tokens_each, model = len(reference), "llm_stream"
                 else:
-                    trace, tokens = record(model_dir, address, mode, k, threshold, prompt, args.new_tokens)
+                    trace, tokens, end = record(model_dir, address, mode, k, threshold, prompt, args.new_tokens)
                     emit({"kind": "trace", "mode": mode, **common, "requests": len(trace), "tokens": len(tokens),
                           "device_ms_total": round(1e3 * sum(t[0] for t in trace), 2)}, args.out)
 
                     def target(i, out, suffix, trace=trace, m=m):
                         replay_device(address, trace, ((m + 1) << 40) + (len(suffix) << 32) + i, suffix, out)
+                    background[mode] = lambda i, j, out, trace=trace, m=m, end=end: replay_device(
+                        address, trace, (1 << 56) + (m << 48) + (j << 16) + i, "", out, end)
                     tokens_each, model = len(tokens), pb.ModelInferRequest.FromString(trace[0][1]).model_name
                 for n in loads:
                     rows = {}
@@ -249,10 +348,19 @@ def main(argv=None):
                                                           cloud.pid, address, model + suffix)
                         rows[batching] = summarize(mode, batching, n, outs, wall, cpu, stats, tokens_each, common)
                         emit(rows[batching], args.out)
+                    measured[mode, n] = rows["batched"]
                     emit({"kind": "ratio", "mode": mode, "devices": n, **common,
                           "batched_over_unbatched_tokens_per_s": round(
                               rows["batched"]["cloud_tokens_per_s"] / max(rows["unbatched"]["cloud_tokens_per_s"], 1e-9),
                               2)}, args.out)
+            for n in loads if args.auto else ():
+                fleet_best = min((mode for mode in LOSSLESS if (mode, n) in measured),
+                                 key=lambda mode: measured[mode, n]["ms_per_token_median"])
+                row = run_joining(n, background[fleet_best], model_dir, k, threshold, address, prompt,
+                                  args.new_tokens, reference, args.auto_runs)
+                emit({"kind": "auto", "devices": n, **common, "background": fleet_best,
+                      "fleet_ms_per_token": {mode: measured[mode, n]["ms_per_token_median"]
+                                             for mode in LOSSLESS if (mode, n) in measured}, **row}, args.out)
         finally:
             cloud.terminate()
             cloud.wait(30)
