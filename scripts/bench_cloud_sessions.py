@@ -207,10 +207,10 @@ def joining_device(mode: str, model_dir: Path, k: int, threshold: float, address
         return (lambda prompt, n: (stream.generate(prompt, n, ignore_eos=True).tokens, None)), stream.close
     edge = CollabLlm(model_dir, mode="speculative" if mode == "auto" else mode, threshold=threshold, exit_layer=k,
                      cloud=address, timeout_s=60.0)
-    auto = AutoLlm(edge, rate_mbit=1000.0, max_ppl_increase=0.0)    # loopback: the rate is not what limits
+    auto = AutoLlm(edge, rate_mbit=1000.0, max_ppl_increase=0.0) if mode == "auto" else None  # loopback: any rate
 
     def generate(prompt, n):
-        if mode == "auto":
+        if auto is not None:
             r = auto.generate(prompt, n)
             return r.tokens, r
         r = edge.generate(prompt, n)
