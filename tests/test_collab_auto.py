@@ -74,6 +74,17 @@ def test_every_mode_auto_can_run_gives_the_full_models_greedy_tokens(cloud, ref)
             r = auto.run(mode, PROMPT, N_NEW)
             assert r.tokens == ref and not r.degraded, mode
         assert auto.run("standalone", PROMPT, N_NEW).sources == ["edge"] * N_NEW
+
+        class Gone(Exception):
+            pass
+
+        def reader_gone(step, token, source):
+            if step == 2:
+                raise Gone
+        for mode in ("speculative", "cloud-stream"):     # a consumer that goes away ends the generation there
+            with pytest.raises(Gone):
+                auto.run(mode, PROMPT, N_NEW, on_token=reader_gone)
+            assert auto.run(mode, PROMPT, N_NEW).tokens == ref, mode
     finally:
         auto.llm.close()
 
@@ -145,5 +156,37 @@ def test_the_agents_collab_llm_pipeline_in_auto_mode(cloud, ref):
         pipe.adapt(Decision(allow_cloud=False, objective="latency", reason="metered link"), None)  # no cloud
         s = pipe.stream(PROMPT, 4, None, ())
         assert len(list(s)) == 4 and s.sources == ["edge"] * 4 and pipe.describe()["mode"] == "standalone"
+    finally:
+        pipe.close()
+
+
+def test_a_stream_closed_early_stops_the_auto_generation(cloud):
+    """The agent's auto pipeline generates on a thread of its own: a reader that closes its stream
+    after 2 of 60 tokens stops it at the next token decided (held here until the close), instead
+    of the pipeline waiting for all 60."""
+    import time
+
+    from edge_runtime.agent.llm_pipelines import CollabPipeline
+    from edge_runtime.agent.pipeline import Context
+    pipe = CollabPipeline("chat", cloud[0], {"mode": "auto", "max_new_tokens": 60}, Context(cloud[1].address, None,
+                                                                                             None, None))
+    decided, streams, generate = [], [], pipe.auto.generate
+
+    def counting(prompt, n, stop, on_token):
+        def each(*token):
+            decided.append(token)
+            deadline = time.monotonic() + 30
+            while len(decided) == 3 and not streams[-1].closed and time.monotonic() < deadline:
+                time.sleep(0.01)    # the third token waits for the reader to close its stream
+            on_token(*token)
+        return generate(prompt, n, stop, on_token=each)
+    pipe.auto.generate = counting
+    try:
+        streams.append(pipe.stream(PROMPT, 60, None, ()))
+        assert len([next(streams[0]), next(streams[0])]) == 2
+        streams[0].close()
+        assert len(decided) == 3
+        streams.append(pipe.stream(PROMPT, 3, None, ()))
+        assert len(list(streams[1])) == 3     # the pipeline serves the next request
     finally:
         pipe.close()

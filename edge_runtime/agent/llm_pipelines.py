@@ -36,6 +36,10 @@ MAX_NEW_TOKENS = 4096      # the most an OIP request's max_new_tokens parameter 
 CLOSE_WAIT_S = 30.0        # close() lets the generation in flight end first, waiting up to this long
 
 
+class StreamClosed(Exception):
+    """The reader of a token stream closed it: the generation feeding it stops at its next token."""
+
+
 class Progress:
     """What one generation reports as it runs (the generator fills it; it never holds the TokenStream,
     so that a stream dropped unfinished is closed at once by reference counting)."""
@@ -449,14 +453,19 @@ class CollabPipeline(LlmPipeline):
 
     def _run_auto(self, p: Progress, max_new_tokens: int, stop):
         """AutoLlm.generate on a thread of its own, its tokens handed out as they are decided; the
-        thread is waited for before the pipeline's lock is released."""
+        thread is waited for before the pipeline's lock is released. A stream closed early stops it
+        at its next token (its stream cancelled, its conversation ended)."""
         import queue
-        tokens, done = queue.Queue(), object()
+        tokens, done, reader_gone = queue.Queue(), object(), threading.Event()
+
+        def hand_out(step, token, source):
+            if reader_gone.is_set() or p.closed.is_set():
+                raise StreamClosed("the stream was closed")
+            tokens.put((token, source))
 
         def work():
             try:
-                r = self.auto.generate(p.prompt_ids, max_new_tokens, stop,
-                                       on_token=lambda step, token, source: tokens.put((token, source)))
+                r = self.auto.generate(p.prompt_ids, max_new_tokens, stop, on_token=hand_out)
                 self.chose = r.mode
                 tokens.put((done, r))
             except BaseException as err:   # handed to the stream's reader
@@ -480,6 +489,7 @@ class CollabPipeline(LlmPipeline):
                     p.finish_reason = "length" if len(generated) == max_new_tokens and not stop.reached(generated) else "stop"
                 yield token
         finally:
+            reader_gone.set()
             worker.join(self.llm.timeout_s * (max_new_tokens + 4))
             self.counters["offloaded"] += sum(s in ("cloud", "draft") for s in p.sources)
             self.counters["degraded"] += p.sources.count("degraded")

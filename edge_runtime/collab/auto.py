@@ -150,7 +150,9 @@ class AutoLlm:
 
     # --- generation ---------------------------------------------------------------------------
     def generate(self, prompt_ids, max_new_tokens: int, stop: Stop = Stop(), on_token=None) -> AutoResult:
-        """Measure, choose, run the choice; on_token(step, token, source) as each token is decided."""
+        """Measure, choose, run the choice; on_token(step, token, source) as each token is decided.
+        An exception on_token raises ends the generation there (a stream is cancelled, a
+        conversation ended) and propagates."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids must hold at least one token")
@@ -173,8 +175,13 @@ class AutoLlm:
     def _collab(self, result: AutoResult, mode: str, prompt: list[int], n: int, stop: Stop, emit) -> None:
         llm, before = self.llm, len(result.tokens)
         llm.set_mode(mode)
-        r = llm.generate(prompt, n, stop, on_token=lambda step, token, source: emit(before + step, token, source))
-        llm.end(r.conversation)
+        turn = llm.turn(prompt, n, stop)
+        r = turn.result
+        try:
+            for step, token in enumerate(turn):
+                emit(before + step, token, r.sources[-1])
+        finally:   # also when emit raised (its consumer went away): the cloud frees the conversation now
+            llm.end(r.conversation)
         result.tokens += r.tokens
         result.sources += r.sources
         result.seconds_per_token += r.seconds_per_token
