@@ -64,10 +64,11 @@ import numpy as np
 import torch
 
 from cloud_service.backends.base import Backend
+from cloud_service.backends.shared_weights import shared_llama
 from cloud_service.backends.step_batcher import StepBatcher, StepInfo
 from cloud_service.config import ConfigError, ModelConfig, TensorSpec
 from edgefold_proto.serving import InvalidArgument
-from split.llama import KVCache, LlamaConfig, Sampling, load_llama, sample
+from split.llama import KVCache, LlamaConfig, Sampling, sample
 from split.llama.packed import Segment, packed_logits
 from split.llama.sampling import distribution
 
@@ -149,7 +150,7 @@ class LlmContinuationBackend(Backend):
         max_rows, gather_s = batch_limits(config)
         self.takes_ids = self.first_layer == 0 or self.catch_up == "tokens"
         self.layers = range(0 if self.takes_ids else self.first_layer, n_layers)
-        self.model = load_llama(self.checkpoint, layers=self.layers, with_embed=self.takes_ids)
+        self.model = shared_llama(self.checkpoint, layers=self.layers, with_embed=self.takes_ids)
         C, V = self.llama_config.hidden_size, self.llama_config.vocab_size
         declared = {spec.name: spec for spec in config.inputs}
         if self.takes_ids:

@@ -37,10 +37,11 @@ import torch
 
 from cloud_service.backends.base import Backend
 from cloud_service.backends.llm import batch_limits, checkpoint_config, int_parameter
+from cloud_service.backends.shared_weights import shared_llama
 from cloud_service.backends.step_batcher import StepBatcher, StepInfo
 from cloud_service.config import ConfigError, ModelConfig, TensorSpec
 from edgefold_proto.serving import InvalidArgument
-from split.llama import Generation, KVCache, Sampling, Stop, load_llama
+from split.llama import Generation, KVCache, Sampling, Stop
 from split.llama.packed import Segment, packed_forward
 
 DEFAULT_MAX_TOKENS = 16
@@ -87,7 +88,7 @@ class LlmStreamBackend(Backend):
         threads = params.get("intra_op_thread_count")
         if threads:
             torch.set_num_threads(int(threads))
-        self.model = load_llama(self.checkpoint)
+        self.model = shared_llama(self.checkpoint)
         self.eos_ids = tuple(self.llama_config.eos_token_ids)
         self.n_layers = self.llama_config.num_hidden_layers
         self.inputs = [TensorSpec("input_ids", "INT64", (-1,))]
