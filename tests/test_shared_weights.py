@@ -14,6 +14,7 @@ from llm_models import K, make_model, write_model
 from test_cloud_stream import write_stream_model
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # the stream backend sets one thread: restored after
 
 
 @pytest.fixture()
