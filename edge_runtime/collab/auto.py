@@ -142,9 +142,7 @@ class AutoLlm:
         s = self._stream_step(token) if rtt is not None else None
         ids = rtt is not None and cloud_takes_ids(llm.client, self.collab_model, llm.timeout_s)
         return Observed(rtt_s=rtt, rate_bps=self.rate_bps, device_token_s=d, cloud_token_s=c, stream_token_s=s,
-                        layers=self.layers,
-                        exit_layer=llm.k, exit_rate=self.exit_rate,
-                        acceptance=llm.gamma.acceptance,
+                        layers=self.layers, exit_layer=llm.k, exit_rate=self.exit_rate, acceptance=llm.gamma.acceptance,
                         state_bytes=llm.model.config.hidden_size + 8, catch_up="tokens" if ids else "exact",
                         prefill_s=c * (1 + 0.15 * (len(prompt_ids) - 1)), collab_ppl_increase=self.collab_ppl)
 
